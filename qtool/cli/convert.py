@@ -1,0 +1,118 @@
+"""``qtool convert`` and ``qtool verify``: parse flags, call :mod:`qtool.convert` / :mod:`qtool.verify`, render."""
+from __future__ import annotations
+
+import json
+import math
+
+import click
+
+from qtool.cli import CONTEXT_SETTINGS
+from qtool.units import fmt_bytes, parse_size
+
+
+def _size(ctx, param, value):
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _worst_table(tensors, n: int = 8) -> str:
+    from tabulate import tabulate
+
+    quantized = sorted((t for t in tensors if t.quantized), key=lambda t: -t.rel_error)
+    rows = [[t.name, "x".join(map(str, t.shape)), f"{t.rel_error:.4f}", f"{t.ideal_rel_error:.4f}",
+             f"{t.max_abs_error:.3g}", "inf" if math.isinf(t.snr_db) else f"{t.snr_db:.2f}", t.nonfinite, t.flag or ""]
+            for t in quantized[:n]]
+    return tabulate(rows, headers=["worst tensors", "shape", "rel err", "NF4 alone", "max |err|", "SNR dB", "NaN/Inf",
+                                   "flag"], tablefmt="simple")
+
+
+@click.command("convert", context_settings=CONTEXT_SETTINGS)
+@click.argument("source")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--block-size", default=64, show_default=True, type=int, help="NF4 block size (32..4096, power of two).")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True,
+              help="Quantise the block absmax to 8 bits (QLoRA's double quantisation).")
+@click.option("--target", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
+              help="Whose bytes to reproduce: bitsandbytes on a GPU (what transformers users get) or on the CPU.")
+@click.option("--device", default="cpu", show_default=True, help="Where to quantise: cpu or cuda (same bytes).")
+@click.option("--skip", "skip", multiple=True, metavar="MODULE",
+              help="Keep MODULE in 16-bit (like llm_int8_skip_modules); repeatable.")
+@click.option("--max-shard-size", default="50GB", show_default=True, callback=_size, help="Largest output shard.")
+@click.option("--max-rel-error", type=float, default=None,
+              help="Fail (and write nothing) if any tensor's relative reconstruction error exceeds this.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
+def convert_cmd(source, out, block_size, double_quant, target, device, skip, max_shard_size, max_rel_error,
+                overwrite, as_json):
+    """Convert a 16/32-bit safetensors checkpoint (folder or cached hub id) to NF4 that transformers loads as is.
+
+    \b
+    Examples:
+      qtool convert ./Llama-2-7b-hf ./llama2-7b-nf4
+      qtool convert meta-llama/Llama-2-7b-hf ./llama2-7b-nf4 --max-shard-size 5GB
+      qtool convert ./model ./model-nf4 --skip model.layers.0.mlp --json
+    then: AutoModelForCausalLM.from_pretrained("./llama2-7b-nf4")
+    """
+    from tqdm import tqdm
+
+    from qtool.convert import convert
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="quantising", file=click.get_text_stream("stderr"),
+               disable=None, leave=False)
+
+    def progress(done, total, name):
+        bar.total = total
+        bar.n = done
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.refresh()
+
+    try:
+        result = convert(source, out, blocksize=block_size, double_quant=double_quant, target=target, device=device,
+                         skip=list(skip) or None, max_shard_bytes=max_shard_size, overwrite=overwrite,
+                         max_rel_error=max_rel_error, progress=progress)
+    finally:
+        bar.close()
+    summary = result.to_json()
+    if as_json:
+        summary.pop("tensors")
+        summary["worst"] = [t.to_json() for t in sorted(result.tensors, key=lambda t: -t.rel_error)[:10]]
+        click.echo(json.dumps(summary, indent=1))
+        return
+    n_q = summary["n_quantized"]
+    click.echo(_worst_table(result.tensors))
+    click.echo("")
+    click.echo(f"{n_q} tensors quantised, {len(result.tensors) - n_q} copied, {len(result.flagged)} flagged; "
+               f"{fmt_bytes(result.input_bytes)} -> {fmt_bytes(result.output_bytes)} in {result.seconds:.1f} s "
+               f"(peak RSS {fmt_bytes(result.peak_rss_bytes, 'GiB')}, largest tensor "
+               f"{fmt_bytes(result.largest_tensor_bytes, 'GiB')})")
+    for t in result.flagged:
+        click.echo(f"flag {t.flag}: {t.name} (relative error {t.rel_error:.4f})", err=True)
+    click.echo(f"wrote {result.out} (report: {result.out}/qtool_report.json)")
+
+
+@click.command("verify", context_settings=CONTEXT_SETTINGS)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--source", default=None, help="The original checkpoint: compare every tensor with it.")
+@click.option("--max-rel-error", type=float, default=None, help="Fail if a tensor's relative error exceeds this.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+def verify_cmd(folder, source, max_rel_error, as_json):
+    """Re-check a converted folder: structure, index, shard hashes and (with --source) reconstruction.
+
+    \b
+    Examples:
+      qtool verify ./llama2-7b-nf4
+      qtool verify ./llama2-7b-nf4 --source ./Llama-2-7b-hf
+    """
+    from qtool.verify import raise_if_failed, verify_folder
+
+    result = verify_folder(folder, source, max_rel_error)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), indent=1))
+    else:
+        if source is not None:
+            click.echo(_worst_table(result.tensors))
+        click.echo(f"{result.n_quantized} quantised weights, {result.hashes_checked} shard hashes checked, "
+                   f"{len(result.problems)} problem(s)")
+    raise_if_failed(result)

@@ -1,0 +1,203 @@
+"""``qtool convert``: a 16/32-bit Hugging Face checkpoint -> a pre-quantised bitsandbytes NF4 checkpoint.
+
+The pipeline streams one tensor at a time: the input shards are memory-mapped, the next tensor's pages are
+requested from the kernel while the current one is quantised, and processed pages are dropped, so resident memory
+stays near the largest tensor whatever the model size. Each output shard is laid out before any data is written
+(:class:`qtool.safetensors_io.ShardWriter`), so quantised tensors go straight to their final place on disk. Every
+quantised tensor is dequantised again as the loaders will and compared with its source (:mod:`qtool.verify`).
+The output folder is built under a temporary name and renamed only when complete and verified.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qtool import __version__, layout, nf4
+from qtool.atomic import staging_dir, write_text
+from qtool.errors import InputError, VerificationError
+from qtool.safetensors_io import ShardWriter, Slot
+from qtool.selection import select
+from qtool.source import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
+from qtool.verify import REPORT_NAME, TensorCheck, check_tensor, sha256_file
+
+DEFAULT_MAX_SHARD = 50 * 10**9  # transformers 5 `save_pretrained` default ("50GB")
+ProgressFn = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    tensors: list[TensorCheck]
+    shards: dict[str, dict]  # file name -> {"bytes", "sha256"}
+    seconds: float
+    input_bytes: int
+    output_bytes: int
+    largest_tensor_bytes: int
+    peak_rss_bytes: int
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def flagged(self) -> list[TensorCheck]:
+        return [t for t in self.tensors if t.flag]
+
+    def to_json(self) -> dict:
+        return {
+            "qtool_version": __version__, "format_version": layout.FORMAT_VERSION, "output": str(self.out),
+            "settings": self.settings, "seconds": round(self.seconds, 3), "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes, "largest_tensor_bytes": self.largest_tensor_bytes,
+            "peak_rss_bytes": self.peak_rss_bytes, "shards": self.shards,
+            "n_quantized": sum(t.quantized for t in self.tensors), "n_flagged": len(self.flagged),
+            "tensors": [t.to_json() for t in self.tensors],
+        }
+
+
+@dataclass(frozen=True)
+class _Group:
+    key: str
+    slots: list[Slot]
+    quantized: bool
+    transpose: bool
+
+
+def _plan_shards(ck: Checkpoint, quantize: dict[str, bool], blocksize: int, double_quant: bool,
+                 max_shard_bytes: int) -> list[list[_Group]]:
+    """Assign tensors (a quantised weight and its five companions together) to shards in file order, opening a new
+    shard when the next group would pass ``max_shard_bytes`` (as huggingface_hub's sharding does)."""
+    shards: list[list[_Group]] = [[]]
+    size = 0
+    for key in ck.keys:
+        info = ck.info(key)
+        if key in quantize:
+            shape = info.shape[::-1] if quantize[key] else info.shape
+            group = _Group(key, layout.weight_slots(key, tuple(shape), blocksize, double_quant), True, quantize[key])
+        else:
+            group = _Group(key, [Slot(key, info.dtype, info.shape)], False, False)
+        nbytes = sum(s.nbytes for s in group.slots) + (layout.MAX_BLOB_BYTES if group.quantized else 0)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(group)
+        size += nbytes
+    return shards
+
+
+def _shard_name(i: int, n: int) -> str:
+    return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _peak_rss_bytes() -> int:
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except ImportError:  # pragma: no cover
+        return 0
+
+
+def _compute_dtype(config: dict, quantize: dict, ck: Checkpoint) -> torch.dtype:
+    name = config.get("dtype") or config.get("torch_dtype")
+    if name in ("float16", "bfloat16", "float32"):
+        return layout.dtype_from_str(name)
+    dtypes = {ck.info(k).dtype for k in quantize}
+    return dtypes.pop() if len(dtypes) == 1 else torch.bfloat16
+
+
+def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target: str = "cuda", device: str = "cpu",
+            skip: list[str] | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD, overwrite: bool = False,
+            max_rel_error: float | None = None, progress: ProgressFn | None = None) -> ConvertResult:
+    """Convert checkpoint ``src`` (folder or cached hub id) into folder ``out``. See the module docstring.
+
+    ``target`` picks which bitsandbytes backend's bytes to reproduce ('cuda' or 'cpu', see :mod:`qtool.nf4`);
+    ``device`` is where the 4-bit quantisation runs ('cpu' or 'cuda'), which does not change the bytes.
+    Raises InputError/OutputError/VerificationError; on any error ``out`` is left as it was.
+    """
+    t0 = time.perf_counter()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available", hint="use --device cpu (same bytes)")
+    if blocksize not in nf4.BLOCKSIZES:
+        raise InputError(f"--block-size {blocksize} is not one bitsandbytes supports", hint=f"use one of {nf4.BLOCKSIZES}")
+    ck = open_checkpoint(src)
+    try:
+        sel = select(ck.config, ck.folder, ck.keys, skip)
+        for key in sel.quantize:
+            info = ck.info(key)
+            if info.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len(info.shape) != 2:
+                raise InputError(f"{ck.key_shard[key].path}: Linear weight {key!r} is {info.dtype} {list(info.shape)}; "
+                                 "qtool quantises 2-D float16/bfloat16/float32 weights")
+        plan = _plan_shards(ck, sel.quantize, blocksize, double_quant, max_shard_bytes)
+        total = sum(ck.info(k).nbytes for k in ck.keys)
+        settings = {"blocksize": blocksize, "double_quant": double_quant, "target": target, "device": device,
+                    "skip": skip or [], "source": str(ck.folder), "model_class": sel.model_class,
+                    "kept_linears": sel.kept_linears}
+        with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage:
+            checks, done, weight_map = [], 0, {}
+            order = [g.key for shard in plan for g in shard]
+            for i, groups in enumerate(plan):
+                name = _shard_name(i, len(plan))
+                writer = ShardWriter(stage / name, [s for g in groups for s in g.slots], max_tail_bytes=layout.MAX_BLOB_BYTES)
+                try:
+                    for g in groups:
+                        nxt = order.index(g.key) + 1
+                        if nxt < len(order):
+                            ck.key_shard[order[nxt]].prefetch(order[nxt])
+                        checks.append(_convert_one(ck, g, writer, blocksize, double_quant, target, device))
+                        for s in g.slots:
+                            weight_map[s.name] = name
+                        done += ck.info(g.key).nbytes
+                        ck.key_shard[g.key].release(g.key)
+                        if progress:
+                            progress(done, total, g.key)
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+            shards = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                      for p in sorted(stage.glob("*.safetensors"))}
+            _write_metadata(ck, stage, sel, weight_map, shards, double_quant, plan)
+            result = ConvertResult(Path(out), checks, shards, 0.0, total, sum(s["bytes"] for s in shards.values()),
+                                   max(ck.info(k).nbytes for k in ck.keys), 0, settings)
+            worst = max((t for t in checks if t.quantized), key=lambda t: t.rel_error, default=None)
+            if max_rel_error is not None and worst is not None and worst.rel_error > max_rel_error:
+                raise VerificationError(
+                    f"tensor {worst.name!r} reconstructs with relative error {worst.rel_error:.4f} > "
+                    f"--max-rel-error {max_rel_error}", hint="nothing was written; inspect the tensor or raise the limit")
+            result.seconds = time.perf_counter() - t0
+            result.peak_rss_bytes = _peak_rss_bytes()
+            write_text(stage / REPORT_NAME, json.dumps(result.to_json(), indent=1))
+        return result
+    finally:
+        ck.close()
+
+
+def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, double_quant, target, device) -> TensorCheck:
+    w = ck.key_shard[g.key].tensor(g.key)
+    if not g.quantized:
+        writer.write(g.key, w)
+        return TensorCheck.copied(g.key, w)
+    if g.transpose:
+        w = w.t().contiguous()
+    qw = nf4.quantize(w.to(device) if device != "cpu" else w, blocksize, double_quant, target, name=g.key)
+    for name, tensor in layout.weight_entries(g.key, qw).items():
+        writer.write(name, tensor)
+    return check_tensor(g.key, w, qw.to("cpu"))
+
+
+def _write_metadata(ck: Checkpoint, stage: Path, sel, weight_map: dict, shards: dict, double_quant: bool, plan) -> None:
+    config = dict(ck.config)
+    config["quantization_config"] = layout.quantization_config(_compute_dtype(ck.config, sel.quantize, ck),
+                                                               double_quant, sel.skip_modules_config)
+    write_text(stage / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if len(plan) > 1:
+        total_size = sum(s["bytes"] for s in shards.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        write_text(stage / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    for rel in ck.other_files:
+        dest = stage / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ck.folder / rel, dest)

@@ -1,0 +1,279 @@
+"""safetensors files without trust: a validating header reader, zero-copy tensor views, and a streaming writer.
+
+File format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N, N bytes of UTF-8 JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the data section;
+offsets are relative to the data section, must lie inside it and must not overlap.
+
+The writer places every tensor at an offset fixed before any data is written, so outputs stream to disk tensor by
+tensor: tensors are grouped by element size (8, 4, 2 then 1 byte, as the safetensors library orders them, which
+keeps every tensor aligned for a zero-copy ``view(dtype)``), and tensors whose size is only known at the end
+(``tail`` entries: the quant-state JSON blobs) go last. The header is written into a space reserved up front and
+padded with spaces, which the format allows.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qtool.errors import InputError, OutputError
+
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library refuses larger headers too
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass
+class SafetensorsFile:
+    """A validated safetensors file: its tensors in file order, metadata, and a lazily opened read-only mmap."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    metadata: dict[str, str]
+    _mm: mmap.mmap | None = field(default=None, repr=False)
+    _fd: int | None = field(default=None, repr=False)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A zero-copy, read-only view of the tensor (valid while the file is open)."""
+        info = self.tensors[name]
+        if self._mm is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._mm = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = memoryview(self._mm)[info.begin:info.end]
+        import warnings
+
+        with warnings.catch_warnings():  # the buffer is read-only; we never write through these views
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(buf, dtype=torch.uint8)
+        if info.begin % flat.new_empty(0, dtype=info.dtype).element_size():
+            flat = flat.clone()  # misaligned in a foreign file: copy rather than fail the dtype view
+        return flat.view(info.dtype).reshape(info.shape)
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes now (overlaps disk reads with compute)."""
+        info = self.tensors[name]
+        if hasattr(os, "posix_fadvise") and info.nbytes:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, info.begin, info.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    def release(self, name: str) -> None:
+        """Drop a processed tensor's pages from this process (keeps RSS bounded while streaming)."""
+        info = self.tensors[name]
+        if self._mm is not None and info.nbytes and hasattr(self._mm, "madvise"):
+            page = mmap.PAGESIZE
+            start = info.begin // page * page
+            self._mm.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            os.close(self._fd)
+            self._mm = self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+def read_header(path: str | Path) -> SafetensorsFile:
+    """Read and validate a safetensors header. Every problem raises InputError naming the file (and tensor)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: truncated file ({size} bytes; a safetensors file starts with an 8-byte "
+                                 "header length)", hint="the download or copy was interrupted; fetch the file again")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES:
+                raise InputError(f"{path}: header length {n:,} bytes is beyond the 100 MiB safetensors limit",
+                                 hint="this is not a safetensors file, or it is corrupt")
+            if 8 + n > size:
+                raise InputError(f"{path}: header length {n:,} bytes runs beyond the end of the file ({size:,} bytes)",
+                                 hint="the file is truncated; fetch it again")
+            raw = f.read(n)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror})") from exc
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: header is not valid JSON ({exc})", hint="the file is corrupt; fetch it again") from exc
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise InputError(f"{path}: __metadata__ is not an object")
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors: list[TensorInfo] = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+            raise InputError(f"{path}: tensor {name!r} has a malformed header entry: {entry!r}")
+        dtype = DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise InputError(f"{path}: tensor {name!r} has unknown dtype {entry['dtype']!r}",
+                             hint=f"qtool reads {', '.join(DTYPES)}")
+        shape, offs = entry["shape"], entry["data_offsets"]
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)):
+            raise InputError(f"{path}: tensor {name!r} has an invalid shape or data_offsets: {entry!r}")
+        begin, end = offs
+        if not 0 <= begin <= end <= data_len:
+            raise InputError(f"{path}: tensor {name!r} data_offsets [{begin}, {end}] fall outside the data section "
+                             f"({data_len:,} bytes)", hint="the file is truncated or corrupt; fetch it again")
+        if end - begin != math.prod(shape) * _element_size(dtype):
+            raise InputError(f"{path}: tensor {name!r} has {end - begin} bytes of data but shape {shape} "
+                             f"{entry['dtype']} needs {math.prod(shape) * _element_size(dtype)}")
+        tensors.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end))
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    for a, b in zip(tensors, tensors[1:]):
+        if b.begin < a.end and b.nbytes and a.nbytes:
+            raise InputError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the data section",
+                             hint="the file is corrupt; fetch it again")
+    return SafetensorsFile(path, {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------- writing
+@dataclass(frozen=True)
+class Slot:
+    """A tensor the writer will receive: fixed size (``dtype``, ``shape``) or a ``tail`` entry sized at the end."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    tail: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _element_size(self.dtype)
+
+
+class ShardWriter:
+    """Writes one safetensors file to ``path`` from a plan of slots, accepting tensors in any order.
+
+    Fixed slots are placed up front (grouped by element size, largest first), tail slots are appended as they come.
+    ``close()`` writes the header and checks that every slot was filled. The caller renames the folder into place.
+    """
+
+    def __init__(self, path: Path, slots: list[Slot], metadata: dict[str, str] | None = None, max_tail_bytes: int = 512):
+        self.path = Path(path)
+        self.metadata = {"format": "pt", **(metadata or {})}
+        fixed = sorted((s for s in slots if not s.tail), key=lambda s: -_element_size(s.dtype))
+        self.tails = {s.name: s for s in slots if s.tail}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        pos = 0
+        for s in fixed:
+            self.offsets[s.name] = (pos, pos + s.nbytes)
+            pos += s.nbytes
+        self.fixed_end = pos
+        self.slots = {s.name: s for s in slots}
+        self.tail_shapes: dict[str, tuple[int, ...]] = {}
+        self.tail_pos = pos
+        self.filled: set[str] = set()
+        # reserve header room for the worst case: every tail at max_tail_bytes, offsets as long as they can be
+        worst = {s.name: {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape) if not s.tail else [max_tail_bytes],
+                          "data_offsets": [10**15, 10**15]} for s in slots}
+        worst["__metadata__"] = self.metadata
+        self.header_room = (len(json.dumps(worst, separators=(",", ":")).encode()) + 64 + 7) // 8 * 8
+        self.data_start = 8 + self.header_room
+        self.max_tail_bytes = max_tail_bytes
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        except OSError as exc:
+            raise OutputError(f"cannot create {self.path}: {exc.strerror}") from exc
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        slot = self.slots.get(name)
+        if slot is None or name in self.filled:
+            raise AssertionError(f"writer: unexpected or repeated tensor {name!r}")
+        t = tensor.detach().cpu().contiguous()
+        if t.dtype != slot.dtype or (not slot.tail and tuple(t.shape) != slot.shape):
+            raise AssertionError(f"writer: {name!r} is {t.dtype} {tuple(t.shape)}, planned {slot.dtype} {slot.shape}")
+        data = t.view(-1).view(torch.uint8).numpy() if t.numel() else b""
+        if slot.tail:
+            if len(data) > self.max_tail_bytes:
+                raise AssertionError(f"writer: tail tensor {name!r} exceeds {self.max_tail_bytes} bytes")
+            begin = self.tail_pos
+            self.tail_pos += len(data)
+            self.offsets[name] = (begin, begin + len(data))
+            self.tail_shapes[name] = tuple(t.shape)
+        else:
+            begin = self.offsets[name][0]
+        _pwrite_all(self.fd, memoryview(data).cast("B") if len(data) else b"", self.data_start + begin, self.path)
+        self.filled.add(name)
+
+    def close(self) -> int:
+        """Write the header; return the file size. Raises AssertionError if a planned tensor never arrived."""
+        missing = set(self.slots) - self.filled
+        if missing:
+            raise AssertionError(f"writer: {len(missing)} planned tensors were never written, e.g. {sorted(missing)[:3]}")
+        header: dict = {"__metadata__": self.metadata}
+        for name, (b, e) in sorted(self.offsets.items(), key=lambda kv: kv[1]):
+            s = self.slots[name]
+            shape = self.tail_shapes[name] if s.tail else s.shape
+            header[name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(shape), "data_offsets": [b, e]}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        if len(raw) > self.header_room:
+            raise AssertionError("writer: header outgrew its reserved room")
+        raw += b" " * (self.header_room - len(raw))
+        _pwrite_all(self.fd, struct.pack("<Q", self.header_room) + raw, 0, self.path)
+        size = self.data_start + self.tail_pos
+        os.ftruncate(self.fd, size)
+        os.fsync(self.fd)
+        os.close(self.fd)
+        return size
+
+    def abort(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:
+    view = memoryview(data).cast("B") if not isinstance(data, (bytes, bytearray)) else memoryview(data)
+    try:
+        while len(view):
+            n = os.pwrite(fd, view, offset)
+            view = view[n:]
+            offset += n
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}",
+                          hint="free disk space (or choose another output folder) and run again"
+                          if exc.errno == 28 else None) from exc

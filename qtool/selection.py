@@ -1,0 +1,122 @@
+"""Which tensors get quantised: exactly the ones transformers + bitsandbytes turn into ``Linear4bit`` on load.
+
+We ask the installed transformers itself instead of keeping a list of layer names: the model class named in
+config.json is instantiated on the ``meta`` device (no memory, no weights), and the rule transformers applies in
+``replace_with_bnb_linear`` is applied to it — modules whose type is exactly ``nn.Linear`` (or GPT-2's ``Conv1D``,
+whose weight is stored transposed), minus the modules it keeps in 16-bit: the output head / tied embeddings
+(``get_keys_to_not_convert``), ``_keep_in_fp32_modules``, and ``llm_int8_skip_modules``. So the answer follows the
+user's transformers version (v5 keeps fused MoE experts unquantised, v4 quantised them) and any architecture it
+supports, with no per-architecture code here.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+
+from qtool.errors import InputError
+
+
+@dataclass(frozen=True)
+class Selection:
+    """quantize: checkpoint key -> True when the stored weight is ``[in, out]`` (Conv1D) and must be transposed.
+    skip_modules_config: the value to write as ``llm_int8_skip_modules`` (None = transformers' default).
+    kept_linears: Linear modules left in 16-bit (for the report)."""
+
+    quantize: dict[str, bool]
+    skip_modules_config: list[str] | None
+    kept_linears: list[str]
+    model_class: str
+
+
+def _should_convert(name: str, patterns: list[str]) -> bool:
+    try:  # transformers >= 5: prefix-at-module-boundary, regex or suffix match
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        return should_convert_module(name, patterns)
+    except ImportError:  # transformers 4.x: substring-with-dot or exact match
+        return not any((p + "." in name) or (p == name) for p in patterns)
+
+
+def _default_not_convert(model) -> list[str]:
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:
+        from transformers.integrations.bitsandbytes import get_keys_to_not_convert
+    return list(get_keys_to_not_convert(model))
+
+
+def meta_model(config: dict, folder):
+    """The model class of ``config`` (its ``architectures[0]``) instantiated on the meta device."""
+    import torch
+    import transformers
+
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(folder)
+    except (ValueError, KeyError, OSError) as exc:
+        raise InputError(f"{folder}/config.json: transformers {transformers.__version__} cannot read it ({exc})",
+                         hint="upgrade transformers, or check model_type in config.json") from exc
+    arch = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    with warnings.catch_warnings(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        try:
+            model = cls(cfg) if cls is not None else transformers.AutoModelForCausalLM.from_config(cfg)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{folder}: transformers cannot build {arch or config.get('model_type')!r} ({exc})",
+                             hint="qtool converts architectures that your installed transformers supports") from exc
+    return model
+
+
+def select(config: dict, folder, keys, skip: list[str] | None = None) -> Selection:
+    """Decide, for the checkpoint keys ``keys``, which are Linear weights transformers would quantise."""
+    import torch.nn as nn
+
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()
+    model = meta_model(config, folder)
+    keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if skip:
+        not_convert = list(dict.fromkeys(list(skip) + keep_fp32))
+    else:
+        not_convert = list(dict.fromkeys(_default_not_convert(model) + keep_fp32))
+    keys = set(keys)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    quantize: dict[str, bool] = {}
+    kept: list[str] = []
+    missing: list[str] = []
+    for name, module in model.named_modules():
+        is_conv1d = bool(Conv1D) and isinstance(module, Conv1D)
+        if not (type(module) is nn.Linear or is_conv1d):
+            continue
+        if not _should_convert(name, not_convert):
+            kept.append(name)
+            continue
+        key = _checkpoint_key(f"{name}.weight", keys, prefix)
+        if key is None:
+            missing.append(f"{name}.weight")
+        else:
+            quantize[key] = is_conv1d
+    if missing:
+        raise InputError(f"{folder}: {len(missing)} Linear weights of {type(model).__name__} are not in the "
+                         f"checkpoint, e.g. {missing[0]!r}",
+                         hint="qtool needs the checkpoint in the Hugging Face layout that transformers saves")
+    if skip:
+        unknown = [s for s in skip if not any(re.match(rf"(?:{re.escape(s)})(?:\.|$)", n) or n.endswith(s)
+                                              for n, _ in model.named_modules())]
+        if unknown:
+            raise InputError(f"--skip {unknown[0]}: no module of {type(model).__name__} is called that",
+                             hint="use module names as in the checkpoint keys, e.g. model.layers.0.mlp or lm_head")
+    # With a skip list transformers drops its own default (the head); write every kept Linear so it still skips them.
+    skip_config = sorted(set(skip) | set(_default_not_convert(model))) if skip else None
+    return Selection(quantize, skip_config, kept, type(model).__name__)
+
+
+def _checkpoint_key(param: str, keys: set[str], prefix: str) -> str | None:
+    if param in keys:
+        return param
+    if prefix and param.startswith(prefix + ".") and param[len(prefix) + 1:] in keys:
+        return param[len(prefix) + 1:]  # checkpoint saved from the base model (no "model." prefix)
+    return None

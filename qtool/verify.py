@@ -1,0 +1,189 @@
+"""Checking NF4 outputs: per-tensor reconstruction error, flags, and ``qtool verify`` of a converted folder.
+
+Two flags, because two different things can go wrong:
+
+* ``nf4-misfit`` — NF4 itself fits the tensor badly: its error with exact block constants is more than
+  ``MISFIT_FACTOR`` times what NF4 makes on Gaussian weights at the same block size (NF4 is built for normally
+  distributed weights; outliers and heavy tails cost precision). Informative: the tensor is still exactly what
+  bitsandbytes would produce.
+* ``constants`` — the stored result is worse than NF4 with exact block constants by more than ``CONSTANTS_SLACK``
+  (double quantisation normally costs ~0.03% of the error): the block constants are damaged.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from qtool import layout, nf4
+from qtool.errors import InputError, VerificationError
+from qtool.safetensors_io import read_header
+
+REPORT_NAME = "qtool_report.json"
+MISFIT_FACTOR = 1.5
+CONSTANTS_SLACK = 1.02
+
+
+@lru_cache(maxsize=None)
+def gaussian_rel_error(blocksize: int) -> float:
+    """Relative Frobenius error of NF4 (exact block constants) on 2**20 standard-normal values (fixed seed)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2**20, generator=g)
+    return nf4.reconstruction_error(w, nf4.quantize(w, blocksize, double_quant=False))["ideal_rel_error"]
+
+
+@dataclass
+class TensorCheck:
+    name: str
+    shape: list[int]
+    dtype: str
+    quantized: bool
+    rel_error: float = 0.0
+    ideal_rel_error: float = 0.0
+    max_abs_error: float = 0.0
+    snr_db: float = math.inf
+    nonfinite: int = 0
+    flag: str = ""
+
+    @classmethod
+    def copied(cls, name: str, w: torch.Tensor) -> "TensorCheck":
+        return cls(name, list(w.shape), str(w.dtype).removeprefix("torch."), False)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["snr_db"] = None if math.isinf(self.snr_db) else round(self.snr_db, 3)
+        return d
+
+
+def check_tensor(name: str, w: torch.Tensor, qw: nf4.QuantizedWeight) -> TensorCheck:
+    e = nf4.reconstruction_error(w, qw)
+    flag = ""
+    if e["nonfinite"]:
+        flag = "nonfinite"
+    elif e["rel_error"] > CONSTANTS_SLACK * e["ideal_rel_error"] + 1e-6:
+        flag = "constants"
+    elif e["ideal_rel_error"] > MISFIT_FACTOR * gaussian_rel_error(qw.blocksize):
+        flag = "nf4-misfit"
+    return TensorCheck(name, list(qw.shape), str(qw.dtype).removeprefix("torch."), True, e["rel_error"],
+                       e["ideal_rel_error"], e["max_abs_error"], e["snr_db"], e["nonfinite"], flag)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class VerifyResult:
+    folder: Path
+    problems: list[str]
+    tensors: list[TensorCheck]
+    n_quantized: int
+    hashes_checked: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {"folder": str(self.folder), "ok": self.ok, "problems": self.problems, "n_quantized": self.n_quantized,
+                "hashes_checked": self.hashes_checked, "tensors": [t.to_json() for t in self.tensors]}
+
+
+def verify_folder(folder, source=None, max_rel_error: float | None = None) -> VerifyResult:
+    """Re-check a converted folder: config and index against the shards, every quantised weight's tensors, the
+    sha256 of each shard against the report, and — with ``source`` — every tensor against the original: quantised
+    ones by reconstruction error, the others byte for byte. Problems are collected, not raised one by one."""
+    from qtool.source import INDEX_NAME, open_checkpoint
+
+    folder = Path(folder)
+    problems: list[str] = []
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{folder}: no config.json; not a converted model folder")
+    config = json.loads(cfg_path.read_text())
+    qc = config.get("quantization_config") or {}
+    if not (qc.get("load_in_4bit") and qc.get("bnb_4bit_quant_type") == "nf4"):
+        problems.append("config.json: quantization_config does not declare bitsandbytes 4-bit NF4")
+    shard_paths = sorted(folder.glob("*.safetensors"))
+    if not shard_paths:
+        raise InputError(f"{folder}: no safetensors shards")
+    shards = {p.name: read_header(p) for p in shard_paths}
+    key_shard = {k: s for s in shards.values() for k in s.tensors}
+    index = folder / INDEX_NAME
+    if index.exists():
+        wm = json.loads(index.read_text()).get("weight_map", {})
+        for k, f in wm.items():
+            if key_shard.get(k) is None or key_shard[k].path.name != f:
+                problems.append(f"{INDEX_NAME}: {k!r} is not in {f}")
+        problems += [f"{INDEX_NAME}: {k!r} is missing from the weight map" for k in key_shard if k not in wm]
+    elif len(shards) > 1:
+        problems.append(f"{len(shards)} shards but no {INDEX_NAME}")
+    report_path = folder / REPORT_NAME
+    hashes_checked = 0
+    if report_path.exists():
+        report = json.loads(report_path.read_text())
+        for name, meta in report.get("shards", {}).items():
+            if name not in shards:
+                problems.append(f"{REPORT_NAME}: shard {name} is missing")
+            elif sha256_file(folder / name) != meta["sha256"]:
+                problems.append(f"{name}: sha256 differs from the report (the file changed after conversion)")
+            else:
+                hashes_checked += 1
+    else:
+        problems.append(f"no {REPORT_NAME}; shard hashes cannot be checked")
+    qkeys = layout.quantized_keys(key_shard)
+    get = lambda name: key_shard[name].tensor(name)  # noqa: E731
+    src = open_checkpoint(source) if source is not None else None
+    checks: list[TensorCheck] = []
+    try:
+        for key in qkeys:
+            try:
+                qw = layout.read_weight(key, get, where=str(key_shard[key].path.name))
+            except InputError as exc:
+                problems.append(exc.message)
+                continue
+            if src is None:
+                checks.append(TensorCheck(key, list(qw.shape), str(qw.dtype).removeprefix("torch."), True))
+                continue
+            if key not in src.key_shard:
+                problems.append(f"{key!r} is not in the source checkpoint")
+                continue
+            w = src.key_shard[key].tensor(key)
+            if tuple(w.shape) != qw.shape:
+                w = w.t().contiguous()  # Conv1D weights are stored transposed in the source
+            checks.append(check_tensor(key, w, qw))
+        if src is not None:
+            plain = [k for k in key_shard if k not in qkeys and not layout.is_aux_key(k)]
+            for key in plain:
+                if key not in src.key_shard:
+                    problems.append(f"{key!r} is not in the source checkpoint")
+                elif not torch.equal(get(key).view(-1).view(torch.uint8),
+                                     src.key_shard[key].tensor(key).view(-1).view(torch.uint8)):
+                    problems.append(f"{key!r} differs from the source (it should be copied unchanged)")
+            missing = [k for k in src.keys if k not in key_shard]
+            problems += [f"source tensor {k!r} is missing from the output" for k in missing[:5]]
+    finally:
+        if src is not None:
+            src.close()
+        for s in shards.values():
+            s.close()
+    for c in checks:
+        if c.flag in ("constants", "nonfinite"):
+            problems.append(f"{c.name}: {c.flag} (relative error {c.rel_error:.4f}, NF4 alone {c.ideal_rel_error:.4f})")
+        if max_rel_error is not None and c.rel_error > max_rel_error:
+            problems.append(f"{c.name}: relative error {c.rel_error:.4f} > --max-rel-error {max_rel_error}")
+    return VerifyResult(folder, problems, checks, len(qkeys), hashes_checked)
+
+
+def raise_if_failed(result: VerifyResult) -> None:
+    if not result.ok:
+        raise VerificationError(f"{result.folder}: {len(result.problems)} problem(s):\n  " + "\n  ".join(result.problems))
