@@ -1,0 +1,340 @@
+"""``qtool plan``: GPU memory of one QLoRA training step, every byte on a named row. Pure Python: no torch, no numpy.
+
+    peak = persistent (weights, adapters, optimizer state, workspaces) + the largest transient phase
+
+The phases are the loss backward (saved activations + the head's fp32 logits work), the backward of the last
+decoder layer (saved or recomputed activations + its gradient transients + a dequantised weight) and the optimizer
+step (all LoRA gradients). Allocated is what ``torch.cuda.max_memory_allocated`` reports, reserved adds the caching
+allocator's slack, NVML adds the CUDA context and bitsandbytes' paged (managed) optimizer buffers.
+The line items and their sources are in :mod:`qtool.plan_items`; the measured constants are at its top.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+from dataclasses import asdict, dataclass, field, replace
+
+from qtool import plan_items as items
+from qtool.arch import Shape, shape_from_config, shape_problems
+from qtool.errors import UsageError
+from qtool.units import MiB, parse_size
+
+PROFILES = ("qtool", "hf")
+OPTIMIZERS = ("paged_adamw_32bit", "adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "sgd")
+DTYPES = ("bfloat16", "float16", "float32")
+ATTENTIONS = ("sdpa", "flash", "eager")
+LOSSES = ("chunked", "full")
+TARGET_PRESETS = ("qkvo", "mlp", "all-linear")
+KNOBS = ("seq_len", "batch_size", "rank")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # = qtool.nf4.BLOCKSIZES (a test keeps them equal)
+_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "adamw": "adamw_32bit",
+            "paged_adamw": "paged_adamw_32bit", "flash_attention_2": "flash", "all": "all-linear", "attn": "qkvo"}
+_LIMITS = {"seq_len": 1 << 22, "batch_size": 1 << 16}
+
+# NVML total memory of common GPUs (nvidia-smi "Total", MiB). The fit table shows the first six.
+GPUS = {"RTX 4090": 24564, "A100-40GB": 40960, "L40S": 46068, "A100-80GB": 81920, "H100-80GB": 81559,
+        "H200": 143771, "RTX 3090": 24576, "L4": 23034, "A10": 23028, "RTX A6000": 49140, "T4": 15360}
+FIT_TABLE_GPUS = ("RTX 4090", "A100-40GB", "L40S", "A100-80GB", "H100-80GB", "H200")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What is being trained and how. ``check`` validates against a shape and fills profile defaults."""
+
+    profile: str = "qtool"
+    rank: int = 16
+    alpha: float | None = None  # LoRA scale numerator; changes no byte (default 2 * rank)
+    targets: str = "qkvo"       # qkvo | mlp | all-linear | module names, comma-separated, each optionally =rank
+    seq_len: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 1         # micro-batches per optimizer step; > 1 keeps the LoRA gradients resident
+    grad_checkpointing: bool = True
+    optimizer: str = "paged_adamw_32bit"
+    adapter_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    double_quant: bool = True
+    block_size: int = 64
+    attention: str = "sdpa"     # sdpa | flash (transformers' flash_attention_2: 16-bit q, k, v) | eager
+    loss: str | None = None     # chunked (qtool's default) | full (fp32 logits; the only choice in hf)
+
+    def module_ranks(self, shape: Shape) -> dict[str, int]:
+        """Targeted Linear name -> rank, for this shape's module names."""
+        return dict(_module_ranks(self.targets, self.rank, tuple((lin.name, lin.group) for lin in shape.linears())))
+
+    def check(self, shape: Shape) -> Settings:
+        """Normalised settings, or UsageError listing every problem (the shape's included)."""
+        st = replace(self, **{k: _ALIASES.get(getattr(self, k), getattr(self, k))
+                              for k in ("optimizer", "adapter_dtype", "compute_dtype", "attention", "targets")})
+        problems = shape_problems(shape)
+        choices = {"profile": PROFILES, "optimizer": OPTIMIZERS, "adapter_dtype": DTYPES, "compute_dtype": DTYPES,
+                   "attention": ATTENTIONS}
+        problems += [f"--{k.replace('_', '-')} {getattr(st, k)!r} is not one of {', '.join(v)}"
+                     for k, v in choices.items() if getattr(st, k) not in v]
+        problems += [f"--{k.replace('_', '-')} must be at least 1, got {getattr(st, k)}"
+                     for k in ("rank", "seq_len", "batch_size", "grad_accum") if getattr(st, k) < 1]
+        if st.alpha is not None and st.alpha <= 0:
+            problems.append(f"--alpha must be positive, got {st.alpha}")
+        if st.block_size not in BLOCKSIZES:
+            problems.append(f"--block-size {st.block_size} is not one bitsandbytes accepts: {BLOCKSIZES}")
+        loss = st.loss or ("full" if st.profile == "hf" else "chunked")
+        if loss not in LOSSES:
+            problems.append(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
+        elif st.profile == "hf" and loss == "chunked":
+            problems.append("--loss chunked: the hf profile computes full fp32 logits (transformers ForCausalLMLoss); "
+                            "chunked loss is a qtool-profile option")
+        if st.profile == "hf" and shape.model_type == "gemma2" and st.attention == "sdpa":
+            problems.append("gemma2 uses attention logit soft-capping, which transformers' sdpa attention rejects; "
+                            "use --attention eager")
+        if not shape_problems(shape):
+            problems += _target_problems(st, shape)
+        if problems:
+            raise UsageError(problems)
+        return replace(st, loss=loss, alpha=st.alpha if st.alpha is not None else 2 * st.rank)
+
+
+@functools.lru_cache(maxsize=256)
+def _module_ranks(targets: str, rank: int, linears: tuple[tuple[str, str], ...]) -> tuple[tuple[str, int], ...]:
+    """Presets (qkvo, mlp, all-linear) and names, comma-separated, each optionally ``=rank``; later items win."""
+    groups = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
+    ranks: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in targets.split(","))):
+        name, _, r = (part.strip() for part in item.partition("="))
+        r_int = int(r) if r.isdigit() else (rank if not r else -1)
+        names = [n for n, group in linears if group in groups[name]] if name in groups else [name]
+        ranks.update(dict.fromkeys(names, r_int))
+    return tuple(ranks.items())
+
+
+def _target_problems(st: Settings, shape: Shape) -> list[str]:
+    problems = []
+    linears = {lin.name: lin for lin in shape.linears()}
+    for name, r in st.module_ranks(shape).items():
+        if name not in linears:
+            close = difflib.get_close_matches(name, linears, n=3)
+            problems.append(f"--targets: {shape.model_type} has no Linear {name!r}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else
+                               f" (its Linears: {', '.join(linears)}; presets: {', '.join(TARGET_PRESETS)})"))
+        elif r < 1:
+            if r != st.rank:  # a bad --rank is reported once, by check()
+                problems.append(f"--targets: the rank of {name} must be a positive integer")
+        elif r > min(linears[name].n_in, linears[name].n_out):
+            problems.append(f"rank {r} of {name} exceeds min(in, out) = "
+                            f"{min(linears[name].n_in, linears[name].n_out)}; a LoRA of that rank is not low-rank")
+    if not st.module_ranks(shape):
+        problems.append("--targets selects no module")
+    return problems
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line item. ``where``: device | paged | host. ``counter``: the first memory counter that sees it
+    (allocated < reserved < nvml); the peaks are cumulative sums over the counters."""
+
+    name: str
+    bytes: int
+    where: str = "device"
+    counter: str = "allocated"
+
+
+@dataclass(frozen=True)
+class Plan:
+    shape: Shape
+    settings: Settings
+    rows: tuple[Row, ...]
+    peak_phase: str
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    peak_nvml_bytes: int
+    after_load_allocated_bytes: int
+    fp16_weights_bytes: int
+    nf4_weights_bytes: int
+    weights_4bit_total_bytes: int
+    n_trainable: int
+    notes: tuple[str, ...] = field(default=())
+
+    def to_dict(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("shape", "settings", "rows")}
+        out["rows"] = [asdict(row) for row in self.rows]
+        out["shape"] = {k: v for k, v in asdict(self.shape).items()}
+        out["settings"] = asdict(self.settings)
+        out["notes"] = list(self.notes)
+        return out
+
+
+def plan(shape: Shape, settings: Settings) -> Plan:
+    """The memory plan of one training step of ``settings`` on ``shape``. Raises UsageError on bad input."""
+    st = settings.check(shape)
+    n_params = shape.declared_params or shape.n_params()
+    packed, meta, quant_alloc = items.quantised_weights(shape, st)
+    emb, head = items.embedding_bytes(shape, st)
+    norms = items.norm_and_bias_bytes(shape, st)
+    numels = items.lora_tensors(shape, st)
+    param_bytes = items.DTYPE_BYTES[st.adapter_dtype]
+    lora = sum(items.alloc(n * param_bytes) for n in numels)
+    opt_device, opt_paged = items.optimizer_state_bytes(numels, st.optimizer, param_bytes)
+    frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
+    persistent = [
+        Row("NF4 weights and quantisation constants", quant_alloc),
+        Row(f"embeddings ({frozen})", emb),
+        *([Row(f"lm_head ({frozen})", head)] if head else []),
+        Row(f"norms and biases ({frozen})", norms),
+        Row(f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        Row(f"optimizer state ({st.optimizer}) on device", opt_device),
+        *([Row("optimizer state, paged (managed memory)", opt_paged, "paged", "nvml")] if opt_paged else []),
+        Row("cuBLAS workspaces", items.CUBLAS_WORKSPACE_BYTES),
+        *([Row(f"LoRA gradients, accumulated over {st.grad_accum} micro-batches", lora)] if st.grad_accum > 1
+          else []),
+    ]
+    phase, transient = max(_phases(shape, st, lora, numels).items(), key=lambda kv: sum(r.bytes for r in kv[1]))
+    allocated = sum(r.bytes for r in persistent + transient if r.counter == "allocated")
+    slack = items.RESERVED_SLACK_BYTES + int(items.RESERVED_SLACK_FRACTION * sum(r.bytes for r in transient))
+    overheads = [Row("allocator slack (reserved - allocated)", slack, counter="reserved"),
+                 Row("CUDA context and kernels", items.CUDA_CONTEXT_BYTES, counter="nvml")]
+    rows = tuple(persistent + transient + overheads)
+    reserved = allocated + slack
+    return Plan(
+        shape=shape, settings=st, rows=rows, peak_phase=phase,
+        peak_allocated_bytes=allocated, peak_reserved_bytes=reserved,
+        peak_nvml_bytes=sum(r.bytes for r in rows if r.counter in ("allocated", "reserved", "nvml")),
+        after_load_allocated_bytes=quant_alloc + emb + head + norms + lora,
+        fp16_weights_bytes=items.fp16_bytes(n_params), nf4_weights_bytes=packed + meta,
+        weights_4bit_total_bytes=packed + meta + emb + head + norms,
+        n_trainable=sum(numels), notes=tuple(_notes(shape, st)))
+
+
+def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int]) -> dict[str, list[Row]]:
+    """Candidate transient phases; the plan's peak is the one with the most bytes. Gradients are freed after every
+    step (zero_grad(set_to_none=True)), so they appear in the last layer's backward (its MLP's) and in the step."""
+    n = shape.n_layers
+    grads_now = st.grad_accum == 1  # with accumulation they are persistent rows instead
+    positions = Row("rotary cos/sin and position ids", items.position_bytes(shape, st))
+    if st.grad_checkpointing:
+        kept = [Row(f"checkpointed inputs of {n} layers", items.checkpoint_bytes(shape, st))]
+        mask = items.eager_mask_bytes(shape, st)
+        kept += [Row("eager attention mask", mask)] if mask else []
+        layer = [Row("recomputed layer's saved tensors", items.recompute_bytes(shape, st))]
+    else:
+        kept = [Row(f"activations saved by {n} layers",
+                    (n - 1) * items.layer_saved_bytes(shape, st) + items.layer_saved_bytes(shape, st, first=True))]
+        layer = []
+    backward, moment = items.layer_backward_bytes(shape, st)
+    loss_name = "logits and cross-entropy (fp32, " + ("chunked)" if st.loss == "chunked" else "full)")
+    return {
+        "loss backward": kept + [Row("final norm and loss inputs (saved)", items.head_saved_bytes(shape, st)),
+                                 Row(loss_name, items.loss_bytes(shape, st)), positions],
+        "final norm backward": kept + [
+            Row("final norm (saved)", items.final_norm_saved_bytes(shape, st)),
+            Row("final norm backward: incoming grad and fp32 temporaries", items.norm_backward_bytes(shape, st)
+                + items.widths(st)[0] * shape.hidden * st.batch_size * st.seq_len), positions],
+        "backward of the last decoder layer": kept + layer + [
+            Row(f"backward transient: {moment}", backward),
+            *([Row("LoRA gradients of its MLP", items.layer_grad_bytes(shape, st))] if grads_now else []),
+            positions],
+        "optimizer step": [row for row in (
+            Row("LoRA gradients", lora_bytes if grads_now else 0),
+            Row("optimizer step temporaries", items.optimizer_step_bytes(
+                numels, st.optimizer, items.DTYPE_BYTES[st.adapter_dtype]))) if row.bytes],
+    }
+
+
+def _notes(shape: Shape, st: Settings) -> list[str]:
+    notes = [shape.note] if shape.note else []
+    if st.seq_len > shape.max_positions:
+        notes.append(f"--seq-len {st.seq_len} exceeds {shape.name}'s max_position_embeddings ({shape.max_positions})")
+    if st.profile == "qtool" and shape.model_type not in ("llama", "mistral", "qwen2"):
+        notes.append(f"the qtool trainer builds Llama-family decoders; {shape.model_type} is planned with the "
+                     "Llama activation formulas (use --profile hf for transformers)")
+    if st.profile == "qtool" and st.loss == "full":
+        notes.append("qtool train always uses its chunked loss; --loss full plans a full fp32-logits loss instead")
+    if items.attention_kernel(shape, st) != "flash":
+        notes.append(f"attention runs the {items.attention_kernel(shape, st)} kernel: its probabilities "
+                     "(4 bytes x heads x seq^2 per layer) dominate at long sequences")
+    if st.optimizer.startswith("paged_"):
+        notes.append("paged optimizer buffers (>= 1e5 elements) live in CUDA managed memory: NVML sees them, "
+                     "torch.cuda.max_memory_allocated does not")
+    return notes
+
+
+# --- fitting ---------------------------------------------------------------------------------------------------
+
+def capacity_bytes(text: str) -> tuple[str, int]:
+    """(label, bytes) for '24GB', '80GiB' or a GPU name from GPUS (case and punctuation ignored)."""
+    key = "".join(c for c in text.lower() if c.isalnum())
+    for name, mib in GPUS.items():
+        if "".join(c for c in name.lower() if c.isalnum()) == key:
+            return name, mib * MiB
+    try:
+        return text, parse_size(text)
+    except ValueError:
+        close = difflib.get_close_matches(text, list(GPUS), n=3, cutoff=0.4)
+        raise UsageError(f"--fit {text!r} is neither a size (24GB, 80GiB) nor a known GPU"
+                         + (f"; did you mean {', '.join(close)}?" if close else f" ({', '.join(GPUS)})")) from None
+
+
+def fits(p: Plan, capacity: int) -> bool:
+    """A plan fits when everything the GPU must hold (NVML-used at the peak) is within its memory."""
+    return p.peak_nvml_bytes <= capacity
+
+
+@dataclass(frozen=True)
+class Fit:
+    knob: str
+    capacity_bytes: int
+    value: int | None      # the largest value that fits, None if even 1 does not
+    plan: Plan | None      # the plan at that value
+    limited: bool = False  # the search stopped at its upper bound (seq 4M, batch 65536, rank min(in, out))
+
+
+def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str = "seq_len") -> Fit:
+    """The largest ``knob`` (seq_len, batch_size or rank) whose plan fits ``capacity``, others fixed.
+    Every line item is non-decreasing in each knob, so an exponential then binary search is exact."""
+    if knob not in KNOBS:
+        raise UsageError(f"cannot solve for {knob!r}; choose one of {', '.join(KNOBS)}")
+    st = settings.check(shape)
+    if knob == "rank":
+        lins = {lin.name: lin for lin in shape.linears()}
+        limit = min(min(lins[n].n_in, lins[n].n_out) for n in st.module_ranks(shape))
+    else:
+        limit = _LIMITS[knob]
+
+    def at(value: int) -> Plan:
+        return plan(shape, replace(st, **{knob: value}, alpha=None if knob == "rank" else st.alpha))
+
+    if not fits(at(1), capacity):
+        return Fit(knob, capacity, None, None)
+    lo = 1
+    while lo < limit and fits(at(min(2 * lo, limit)), capacity):
+        lo = min(2 * lo, limit)
+    hi = min(2 * lo, limit + 1)  # the first value known not to fit (or one past the limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(at(mid), capacity) else (lo, mid)
+    return Fit(knob, capacity, lo, at(lo), limited=lo == limit)
+
+
+def fit_table(shape: Shape, settings: Settings, gpus: tuple[str, ...] = FIT_TABLE_GPUS) -> list[dict]:
+    """Per GPU: does this plan fit, with what headroom, and the largest seq-len that fits at this batch size."""
+    p = plan(shape, settings)
+    table = []
+    for name in gpus:
+        capacity = GPUS[name] * MiB
+        best = largest_fitting(shape, settings, capacity, "seq_len")
+        table.append({"gpu": name, "memory_bytes": capacity, "fits": fits(p, capacity),
+                      "headroom_bytes": capacity - p.peak_nvml_bytes, "max_seq_len": best.value})
+    return table
+
+
+# --- measurement records (data/memory/*.json) --------------------------------------------------------------------
+
+def settings_from_record(record: dict) -> Settings:
+    """The Settings of a measurement record (schema: data/memory/README.md)."""
+    known = {f for f in Settings.__dataclass_fields__}
+    given = {k: v for k, v in record["settings"].items() if k in known}
+    return Settings(profile=record["profile"], **given)
+
+
+def plan_for_record(record: dict) -> Plan:
+    """Plan the model and settings of one measurement record (its ``model`` holds config.json fields)."""
+    model = record["model"]
+    shape = shape_from_config({"model_type": "llama", **model}, name=model.get("name", record.get("id", "record")))
+    return plan(shape, settings_from_record(record))

@@ -1,0 +1,365 @@
+"""The planner: exact counts against bitsandbytes and PEFT, the hf activation model against an allocation trace of the
+real stack on the CPU, inverse planning, validation, and the replay of measured peaks recorded in data/memory/."""
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from tabulate import tabulate
+
+from qtool import plan_items as items
+from qtool.arch import known_shape, resolve_model, shape_for_params, shape_from_config
+from qtool.errors import UsageError
+from qtool.plan import (BLOCKSIZES, GPUS, PROFILES, Settings, capacity_bytes, fits, largest_fitting, plan,
+                        plan_for_record)
+
+from test_arch import tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- weights -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(64, 64), (300, 1000), (512, 1376), (7, 13)])
+@pytest.mark.parametrize("block_size", [64, 128, 4096])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_nf4_bytes_equal_what_bitsandbytes_stores(shape, block_size, double_quant):
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    weight = torch.randn(*shape, dtype=torch.bfloat16)
+    packed, state = quantize_4bit(weight, blocksize=block_size, compress_statistics=double_quant, quant_type="nf4")
+    tensors = [state.absmax, state.code] + ([state.state2.absmax, state.state2.code, state.offset] if double_quant
+                                            else [])
+    assert items.nf4_tensor_bytes(weight.numel(), block_size, double_quant) == \
+        (packed.nbytes, sum(t.nbytes for t in tensors))
+    assert items.nf4_tensor_alloc(weight.numel(), block_size, double_quant) == \
+        sum(items.alloc(t.nbytes) for t in [packed] + tensors)
+
+
+def test_blocksizes_mirror_the_converter():
+    from qtool.nf4 import BLOCKSIZES as converter_blocksizes
+
+    assert BLOCKSIZES == converter_blocksizes
+
+
+def test_fp16_weights_of_a_bare_count():
+    p = plan(shape_for_params(65e9), Settings(rank=16))
+    assert p.fp16_weights_bytes == 130_000_000_000
+    # 4.127 bits per quantised parameter plus ~1.1 KB of code tables per tensor (QLoRA paper §3)
+    n_linear = p.shape.n_linear_params()
+    assert abs(p.nf4_weights_bytes - n_linear * (0.5 + 1 / 64 + 4 / (64 * 256))) < 1100 * 7 * 80 + 8 * 7 * 80
+
+
+# --- LoRA parameters and optimizer state -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma", "gemma3_text", "phi3", "gpt_neox"])
+@pytest.mark.parametrize("targets", ["qkvo", "mlp", "all-linear", "per-module"])
+def test_trainable_count_equals_peft(model_type, targets):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(model_type)
+    shape = shape_from_config(config.to_dict())
+    names = [lin.name for lin in shape.linears()]
+    if targets == "per-module":  # names with their own ranks: PEFT's rank_pattern
+        spec = f"{names[0]},{names[-1]}=12,{names[-2]}=4"
+        lora = LoraConfig(r=8, target_modules=[names[0], names[-1], names[-2]],
+                          rank_pattern={names[-1]: 12, names[-2]: 4})
+    else:
+        spec = targets
+        modules = "all-linear" if targets == "all-linear" else \
+            [lin.name for lin in shape.linears() if lin.group == ("attn" if targets == "qkvo" else "mlp")]
+        lora = LoraConfig(r=8, target_modules=modules)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+    trainable, _ = peft_model.get_nb_trainable_parameters()
+    assert plan(shape, Settings(rank=8, targets=spec, seq_len=64)).n_trainable == trainable
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_32bit", "adamw_8bit"])
+def test_optimizer_state_equals_bitsandbytes(optimizer):
+    import torch
+    import bitsandbytes as bnb
+
+    sizes = [100, 4095, 4096, 5000, 200_000]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    opt = (bnb.optim.Adam32bit if optimizer == "adamw_32bit" else bnb.optim.Adam8bit)(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    tensors = {t.data_ptr(): t for p in params for t in opt.state[p].values() if torch.is_tensor(t) and t.dim()}
+    assert items.optimizer_state_bytes(sizes, optimizer) == (sum(items.alloc(t.nbytes) for t in tensors.values()), 0)
+
+
+def test_paged_state_only_for_large_tensors():
+    device, paged = items.optimizer_state_bytes([99_999, 100_000], "paged_adamw_32bit")
+    assert device == 2 * items.alloc(4 * 99_999)
+    assert paged == 2 * 4 * 100_000 + 2 * (items.PAGED_GRANULARITY_BYTES - 400_000 % items.PAGED_GRANULARITY_BYTES)
+    assert items.optimizer_state_bytes([10**6], "sgd") == (0, 0)
+
+
+# --- activations against the real hf stack -----------------------------------------------------------------------
+
+def _traced_peak(step) -> int:
+    """Peak of live CPU tensor bytes created during one call of ``step`` (after one warm-up call, so optimizer state
+    already exists, as in every later step), from the profiler's allocation events."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack += event.children
+        if event.tag == _EventType.Allocation:
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+PERSISTENT_ROWS = ("NF4", "embeddings", "lm_head", "norms", "LoRA adapters", "optimizer", "cuBLAS")
+
+
+def _planned_transient(shape, settings) -> tuple[int, str]:
+    """The plan's allocated bytes beyond what exists before a step (weights, adapters, optimizer state)."""
+    p = plan(shape, settings)
+    return sum(r.bytes for r in p.rows if r.counter == "allocated" and not r.name.startswith(PERSISTENT_ROWS)), \
+        p.peak_phase
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A bf16 Llama checkpoint small enough for the CPU (hidden 256, 2 layers, vocab 2000)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = tiny_config("llama", hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, vocab_size=2000)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(path)
+    return path
+
+
+def hf_stack(path: Path, targets: str, rank: int, gc: bool):
+    """transformers + PEFT + bitsandbytes on the CPU, set up as bench/gpu_worker.py does on the GPU:
+    prepare_model_for_kbit_training with its defaults, then checkpointing on or off, then get_peft_model."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    warnings.filterwarnings("ignore")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map="cpu", attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model)
+    model.gradient_checkpointing_enable() if gc else model.gradient_checkpointing_disable()
+    names = list(Settings(targets=targets).module_ranks(resolve_model(str(path))))
+    model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names, lora_dropout=0.0))
+    model.train()
+    return model
+
+
+def _allocated(tensors) -> int:
+    """Bytes the CUDA caching allocator would book for these tensors (each storage once, rounded to 512)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(items.alloc(n) for n in storages.values())
+
+
+def test_resident_bytes_equal_the_hf_stack(tiny_checkpoint):
+    """After loading: every parameter, buffer and QuantState tensor bitsandbytes keeps, byte for byte."""
+    model = hf_stack(tiny_checkpoint, "q_proj,down_proj", rank=8, gc=True)
+    tensors = list(model.parameters()) + list(model.buffers())
+    for module in model.modules():
+        qs = getattr(getattr(module, "weight", None), "quant_state", None)
+        if qs is not None:
+            tensors += [qs.absmax, qs.code, qs.offset, qs.state2.absmax, qs.state2.code]
+    p = plan(resolve_model(str(tiny_checkpoint)), Settings(profile="hf", rank=8, targets="q_proj,down_proj"))
+    assert p.after_load_allocated_bytes == _allocated(tensors)
+
+
+def test_resident_bytes_equal_the_qtool_trainer():
+    from qtool.model import DecoderConfig, random_decoder
+
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
+    model = random_decoder(DecoderConfig.from_dict(config), "cpu", targets=("q_proj", "down_proj"), rank=8)
+    p = plan(shape_from_config(config), Settings(rank=8, targets="q_proj,down_proj"))
+    assert p.after_load_allocated_bytes == _allocated(list(model.parameters()) + list(model.buffers()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gc,targets,seq_len,batch_size", [(False, "qkvo", 384, 1), (True, "qkvo", 384, 1),
+                                                          (True, "all-linear", 200, 2)])
+def test_hf_transient_matches_allocation_trace(tiny_checkpoint, gc, targets, seq_len, batch_size):
+    """transformers + PEFT + bitsandbytes, set up as bench/gpu_worker.py does, run on the CPU: the bytes created
+    during a step (activations, logits, gradients, dequantised weights) must match the plan's transient rows.
+    Kernels are the CUDA ones in both (fp32 non-GQA attention: efficient SDPA on CUDA, flash on the CPU; both keep
+    q, k, v, out and the logsumexp)."""
+    import torch
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    model = hf_stack(tiny_checkpoint, targets, rank=16, gc=gc)
+    shape = resolve_model(str(tiny_checkpoint))
+    optimizer = bnb.optim.PagedAdamW32bit([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, shape.vocab, (batch_size, seq_len))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    traced = _traced_peak(step)
+    planned, phase = _planned_transient(shape, Settings(profile="hf", rank=16, targets=targets, seq_len=seq_len,
+                                                        batch_size=batch_size, grad_checkpointing=gc))
+    assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gc,targets,seq_len,batch_size,vocab,kv_heads", [
+    (False, "qkvo", 384, 1, 2000, 4), (True, "all-linear", 300, 2, 2000, 4), (True, "qkvo", 1024, 1, 70000, 4),
+    (False, "all-linear", 512, 1, 300, 4), (False, "qkvo", 256, 2, 1000, 2)])
+def test_qtool_transient_matches_allocation_trace(gc, targets, seq_len, batch_size, vocab, kv_heads):
+    """qtool's trainer (qtool.model) on the CPU: one chunk and several, the final-norm-dominated case (small
+    vocabulary), GQA. The CPU dequantises through qtool.nf4 instead of the Triton kernel; nothing else differs."""
+    import torch
+    from qtool.model import DecoderConfig, random_decoder
+
+    warnings.filterwarnings("ignore")
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": vocab}
+    shape = shape_from_config(config)
+    names = tuple(lin.name for lin in shape.linears() if targets == "all-linear" or lin.group == "attn")
+    model = random_decoder(DecoderConfig.from_dict(config), "cpu", targets=names, rank=16)
+    model.train()
+    model.grad_checkpointing = gc
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, vocab, (batch_size, seq_len))
+
+    def step():
+        model.loss(ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    traced = _traced_peak(step)
+    planned, phase = _planned_transient(shape, Settings(rank=16, targets=targets, seq_len=seq_len, optimizer="sgd",
+                                                        batch_size=batch_size, grad_checkpointing=gc))
+    assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
+
+
+def test_loss_chunk_rule_mirrors_the_trainer():
+    from qtool.model import loss_chunk_tokens
+
+    for vocab in (300, 32000, 49152, 128256, 151936, 262208):
+        assert items.loss_chunk_tokens(vocab) == loss_chunk_tokens(vocab)
+
+
+# --- validation and inverse planning -----------------------------------------------------------------------------
+
+def test_validation_reports_every_problem_at_once():
+    bad = Settings(profile="hf", rank=0, seq_len=0, optimizer="adam", block_size=100, loss="chunked",
+                   targets="q_proj,nope", adapter_dtype="int8")
+    with pytest.raises(UsageError) as err:
+        plan(known_shape("llama-2-7b"), bad)
+    assert len(err.value.problems) == 7, err.value.problems
+    assert "did you mean" not in str(err.value) or "nope" in str(err.value)
+    with pytest.raises(UsageError, match="exceeds min"):
+        plan(known_shape("qwen2.5-0.5b"), Settings(targets="k_proj=256"))
+
+
+@pytest.mark.parametrize("knob", ["seq_len", "batch_size", "rank"])
+def test_largest_fitting_is_the_boundary(knob):
+    shape, st = known_shape("llama-2-7b"), Settings(targets="all-linear", seq_len=1024)
+    _, capacity = capacity_bytes("24GB")
+    fit = largest_fitting(shape, st, capacity, knob)
+    assert fit.value and fits(fit.plan, capacity) and not fit.limited
+    assert not fits(plan(shape, replace(st, **{knob: fit.value + 1})), capacity)
+
+
+def test_peak_grows_with_each_knob():
+    shape = known_shape("llama-3-8b")
+    for profile in PROFILES:
+        for knob, values in {"seq_len": (256, 512, 2048, 8192), "batch_size": (1, 2, 4), "rank": (8, 16, 64)}.items():
+            peaks = [plan(shape, Settings(profile=profile, **{knob: v})).peak_allocated_bytes for v in values]
+            assert peaks == sorted(peaks) and len(set(peaks)) == len(peaks), (profile, knob, peaks)
+
+
+def test_gpu_names_and_sizes():
+    assert capacity_bytes("h200") == ("H200", 143771 * 2**20)
+    assert capacity_bytes("24GB") == ("24GB", 24 * 10**9)
+    with pytest.raises(UsageError, match="did you mean"):
+        capacity_bytes("A100-40")
+
+
+# --- measurement records (data/memory/*.json) ---------------------------------------------------------------------
+
+EXAMPLE_RECORD = {
+    "id": "qtool-llama2-7b-s512-r16-qkvo-gc", "profile": "qtool",
+    "model": {"name": "llama-2-7b", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "vocab_size": 32000,
+              "tie_word_embeddings": False, "model_type": "llama"},
+    "settings": {"rank": 16, "alpha": 32, "targets": "qkvo", "seq_len": 512, "batch_size": 1,
+                 "grad_checkpointing": True, "optimizer": "paged_adamw_32bit", "double_quant": True,
+                 "block_size": 64, "compute_dtype": "bfloat16", "adapter_dtype": "float32", "attention": "sdpa",
+                 "loss": "chunked"},
+    "trainable_params": 16_777_216,  # 32 layers x 4 modules x 16 x (4096 + 4096)
+}
+
+
+def test_plan_for_record_plans_the_recorded_configuration():
+    p = plan_for_record(EXAMPLE_RECORD)
+    assert p.n_trainable == EXAMPLE_RECORD["trainable_params"]
+    assert p.shape.n_params() == 6_738_415_616 and p.settings.seq_len == 512
+
+
+def _records() -> list[dict]:
+    return [r for f in sorted((ROOT / "data" / "memory").glob("*.json")) for r in json.loads(f.read_text())]
+
+
+def test_replays_recorded_measurements():
+    """Every recorded peak allocated is planned within 5%; reserved and NVML errors are reported. Needs >= 12
+    records per profile spanning 0.1B-65B shapes, seq 512-8192, rank 8-64, qkvo and all-linear, GC on and off.
+    A record of an out-of-memory run must be planned not to fit its GPU."""
+    records = _records()
+    measured_ok = [r for r in records if not r.get("error")]
+    rows, bad = [], []
+    for r in records:
+        p, m = plan_for_record(r), r["measured"]
+        if r.get("error"):
+            gpu = r.get("gpu", "").removeprefix("NVIDIA ")
+            if gpu in GPUS and fits(p, GPUS[gpu] * 2**20):
+                bad.append(f"{r['id']} (OOM, planned to fit)")
+            rows.append((r["id"], r["profile"], "OOM", f"{p.peak_nvml_bytes / 2**30:.2f}", "", "", "", p.peak_phase))
+            continue
+        nvml = m.get("nvml_used_bytes")
+        nvml = nvml - m.get("paged_bytes_leaked_by_earlier_runs", 0) if nvml else None
+        err = [(getattr(p, k) - v) / v if v else None for k, v in (("peak_allocated_bytes", m["peak_allocated_bytes"]),
+               ("peak_reserved_bytes", m["peak_reserved_bytes"]), ("peak_nvml_bytes", nvml))]
+        rows.append((r["id"], r["profile"], f"{m['peak_allocated_bytes'] / 2**30:.2f}",
+                     f"{p.peak_allocated_bytes / 2**30:.2f}",
+                     *(f"{e:+.1%}" if e is not None else "-" for e in err), p.peak_phase))
+        if abs(err[0]) > 0.05 or p.n_trainable != r["trainable_params"]:
+            bad.append(r["id"])
+    print("\n" + tabulate(rows, headers=("record", "profile", "measured GiB", "plan GiB", "alloc err",
+                                         "reserved err", "NVML err", "peak phase"), disable_numparse=True))
+    for profile in PROFILES:
+        mine = [r for r in measured_ok if r["profile"] == profile]
+        assert len(mine) >= 12, f"{profile}: {len(mine)} records in data/memory/, need >= 12 (data/memory/README.md)"
+        n_params = [plan_for_record(r).shape.n_params() for r in mine]
+        seqs, ranks = [r["settings"]["seq_len"] for r in mine], [r["settings"]["rank"] for r in mine]
+        assert min(n_params) <= 0.2e9 and max(n_params) >= 60e9, f"{profile}: model sizes do not span 0.1B-65B"
+        assert min(seqs) <= 512 and max(seqs) >= 8192, f"{profile}: seq lengths do not span 512-8192"
+        assert min(ranks) <= 8 and max(ranks) >= 64, f"{profile}: ranks do not span 8-64"
+        assert {"qkvo", "all-linear"} <= {r["settings"]["targets"] for r in mine}, f"{profile}: targets"
+        assert {True, False} <= {r["settings"]["grad_checkpointing"] for r in mine}, f"{profile}: GC on and off"
+    assert not bad, f"planned peak allocated off by > 5% (or trainable count differs): {bad}"
