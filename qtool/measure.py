@@ -1,0 +1,80 @@
+"""GPU memory as three counters see it, named like the plan's rows so the two compare without translation.
+
+* ``allocated`` / ``peak_allocated`` — ``torch.cuda.memory_allocated`` / ``max_memory_allocated``: live tensors.
+* ``reserved`` / ``peak_reserved`` — the caching allocator's segments (allocated + its slack).
+* ``nvml_used`` — the driver's view of the whole device: the CUDA context, the allocator's segments and memory no
+  allocator statistic sees, such as bitsandbytes' paged optimizer buffers (CUDA managed memory).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class MemorySample:
+    phase: str
+    allocated_bytes: int
+    reserved_bytes: int
+    peak_allocated_bytes: int
+    peak_reserved_bytes: int
+    nvml_used_bytes: int | None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class MemoryMonitor:
+    """Samples the three counters at phase boundaries (after a device synchronise); no-op values on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._nvml = None
+        if self.cuda:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(index))
+            except Exception:  # noqa: BLE001 - NVML is optional (nvidia-ml-py missing, or no driver access)
+                self._nvml = None
+        self.samples: list[MemorySample] = []
+
+    def nvml_used_bytes(self) -> int | None:
+        if self._nvml is None:
+            return None
+        pynvml, handle = self._nvml
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+
+    def reset_peaks(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def sample(self, phase: str) -> MemorySample:
+        if not self.cuda:
+            s = MemorySample(phase, 0, 0, 0, 0, None)
+        else:
+            torch.cuda.synchronize(self.device)
+            s = MemorySample(phase, torch.cuda.memory_allocated(self.device), torch.cuda.memory_reserved(self.device),
+                             torch.cuda.max_memory_allocated(self.device),
+                             torch.cuda.max_memory_reserved(self.device), self.nvml_used_bytes())
+        self.samples.append(s)
+        return s
+
+    def peaks(self, since: int = 0) -> dict:
+        """The largest value of each counter over the samples from index ``since`` on."""
+        rows = self.samples[since:]
+        nvml = [s.nvml_used_bytes for s in rows if s.nvml_used_bytes is not None]
+        return {"peak_allocated_bytes": max((s.peak_allocated_bytes for s in rows), default=0),
+                "peak_reserved_bytes": max((s.peak_reserved_bytes for s in rows), default=0),
+                "nvml_used_bytes": max(nvml) if nvml else None}
+
+
+def error_pct(planned: int | None, measured: int | None) -> float | None:
+    if not planned or not measured:
+        return None
+    return 100.0 * (planned - measured) / measured

@@ -1,0 +1,280 @@
+"""``qtool train``: LoRA on a converted NF4 checkpoint, measured against the plan. A recipe: setup, loop, result."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from qtool.errors import InputError, QtoolError, UsageError
+from qtool.measure import MemoryMonitor
+
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    seq_len: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str = "qkvo"
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 0.3  # QLoRA's setting
+    optimizer: str = "auto"  # paged_adamw_32bit on CUDA, adamw_torch on the CPU
+    grad_checkpointing: bool = True
+    cuda_graphs: bool = True  # replay each micro-batch's forward+backward as one CUDA graph (CUDA, no dropout)
+    use_rslora: bool = False
+    seed: int = 0
+    eval_fraction: float = 0.05
+    device: str = "auto"
+    measure_after: int = 2  # steps before memory peaks are reset (optimizer state appears at the first step)
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "rank"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.seq_len < 2 <= self.seq_len + 1:
+            p.append("--seq-len must be at least 2")
+        if not self.lr > 0:
+            p.append(f"--lr must be positive (got {self.lr})")
+        if not 0 <= self.dropout < 1:
+            p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
+        if self.optimizer not in OPTIMIZERS + ("auto",):
+            p.append(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if not 0 < self.eval_fraction < 1:
+            p.append(f"eval fraction must be in (0, 1) (got {self.eval_fraction})")
+        return p
+
+
+@dataclass
+class TrainResult:
+    adapter: Path | None
+    device: str
+    optimizer: str
+    trainable_params: int
+    losses: list[float]
+    step_seconds: list[float]
+    eval_loss: float
+    tokens_per_step: int
+    paged_state_bytes: int = 0  # optimizer state in CUDA managed memory (bitsandbytes' paged optimizers)
+    cuda_graph: str = "off"  # "on", "off", or why the capture failed (the run then continued eagerly)
+    memory: list[dict] = field(default_factory=list)  # MemorySample rows, per phase
+    peaks: dict = field(default_factory=dict)  # measured after the warm-up steps
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        timed = self.step_seconds[1:] or self.step_seconds  # the first step pays one-off costs
+        return self.tokens_per_step / (sum(timed) / len(timed))
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["adapter"] = str(self.adapter) if self.adapter else None
+        d["tokens_per_second"] = self.tokens_per_second
+        return d
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def make_optimizer(params, name: str, device: torch.device, lr: float, weight_decay: float):
+    """bitsandbytes' (paged) AdamW on CUDA; torch AdamW on the CPU (bitsandbytes' optimizers need CUDA)."""
+    if name == "auto":
+        name = "paged_adamw_32bit" if device.type == "cuda" else "adamw_torch"
+    if name == "sgd":
+        return name, torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw_torch" or (device.type != "cuda" and name.startswith(("adamw", "paged"))):
+        if device.type != "cuda" and name != "adamw_torch":
+            raise UsageError(f"--optimizer {name} needs a CUDA device (bitsandbytes' optimizers)",
+                             hint="use --optimizer adamw_torch on the CPU")
+        return name, torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    import bitsandbytes as bnb
+
+    cls = {"paged_adamw_32bit": bnb.optim.PagedAdamW32bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit,
+           "adamw_32bit": bnb.optim.AdamW32bit, "adamw_8bit": bnb.optim.AdamW8bit}[name]
+    return name, cls(params, lr=lr, weight_decay=weight_decay)
+
+
+class _GraphedMicroStep:
+    """One micro-batch's forward and backward captured once as a CUDA graph, then replayed per micro-batch.
+
+    A QLoRA step launches thousands of small kernels (three passes over every layer); replaying them as one graph
+    removes the Python and launch cost per kernel, which otherwise exceeds the GPU time. The gradients of the LoRA
+    factors must already exist (they are accumulated in place by the replay), the batch is copied into a static
+    input, and the allocations made during capture stay in the graph's private pool (their peak is what
+    ``max_memory_allocated`` records during capture).
+    """
+
+    def __init__(self, model, batch_shape, device, grad_accum: int):
+        for p in model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.ids = torch.zeros(batch_shape, dtype=torch.int64, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records, does not run
+            self.loss = model.loss(self.ids) / grad_accum
+            self.loss.backward()
+
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(batch)
+        self.graph.replay()
+        return self.loss.detach().clone()
+
+
+def train(model, blocks, st: TrainSettings, *, device: torch.device,
+          progress: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    """Train the LoRA factors of ``model`` (a :class:`qtool.model.Decoder` already on ``device``) on ``blocks``."""
+    # --- setup
+    torch.manual_seed(st.seed)
+    model.train()
+    model.grad_checkpointing = st.grad_checkpointing
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt_name, opt = make_optimizer(params, st.optimizer, device, st.lr, st.weight_decay)
+    monitor = MemoryMonitor(device)
+    monitor.sample("after_load")
+    gen = torch.Generator().manual_seed(st.seed)
+    order = torch.randperm(len(blocks.train), generator=gen)
+    cursor = 0
+    losses, step_seconds, measured_from = [], [], None
+
+    def next_batch():
+        nonlocal cursor, order
+        rows = []
+        for _ in range(st.batch_size):
+            if cursor == len(order):
+                order, cursor = torch.randperm(len(blocks.train), generator=gen), 0
+            rows.append(order[cursor])
+            cursor += 1
+        return blocks.train[torch.stack(rows)].to(device, non_blocking=True)
+
+    # --- loop
+    use_graph = st.cuda_graphs and device.type == "cuda" and st.dropout == 0
+    graph, graph_note = None, "off"
+    side = torch.cuda.Stream(device) if use_graph else None
+    for step in range(st.steps):
+        if step == st.measure_after or (step == 0 and st.steps <= st.measure_after):
+            monitor.reset_peaks()  # measured peaks exclude the first steps' one-off allocations
+            measured_from = len(monitor.samples)
+        if use_graph and graph is None and step >= min(st.measure_after, st.steps - 1) and step >= 1:
+            try:
+                torch.cuda.current_stream(device).wait_stream(side)
+                graph = _GraphedMicroStep(model, (st.batch_size, st.seq_len), device, st.grad_accum)
+                graph_note = "on"
+            except RuntimeError as exc:  # a kernel that cannot be captured: keep training eagerly
+                use_graph, graph_note = False, f"capture failed, ran eagerly: {str(exc).splitlines()[0][:160]}"
+                torch.cuda.synchronize(device)
+        lr = st.lr * min(1.0, (step + 1) / st.warmup_steps) if st.warmup_steps else st.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        measuring = step >= st.measure_after and graph is None
+        total = torch.zeros((), device=device)
+        with torch.cuda.stream(side) if (use_graph and graph is None) else contextlib.nullcontext():
+            for _ in range(st.grad_accum):
+                if graph is not None:
+                    total = total + graph(next_batch())  # replays forward+backward: no Python per kernel
+                    continue
+                loss = model.loss(next_batch()) / st.grad_accum
+                if measuring:
+                    monitor.sample("forward")
+                loss.backward()  # frees each layer's recomputed activations as it goes
+                total = total + loss.detach()
+            if measuring:
+                monitor.sample("backward")
+            if st.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm)
+            opt.step()
+            # free gradient memory now instead of overwriting it next step; a graph needs its gradients to stay put
+            opt.zero_grad(set_to_none=not use_graph)
+        total = float(total)  # synchronises: the step is complete
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_seconds.append(time.perf_counter() - t0)
+        monitor.sample("optimizer_step")
+        if not math.isfinite(total):
+            raise QtoolError(f"loss became {total} at step {step}", hint="lower --lr or check the data")
+        losses.append(total)
+        if progress:
+            progress(step, total, step_seconds[-1])
+
+    # --- result
+    model.eval()
+    with torch.no_grad():
+        ev = [float(model.loss(blocks.eval[i:i + st.batch_size].to(device)))
+              for i in range(0, len(blocks.eval), st.batch_size)]
+    paged = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
+                if torch.is_tensor(t) and getattr(t, "is_paged", False))
+    return TrainResult(None, str(device), opt_name, sum(p.numel() for p in params), losses, step_seconds,
+                       sum(ev) / len(ev), st.batch_size * st.seq_len * st.grad_accum, paged, graph_note,
+                       [s.to_json() for s in monitor.samples], monitor.peaks(measured_from or 0), asdict(st))
+
+
+def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
+        progress: Callable[[int, float, float], None] | None = None) -> TrainResult:
+    """The whole job of ``qtool train``: validate, load, pack the data, train, write the PEFT adapter atomically."""
+    from transformers import AutoTokenizer
+
+    from qtool.atomic import check_destination
+    from qtool.data import pack
+    from qtool.model import DecoderConfig, load_decoder, parse_targets
+
+    problems = st.problems()
+    model_dir = Path(model_dir)
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{model_dir}: no config.json", hint="pass a folder written by qtool convert")
+    cfg = DecoderConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
+    if st.seq_len > cfg.max_positions:
+        problems.append(f"--seq-len {st.seq_len} is beyond the model's {cfg.max_positions} positions")
+    try:
+        targets = parse_targets(st.targets)
+    except UsageError as exc:
+        problems += exc.problems
+        targets = ()
+    if problems:
+        raise UsageError(problems)
+    if out is not None:
+        check_destination(Path(out), overwrite, inputs=(model_dir,))
+    device = resolve_device(st.device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    blocks = pack(data, tokenizer, st.seq_len, st.eval_fraction)
+    model = load_decoder(model_dir, targets=targets, rank=st.rank, alpha=st.alpha, dropout=st.dropout, device=device,
+                         use_rslora=st.use_rslora, seed=st.seed)
+    try:
+        result = train(model, blocks, st, device=device, progress=progress)
+    except torch.cuda.OutOfMemoryError as exc:
+        raise _oom_error(cfg, st, device) from exc
+    if out is not None:
+        from qtool import adapter as adapter_io
+
+        factors = {name: (m.lora_a.detach().float().cpu(), m.lora_b.detach().float().cpu())
+                   for name, m in model.lora_modules().items()}
+        result.adapter = adapter_io.save_adapter(
+            out, factors, rank=st.rank, alpha=st.alpha, target_modules=list(targets), use_rslora=st.use_rslora,
+            dropout=st.dropout, base_model_name_or_path=str(model_dir), overwrite=overwrite,
+            extra_files={"qtool_train_log.json": json.dumps(result.to_json(), indent=1)})
+    return result
+
+
+def _oom_error(cfg, st: TrainSettings, device) -> QtoolError:
+    total = torch.cuda.get_device_properties(device).total_memory
+    return QtoolError(f"CUDA ran out of memory at --seq-len {st.seq_len} --batch-size {st.batch_size} "
+                      f"(GPU holds {total / 2**30:.1f} GiB)",
+                      hint=f"run `qtool plan {cfg.model_type} --seq-len {st.seq_len} --fit {total}` for what fits")

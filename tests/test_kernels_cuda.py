@@ -1,0 +1,73 @@
+"""GPU checks of the trainer's kernels (skipped on the CPU; run through the device tool, output in data/gpu/)."""
+import pytest
+import torch
+
+from qtool import kernels, nf4
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")]
+
+
+@pytest.mark.parametrize("shape", [(4096, 4096), (11008, 4096), (3, 5), (1, 1), (100, 37)])
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_dequant_is_bit_identical(shape, double_quant, dtype):
+    torch.manual_seed(0)
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    qw = nf4.quantize(w, double_quant=double_quant)  # on the CPU
+    expected = nf4.dequantize(qw)  # the CPU reference, itself bit-identical to bitsandbytes
+    got = kernels.dequantize_into(qw.to("cuda"), dtype)
+    assert got.dtype == dtype and tuple(got.shape) == shape
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_triton_dequant_matches_bitsandbytes_cuda():
+    import bitsandbytes.functional as F
+
+    torch.manual_seed(1)
+    w = (torch.randn(2048, 5632) * 0.02).bfloat16().cuda()
+    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    qw = nf4.QuantizedWeight(packed, state.absmax, state.state2.absmax, float(state.offset), tuple(w.shape),
+                             w.dtype, 64)
+    assert torch.equal(kernels.dequantize_into(qw, torch.bfloat16), F.dequantize_4bit(packed, state))
+
+
+def test_trainer_on_cuda_learns_and_starts_at_the_base_model():
+    from qtool.data import Blocks
+    from qtool.model import DecoderConfig, random_decoder
+    from qtool.train import TrainSettings, train
+
+    cfg = DecoderConfig.from_dict({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "vocab_size": 512, "tie_word_embeddings": False})
+    model = random_decoder(cfg, "cuda", rank=8)
+    base = random_decoder(cfg, "cuda", rank=0)
+    ids = torch.randint(0, 512, (2, 64), device="cuda")
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))  # B = 0: step 0 is the base model exactly
+    pattern = torch.arange(64).repeat(40, 1) % 17  # a learnable sequence
+    blocks = Blocks(pattern[:36], pattern[36:], 0)
+    res = train(model, blocks, TrainSettings(steps=30, seq_len=64, batch_size=4, lr=3e-3, measure_after=2),
+                device=torch.device("cuda"))
+    assert res.losses[-1] < 0.7 * res.losses[0]
+    assert res.peaks["peak_allocated_bytes"] > 0 and res.optimizer == "paged_adamw_32bit"
+
+
+def test_cuda_graph_replay_trains_like_eager():
+    from qtool.data import Blocks
+    from qtool.model import DecoderConfig, random_decoder
+    from qtool.train import TrainSettings, train
+
+    cfg = DecoderConfig.from_dict({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
+                                   "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                   "vocab_size": 512})
+    pattern = torch.arange(64).repeat(40, 1) % 13
+    blocks = Blocks(pattern[:36], pattern[36:], 0)
+    runs = {}
+    for graphs in (False, True):
+        model = random_decoder(cfg, "cuda", rank=8)
+        runs[graphs] = train(model, blocks, TrainSettings(steps=8, seq_len=64, batch_size=2, grad_accum=2, lr=3e-3,
+                                                          measure_after=2, cuda_graphs=graphs),
+                             device=torch.device("cuda"))
+    assert runs[True].cuda_graph == "on" and runs[False].cuda_graph == "off"
+    assert torch.allclose(torch.tensor(runs[True].losses), torch.tensor(runs[False].losses), rtol=2e-3)
