@@ -43,8 +43,9 @@ class Blocks:
     n_tokens: int
 
 
-def pack(path, tokenizer, seq_len: int, eval_fraction: float = 0.05) -> Blocks:
-    """Tokenise and pack; the last ``eval_fraction`` of the blocks (at least one) is held out for evaluation."""
+def pack(path, tokenizer, seq_len: int, eval_fraction: float = 0.05, max_eval_blocks: int = 32) -> Blocks:
+    """Tokenise and pack; the last ``eval_fraction`` of the blocks (at least one, at most ``max_eval_blocks``) is
+    held out for evaluation."""
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for doc in read_documents(path):
@@ -57,5 +58,5 @@ def pack(path, tokenizer, seq_len: int, eval_fraction: float = 0.05) -> Blocks:
                          "training needs at least 2 (one held out for evaluation)",
                          hint=f"give at least {2 * seq_len:,} tokens of text, or lower --seq-len")
     blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.int64).view(n_blocks, seq_len)
-    n_eval = max(1, round(n_blocks * eval_fraction))
+    n_eval = max(1, min(round(n_blocks * eval_fraction), max_eval_blocks))
     return Blocks(blocks[:-n_eval], blocks[-n_eval:], len(ids))

@@ -78,3 +78,28 @@ def error_pct(planned: int | None, measured: int | None) -> float | None:
     if not planned or not measured:
         return None
     return 100.0 * (planned - measured) / measured
+
+
+def plan_settings(st, n_micro_tokens: int | None = None):
+    """The planner's Settings for a :class:`qtool.train.TrainSettings` (profile ``qtool``)."""
+    from qtool.plan import Settings
+
+    optimizer = st.optimizer if st.optimizer != "auto" else "paged_adamw_32bit"
+    return Settings(profile="qtool", rank=st.rank, alpha=st.alpha, targets=st.targets, seq_len=st.seq_len,
+                    batch_size=st.batch_size, grad_accum=st.grad_accum, grad_checkpointing=st.grad_checkpointing,
+                    optimizer=optimizer)
+
+
+def compare_with_plan(config: dict, st, memory: list[dict], peaks: dict) -> list[dict]:
+    """Measured counters beside ``qtool plan`` for the same model and settings: rows of
+    ``{"name", "planned_bytes", "measured_bytes", "error_pct"}`` (measured None on the CPU)."""
+    from qtool.arch import shape_from_config
+    from qtool.plan import plan
+
+    p = plan(shape_from_config(config), plan_settings(st))
+    after_load = next((m for m in memory if m["phase"] == "after_load"), {})
+    rows = [("after load (allocated)", p.after_load_allocated_bytes, after_load.get("allocated_bytes") or None),
+            ("peak allocated", p.peak_allocated_bytes, peaks.get("peak_allocated_bytes") or None),
+            ("peak reserved", p.peak_reserved_bytes, peaks.get("peak_reserved_bytes") or None),
+            ("NVML used", p.peak_nvml_bytes, peaks.get("nvml_used_bytes") or None)]
+    return [{"name": n, "planned_bytes": a, "measured_bytes": b, "error_pct": error_pct(a, b)} for n, a, b in rows]

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from qtool.errors import InputError, QtoolError, UsageError
-from qtool.measure import MemoryMonitor
+from qtool.measure import MemoryMonitor, compare_with_plan, plan_settings
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 
@@ -37,6 +37,7 @@ class TrainSettings:
     use_rslora: bool = False
     seed: int = 0
     eval_fraction: float = 0.05
+    eval_blocks: int = 32  # at most this many held-out blocks
     device: str = "auto"
     measure_after: int = 2  # steps before memory peaks are reset (optimizer state appears at the first step)
 
@@ -70,6 +71,7 @@ class TrainResult:
     tokens_per_step: int
     paged_state_bytes: int = 0  # optimizer state in CUDA managed memory (bitsandbytes' paged optimizers)
     cuda_graph: str = "off"  # "on", "off", or why the capture failed (the run then continued eagerly)
+    plan_comparison: list[dict] = field(default_factory=list)  # measured vs `qtool plan`, see qtool.measure
     memory: list[dict] = field(default_factory=list)  # MemorySample rows, per phase
     peaks: dict = field(default_factory=dict)  # measured after the warm-up steps
     settings: dict = field(default_factory=dict)
@@ -221,9 +223,11 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
               for i in range(0, len(blocks.eval), st.batch_size)]
     paged = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
                 if torch.is_tensor(t) and getattr(t, "is_paged", False))
-    return TrainResult(None, str(device), opt_name, sum(p.numel() for p in params), losses, step_seconds,
-                       sum(ev) / len(ev), st.batch_size * st.seq_len * st.grad_accum, paged, graph_note,
-                       [s.to_json() for s in monitor.samples], monitor.peaks(measured_from or 0), asdict(st))
+    return TrainResult(adapter=None, device=str(device), optimizer=opt_name,
+                       trainable_params=sum(p.numel() for p in params), losses=losses, step_seconds=step_seconds,
+                       eval_loss=sum(ev) / len(ev), tokens_per_step=st.batch_size * st.seq_len * st.grad_accum,
+                       paged_state_bytes=paged, cuda_graph=graph_note, memory=[s.to_json() for s in monitor.samples],
+                       peaks=monitor.peaks(measured_from or 0), settings=asdict(st))
 
 
 def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
@@ -240,7 +244,8 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise InputError(f"{model_dir}: no config.json", hint="pass a folder written by qtool convert")
-    cfg = DecoderConfig.from_dict(json.loads(cfg_path.read_text()), str(cfg_path))
+    raw_config = json.loads(cfg_path.read_text())
+    cfg = DecoderConfig.from_dict(raw_config, str(cfg_path))
     if st.seq_len > cfg.max_positions:
         problems.append(f"--seq-len {st.seq_len} is beyond the model's {cfg.max_positions} positions")
     try:
@@ -254,13 +259,15 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
         check_destination(Path(out), overwrite, inputs=(model_dir,))
     device = resolve_device(st.device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    blocks = pack(data, tokenizer, st.seq_len, st.eval_fraction)
+    blocks = pack(data, tokenizer, st.seq_len, st.eval_fraction, st.eval_blocks)
     model = load_decoder(model_dir, targets=targets, rank=st.rank, alpha=st.alpha, dropout=st.dropout, device=device,
                          use_rslora=st.use_rslora, seed=st.seed)
     try:
         result = train(model, blocks, st, device=device, progress=progress)
     except torch.cuda.OutOfMemoryError as exc:
-        raise _oom_error(cfg, st, device) from exc
+        del model
+        raise oom_error(raw_config, st, torch.cuda.get_device_properties(device).total_memory, model_dir) from exc
+    result.plan_comparison = compare_with_plan(raw_config, st, result.memory, result.peaks)
     if out is not None:
         from qtool import adapter as adapter_io
 
@@ -273,8 +280,21 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
     return result
 
 
-def _oom_error(cfg, st: TrainSettings, device) -> QtoolError:
-    total = torch.cuda.get_device_properties(device).total_memory
-    return QtoolError(f"CUDA ran out of memory at --seq-len {st.seq_len} --batch-size {st.batch_size} "
-                      f"(GPU holds {total / 2**30:.1f} GiB)",
-                      hint=f"run `qtool plan {cfg.model_type} --seq-len {st.seq_len} --fit {total}` for what fits")
+def oom_error(config: dict, st: TrainSettings, capacity: int, model_dir) -> QtoolError:
+    """What ran out, by the plan: the largest line item at the peak, and the largest --seq-len and --batch-size
+    that the planner says fit this GPU with the other settings unchanged."""
+    from qtool.arch import shape_from_config
+    from qtool.plan import largest_fitting, plan
+
+    shape, settings = shape_from_config(config), plan_settings(st)
+    p = plan(shape, settings)
+    big = max((r for r in p.rows if r.where == "device"), key=lambda r: r.bytes)
+    seq = largest_fitting(shape, settings, capacity, "seq_len").value
+    batch = largest_fitting(shape, settings, capacity, "batch_size").value
+    return QtoolError(
+        f"CUDA ran out of memory at --seq-len {st.seq_len} --batch-size {st.batch_size}: the plan puts the peak at "
+        f"{p.peak_allocated_bytes / 2**30:.1f} GiB allocated ({p.peak_phase}) on a {capacity / 2**30:.1f} GiB GPU; "
+        f"its largest item is {big.name!r} ({big.bytes / 2**30:.2f} GiB)",
+        hint=(f"the planner says --seq-len {seq} (at --batch-size {st.batch_size}) or --batch-size {batch} (at "
+              f"--seq-len {st.seq_len}) fit" if seq or batch else "even --seq-len 1 does not fit this GPU") +
+        f"; details: qtool plan {model_dir} --seq-len {st.seq_len} --batch-size {st.batch_size} --fit {capacity}")

@@ -61,5 +61,13 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
     click.echo(f"{len(result.losses)} steps on {result.device} ({result.optimizer}): loss {result.losses[0]:.4f} -> "
                f"{result.losses[-1]:.4f}, eval loss {result.eval_loss:.4f}, {result.tokens_per_second:,.0f} tokens/s, "
                f"{result.trainable_params:,} trainable parameters")
+    from tabulate import tabulate
+
+    rows = [[r["name"], f"{r['planned_bytes'] / 2**30:.2f}",
+             "-" if r["measured_bytes"] is None else f"{r['measured_bytes'] / 2**30:.2f}",
+             "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f}%"] for r in result.plan_comparison]
+    click.echo(tabulate(rows, headers=["GPU memory", "plan GiB", "measured GiB", "plan error"], tablefmt="simple"))
+    if result.device == "cpu":
+        click.echo("(measured on a CUDA device only; the plan is for one GPU with these settings)")
     if result.adapter:
         click.echo(f"wrote {result.adapter}")

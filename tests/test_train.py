@@ -1,0 +1,212 @@
+"""The trainer on the CPU with the real SmolLM2 fixture: transformers parity, B = 0 start, gradients, learning,
+the PEFT round trip, and bad input. (GPU checks: tests/test_kernels_cuda.py, tests/test_fused_cuda.py.)"""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from qtool.cli import main
+from qtool.data import Blocks, pack
+from qtool.errors import InputError, UsageError
+from qtool.model import load_decoder
+from qtool.train import TrainSettings, oom_error, run, train
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2_nf4_cpu):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_nf4_cpu, device_map="cpu")
+    return model.train()  # the training path: bitsandbytes dequantises and calls F.linear
+
+
+def test_logits_equal_transformers_bnb_4bit(smollm2_nf4_cpu, hf_model, ids):
+    ours = load_decoder(smollm2_nf4_cpu, rank=0)
+    with torch.no_grad():
+        a, b = ours(ids), hf_model(ids).logits
+    assert a.dtype == b.dtype == torch.bfloat16
+    assert torch.equal(a, b)
+
+
+def test_logits_close_to_transformers_eval_kernel(smollm2_nf4_cpu, ids):
+    """In eval mode bitsandbytes repacks the weights for its CPU gemv kernel (for good), which rounds differently."""
+    from transformers import AutoModelForCausalLM
+
+    ours = load_decoder(smollm2_nf4_cpu, rank=0)
+    hf_eval = AutoModelForCausalLM.from_pretrained(smollm2_nf4_cpu, device_map="cpu").eval()
+    with torch.no_grad():
+        a, b = ours(ids).float(), hf_eval(ids).logits.float()
+    assert ((a - b).norm() / b.norm()).item() < 2e-2
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.8
+
+
+def test_loss_equals_transformers_loss(smollm2_nf4_cpu, hf_model, ids):
+    ours = load_decoder(smollm2_nf4_cpu, rank=0)
+    with torch.no_grad():
+        assert ours.loss(ids).item() == pytest.approx(hf_model(ids, labels=ids).loss.item(), rel=1e-5)
+
+
+def test_step0_is_the_base_model_and_only_lora_trains(smollm2_nf4_cpu, ids):
+    base = load_decoder(smollm2_nf4_cpu, rank=0)
+    model = load_decoder(smollm2_nf4_cpu, targets=("q_proj", "v_proj", "down_proj"), rank=8)
+    with torch.no_grad():
+        assert torch.equal(model(ids), base(ids))  # B = 0
+    assert list(base.parameters()) == []  # frozen: NF4 tensors, embeddings and norms are buffers
+    params = dict(model.named_parameters())
+    assert params and all(n.endswith(("lora_a", "lora_b")) for n in params)
+    assert sum(p.numel() for p in params.values()) == 30 * 8 * ((576 + 576) + (576 + 192) + (1536 + 576))
+    model.grad_checkpointing = True
+    model.loss(ids).backward()
+    a_grads = [p.grad for n, p in params.items() if n.endswith("lora_a")]
+    b_grads = [p.grad for n, p in params.items() if n.endswith("lora_b")]
+    assert all(g is not None for g in a_grads + b_grads)
+    assert all(torch.count_nonzero(g) == 0 for g in a_grads)  # B = 0: no gradient reaches A at step 0
+    assert all(torch.count_nonzero(g) > 0 for g in b_grads)
+
+
+def test_gradient_checkpointing_does_not_change_gradients(smollm2_nf4_cpu, ids):
+    grads = []
+    for gc in (False, True):
+        model = load_decoder(smollm2_nf4_cpu, rank=4, seed=3)
+        for m in model.lora_modules().values():
+            torch.nn.init.normal_(m.lora_b, std=0.01, generator=torch.Generator().manual_seed(1))
+        model.grad_checkpointing = gc
+        model.loss(ids).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_training_lowers_held_out_loss_and_is_deterministic(smollm2_nf4_cpu, shakespeare_path):
+    from transformers import AutoTokenizer
+
+    blocks = pack(shakespeare_path, AutoTokenizer.from_pretrained(smollm2_nf4_cpu), 64, max_eval_blocks=4)
+    all_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    model = load_decoder(smollm2_nf4_cpu, targets=all_linear, rank=8)
+    with torch.no_grad():
+        before = model.loss(blocks.eval).item()
+    st = TrainSettings(steps=8, seq_len=64, batch_size=2, rank=8, lr=2e-3, targets="all-linear")
+    res = train(model, blocks, st, device=torch.device("cpu"))
+    assert res.eval_loss < before - 0.05, (before, res.eval_loss)
+    assert sum(res.losses[-3:]) < sum(res.losses[:3])
+    again = [train(load_decoder(smollm2_nf4_cpu, targets=all_linear, rank=8), blocks,
+                   TrainSettings(steps=2, seq_len=64, batch_size=2, rank=8, lr=2e-3), device=torch.device("cpu"))
+             for _ in range(2)]
+    assert again[0].losses == again[1].losses == res.losses[:2]  # fixed seed: the same loss list
+
+
+def test_adapter_round_trips_through_peft(smollm2_nf4_cpu, shakespeare_path, hf_model, tmp_path, ids):
+    from peft import PeftModel
+
+    out = tmp_path / "adapter"
+    res = run(smollm2_nf4_cpu, shakespeare_path, out,
+              TrainSettings(steps=3, seq_len=32, batch_size=2, rank=4, lr=5e-3, targets="q_proj,v_proj,up_proj",
+                            eval_blocks=1))
+    assert res.adapter == out and (out / "adapter_model.safetensors").exists()
+    log = json.loads((out / "qtool_train_log.json").read_text())
+    assert log["losses"] == res.losses
+    ours = load_decoder(smollm2_nf4_cpu, targets=("q_proj", "v_proj", "up_proj"), rank=4)
+    from qtool.adapter import load_adapter
+
+    adapter = load_adapter(out)
+    for name, m in ours.lora_modules().items():
+        m.lora_a.data.copy_(adapter.modules[name].a)
+        m.lora_b.data.copy_(adapter.modules[name].b)
+        assert m.scale == adapter.modules[name].scale
+    peft = PeftModel.from_pretrained(hf_model, out)
+    try:
+        with torch.no_grad():
+            a, b = ours(ids).float(), peft(ids).logits.float()
+            for name, p in peft.named_parameters():  # PEFT's own bypass in bf16: the rounding floor
+                if "lora_" in name:
+                    p.data = p.data.bfloat16()
+            c = peft(ids).logits.float()
+        rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
+        # our bypass runs in bf16, PEFT's in fp32: we differ from PEFT no more than PEFT in bf16 differs from itself
+        assert rel(a, b) <= 2 * rel(c, b), (rel(a, b), rel(c, b))
+        assert rel(a, b) < 0.05
+    finally:
+        peft.unload()
+
+
+# ------------------------------------------------------------------------------------------------------ bad input
+def test_unconverted_folder_says_convert_first(smollm2_dir, shakespeare_path):
+    r = CliRunner().invoke(main, ["train", str(smollm2_dir), "--data", str(shakespeare_path), "--steps", "1"])
+    assert r.exit_code != 0 and "convert it first" in r.output
+
+
+def test_unsupported_architecture(tmp_path, smollm2_nf4_cpu, shakespeare_path):
+    import shutil
+
+    folder = tmp_path / "neox"
+    shutil.copytree(smollm2_nf4_cpu, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="supported: llama, mistral, qwen2"):
+        run(folder, shakespeare_path, None, TrainSettings(steps=1))
+
+
+def test_settings_problems_are_reported_together(smollm2_nf4_cpu, shakespeare_path):
+    with pytest.raises(UsageError) as err:
+        run(smollm2_nf4_cpu, shakespeare_path, None,
+            TrainSettings(steps=0, seq_len=100_000, lr=-1, targets="q_proj,nope"))
+    msg = str(err.value)
+    for needle in ("--steps", "beyond the model's 8192 positions", "--lr", "nope"):
+        assert needle in msg
+
+
+def test_rank_larger_than_layer(smollm2_nf4_cpu, shakespeare_path):
+    with pytest.raises(UsageError, match="larger than k_proj allows"):
+        run(smollm2_nf4_cpu, shakespeare_path, None, TrainSettings(steps=1, seq_len=32, rank=200, targets="qkvo"))
+
+
+@pytest.mark.parametrize("text,needle", [("", "no text"), ("tiny", "block"), ('{"nottext": 1}\n', "field 'text'"),
+                                         ("{broken\n", "not valid JSON")])
+def test_bad_data_files(tmp_path, smollm2_nf4_cpu, text, needle):
+    path = tmp_path / ("d.jsonl" if text.startswith("{") else "d.txt")
+    path.write_text(text)
+    with pytest.raises(InputError, match=needle):
+        run(smollm2_nf4_cpu, path, None, TrainSettings(steps=1, seq_len=32))
+
+
+def test_interrupted_run_leaves_no_adapter(smollm2_nf4_cpu, shakespeare_path, tmp_path, monkeypatch):
+    import qtool.adapter
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qtool.adapter, "write_text", boom)  # killed after the tensors, before the config
+    out = tmp_path / "adapter"
+    with pytest.raises(KeyboardInterrupt):
+        run(smollm2_nf4_cpu, shakespeare_path, out, TrainSettings(steps=1, seq_len=32, eval_blocks=1))
+    assert not out.exists() and not list(tmp_path.glob(".adapter*"))
+
+
+def test_oom_message_names_the_item_and_what_fits(smollm2_nf4_cpu):
+    cfg = json.loads((smollm2_nf4_cpu / "config.json").read_text())
+    err = oom_error(cfg, TrainSettings(seq_len=65536, batch_size=8), 8 * 2**30, smollm2_nf4_cpu)
+    text = str(err)
+    assert "largest item is" in text and "--seq-len" in text and "fit" in text
+
+
+def test_train_cli_json(smollm2_nf4_cpu, shakespeare_path):
+    r = CliRunner().invoke(main, ["train", str(smollm2_nf4_cpu), "--data", str(shakespeare_path), "--steps", "2",
+                                  "--seq-len", "32", "--rank", "2", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert len(out["losses"]) == 2 and out["optimizer"] == "adamw_torch"
+    assert {row["name"] for row in out["plan_comparison"]} >= {"peak allocated", "NVML used"}
+
+
+def test_blocks_pack_and_hold_out(smollm2_nf4_cpu, shakespeare_path):
+    from transformers import AutoTokenizer
+
+    b = pack(shakespeare_path, AutoTokenizer.from_pretrained(smollm2_nf4_cpu), 128, max_eval_blocks=5)
+    assert isinstance(b, Blocks) and b.train.shape[1] == 128 and b.eval.shape == (5, 128)
+    assert b.n_tokens >= (len(b.train) + 5) * 128
