@@ -1,0 +1,395 @@
+"""PEFT's LoRA adapter format: ``adapter_config.json`` + ``adapter_model.safetensors``, written and read without peft.
+
+One adapted module ``M`` (a path in the transformers model, e.g. ``model.layers.0.self_attn.q_proj``) holds
+
+===============================================  ============  ================================================
+tensor key                                       shape         meaning
+===============================================  ============  ================================================
+``base_model.model.M.lora_A.weight``             ``(r, in)``   down-projection A
+``base_model.model.M.lora_B.weight``             ``(out, r)``  up-projection B
+``base_model.model.M.lora_B.bias``               ``(out,)``    only with ``lora_bias: true``
+===============================================  ============  ================================================
+
+and computes ``y = x W0ᵀ + s · (x Aᵀ Bᵀ + bias)`` with ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+``use_rslora``), ``r`` and ``lora_alpha`` taken per module from ``rank_pattern`` / ``alpha_pattern`` when a pattern
+matches (peft 0.21.2 ``tuners/lora/layer.py::LoraLayer.update_layer``, ``tuners/lora/model.py::_create_and_replace``).
+The prefix ``base_model.model.`` is PeftModel's; peft writes keys without the adapter name
+(``utils/save_and_load.py::get_peft_model_state_dict``). We also read keys without the prefix (transformers'
+``save_pretrained`` of an injected adapter) and with an adapter name (``M.lora_A.default.weight``), which peft's
+loader matches for the adapter called ``default``.
+
+Only what can be folded into W0 exactly is accepted: plain LoRA on Linear (or GPT-2 Conv1D) weights, with
+``rank_pattern``/``alpha_pattern``, rsLoRA, ``fan_in_fan_out`` and ``lora_bias``. Refused, with the reason: other peft
+types (AdaLoRA, IA3, prompt methods), DoRA, embedding targets (``lora_embedding_A/B``), ``modules_to_save`` and other
+full tensors, initialisations that changed W0 (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA variants whose forward is
+not ``x W0ᵀ + s x Aᵀ Bᵀ``, and pickle files (``adapter_model.bin``: never unpickled).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qtool.atomic import staging_dir, write_text
+from qtool.errors import InputError, VerificationError
+from qtool.safetensors_io import ShardWriter, Slot, read_header
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"  # peft's legacy WEIGHTS_NAME; refused, never unpickled
+PEFT_PREFIX = "base_model.model."
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Every key peft 0.21.2 writes for a LoRA adapter (LoraConfig.to_dict(), minus `runtime_config` which it drops and
+# `peft_version` which it stamps with its own version), with the values we write. tests/test_adapter.py compares this
+# key set with the installed peft's.
+LORA_CONFIG_DEFAULTS: dict = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None, "auto_mapping": None,
+    "base_model_name_or_path": None, "bias": "none", "corda_config": None, "ensure_weight_tying": False,
+    "eva_config": None, "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None, "layers_pattern": None,
+    "layers_to_transform": None, "loftq_config": {}, "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0,
+    "lora_ga_config": None, "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "qalora_group_size": 16, "r": 8, "rank_pattern": {},
+    "revision": None, "target_modules": None, "target_parameters": None, "task_type": "CAUSAL_LM",
+    "trainable_token_indices": None, "use_bdlora": None, "use_dora": False, "use_qalora": False,
+    "use_rslora": False, "velora_config": None,
+}
+# Keys whose value does not change what the saved factors mean (used on read: any other key with a value that is not
+# null/false/empty is refused, so that a newer peft's variant is never merged as plain LoRA).
+_HARMLESS_KEYS = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "ensure_weight_tying",
+                  "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights", "layers_pattern",
+                  "layers_to_transform", "loftq_config", "lora_alpha", "lora_bias", "lora_dropout", "megatron_core",
+                  "peft_type", "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config",
+                  "target_modules", "task_type", "use_rslora", "eva_config", "corda_config", "lora_ga_config"}
+# Initialisations that leave W0 untouched; the others (pissa*, olora, corda, loftq, lora_ga, mica) changed W0 during
+# training or select a LoRA variant, so the factors do not apply to the original base.
+_W0_PRESERVING_INITS = (True, False, "gaussian", "orthogonal", "eva")
+_KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+
+
+@dataclass(frozen=True)
+class LoraFactors:
+    """One adapted module. ``a``: ``(rank, in_features)``, ``b``: ``(out_features, rank)``, ``bias``: ``(out,)`` or
+    None, all CPU float tensors in the dtype they were stored in; ``scale`` = alpha/rank (alpha/sqrt(rank) with
+    rsLoRA). The update of the weight, in its ``(out, in)`` layout, is ``scale · b @ a``."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float
+    rank: int
+    alpha: float
+    bias: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self.a.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.b.shape[0]
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter read by :func:`load_adapter`: module path -> factors, and the config as stored."""
+
+    path: Path
+    modules: dict[str, LoraFactors]
+    fan_in_fan_out: bool
+    config: dict
+
+
+def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (Kalajdzievski 2023; peft ``update_layer``)."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def _pattern_key(patterns, name: str) -> str:
+    """The first key of ``patterns`` that, as a regex, matches the end of ``name`` at a module boundary; ``name``
+    itself when none does (peft 0.21.2 ``utils/other.py::get_pattern_key``, same semantics, same order)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
+
+
+def rank_and_alpha(config: dict, module: str) -> tuple[int, float]:
+    """The rank and alpha peft gives ``module`` under ``config`` (``rank_pattern``/``alpha_pattern`` first)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rank = rank_pattern.get(_pattern_key(rank_pattern, module), config.get("r", 8))
+    alpha = alpha_pattern.get(_pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
+    return rank, alpha
+
+
+def selects(config: dict, module: str) -> bool:
+    """Whether peft would put a LoRA layer on ``module`` under ``config`` (``target_modules``: exact name, suffix
+    after a dot, or a fullmatch regex; minus ``exclude_modules``; ``layers_to_transform``), following peft 0.21.2
+    ``tuners/tuners_utils.py::check_target_module_exists``. ``"all-linear"`` selects any module here (the caller
+    checks the module type)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str) and re.fullmatch(exclude, module):
+            return False
+        if not isinstance(exclude, str) and (module in exclude or any(module.endswith("." + e) for e in exclude)):
+            return False
+    targets = config.get("target_modules")
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    if not targets:
+        return False
+    if module in targets:
+        return True
+    if not any(module.endswith("." + t) for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    pattern = config.get("layers_pattern")
+    match = None
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)
+            if match:
+                break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers
+
+
+# ------------------------------------------------------------------------------------------------------------ write
+def save_adapter(out_dir, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, rank: int, alpha: float,
+                 target_modules: list[str], rank_pattern: dict[str, int] | None = None,
+                 alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False, dropout: float = 0.0,
+                 base_model_name_or_path: str | None = None, overwrite: bool = False,
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Write ``factors`` (module path -> ``(A (r, in), B (out, r))``) as a PEFT LoRA adapter folder ``out_dir`` that
+    ``PeftModel.from_pretrained(model, out_dir)`` loads. Tensors keep their dtype (fp32/bf16/fp16). ``extra_files``
+    (name -> text) are written beside the adapter. The folder appears complete or not at all (staging + rename) and
+    is read back with :func:`load_adapter` before it is renamed into place. Raises InputError (naming the module)
+    on inconsistent or non-finite factors, OutputError if ``out_dir`` exists and not ``overwrite``."""
+    config = dict(LORA_CONFIG_DEFAULTS)
+    config.update(r=rank, lora_alpha=alpha, target_modules=sorted(target_modules),
+                  rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=bool(use_rslora), lora_dropout=float(dropout),
+                  base_model_name_or_path=base_model_name_or_path)
+    tensors = _check_save_inputs(config, factors, extra_files or {})
+    out_dir = Path(out_dir)
+    with staging_dir(out_dir, overwrite) as stage:
+        writer = ShardWriter(stage / WEIGHTS_NAME, [Slot(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+        try:
+            for key, t in tensors.items():
+                writer.write(key, t)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
+        for name, text in (extra_files or {}).items():
+            write_text(stage / name, text)
+        back = load_adapter(stage)
+        for module, (a, b) in factors.items():
+            got = back.modules[module]
+            if not (torch.equal(got.a, a.detach().cpu()) and torch.equal(got.b, b.detach().cpu())):
+                raise VerificationError(f"{out_dir}: module {module!r} did not read back identically; nothing written")
+    return out_dir
+
+
+def _check_save_inputs(config: dict, factors: dict, extra_files: dict) -> dict[str, torch.Tensor]:
+    """Validate everything before writing; collect the problems and raise them together. Returns key -> tensor."""
+    problems: list[str] = []
+    rank, alpha = config["r"], config["lora_alpha"]
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        problems.append(f"rank={rank!r}: must be a positive int")
+    if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+        problems.append(f"alpha={alpha!r}: must be a finite non-zero number")
+    if not 0.0 <= config["lora_dropout"] < 1.0:
+        problems.append(f"dropout={config['lora_dropout']}: must be in [0, 1)")
+    if not config["target_modules"] or not all(isinstance(t, str) and t for t in config["target_modules"]):
+        problems.append("target_modules: must be a non-empty list of module names")
+    for name, pattern in (("rank_pattern", config["rank_pattern"]), ("alpha_pattern", config["alpha_pattern"])):
+        for key, value in pattern.items():
+            try:
+                re.compile(key)
+            except re.error as exc:
+                problems.append(f"{name} key {key!r} is not a valid regular expression ({exc})")
+            bad = (not isinstance(value, int) or isinstance(value, bool) or value <= 0) if name == "rank_pattern" \
+                else (not isinstance(value, (int, float)) or not math.isfinite(value) or value == 0)
+            if bad:
+                problems.append(f"{name}[{key!r}] = {value!r} is not a valid {name.split('_')[0]}")
+    if not factors:
+        problems.append("factors: empty; an adapter needs at least one module")
+    for name in extra_files:
+        if "/" in name or "\\" in name or name in ("", ".", "..", CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME):
+            problems.append(f"extra_files name {name!r}: must be a plain file name other than the adapter's own files")
+    if problems:
+        raise InputError("cannot save the adapter:\n  - " + "\n  - ".join(problems))
+    tensors: dict[str, torch.Tensor] = {}
+    for module in sorted(factors):
+        a, b = factors[module]
+        a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
+        r, _ = rank_and_alpha(config, module)
+        if module.startswith(PEFT_PREFIX) or ".lora_" in module:
+            problems.append(f"{module}: give the module path as in the transformers model (no {PEFT_PREFIX!r} "
+                            "prefix, no lora_A/lora_B suffix)")
+        elif not selects(config, module):
+            problems.append(f"{module}: not selected by target_modules {config['target_modules']}; peft would not "
+                            "load its factors")
+        if a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
+            problems.append(f"{module}: A is {a.dtype}, B is {b.dtype}; expected float32, bfloat16 or float16")
+        elif a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            problems.append(f"{module}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit rank {r} "
+                            "(A must be (rank, in_features), B (out_features, rank))")
+        elif not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            problems.append(f"{module}: A or B holds NaN/Inf values")
+        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
+        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+    if problems:
+        raise InputError("cannot save the adapter:\n  - " + "\n  - ".join(problems),
+                         hint="A is (rank, in_features) and B is (out_features, rank); the rank of a module is "
+                              "rank_pattern's first matching key, else rank")
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------------------------- read
+def _find_folder(path: Path) -> Path:
+    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
+        return path.parent
+    if not path.is_dir():
+        raise InputError(f"{path}: no such adapter folder")
+    if (path / CONFIG_NAME).is_file():
+        return path
+    subs = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}"))
+    hint = (f"peft saves a non-default adapter in a subfolder; pass one of: {', '.join(str(path / s) for s in subs)}"
+            if subs else "pass the folder written by qtool train or PeftModel.save_pretrained")
+    raise InputError(f"{path}: no {CONFIG_NAME}", hint=hint)
+
+
+def _config_problems(config: dict) -> list[str]:
+    """Every reason the adapter cannot be merged as plain LoRA (empty if it can)."""
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        why = {"ADALORA": "AdaLoRA adapters (P·diag(E)·Q with pruned ranks) must first be converted to plain LoRA "
+                          "(A = Q, B = (alpha/init_r)·P·diag(E), one rank_pattern entry per module)"}
+        return [f"peft_type is {peft_type!r}; qtool merges LoRA adapters only"
+                + (f" — {why[peft_type]}" if peft_type in why else
+                   " (IA3, prefix/prompt tuning and the other methods are not a weight delta B·A)")]
+    problems = []
+    init = config.get("init_lora_weights", True)
+    if init not in _W0_PRESERVING_INITS:
+        problems.append(f"init_lora_weights={init!r}: this initialisation changed W0 (or selects a LoRA variant), "
+                        "so the factors do not apply to the original base; re-save the adapter converted to plain "
+                        "LoRA (peft: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+    reasons = {"use_dora": "DoRA rescales each column by a learned magnitude; W0 + s·B·A does not express it",
+               "modules_to_save": "the adapter carries full trained modules; qtool merges LoRA factors only",
+               "trainable_token_indices": "trainable tokens replace embedding rows; not supported",
+               "target_parameters": "LoRA on raw parameters (e.g. MoE experts) is not supported",
+               "layer_replication": "the adapter was trained on a model with replicated layers",
+               "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens; not a weight delta",
+               "use_qalora": "QA-LoRA pools the input; not supported",
+               "megatron_config": "Megatron parallel layers are not a Hugging Face checkpoint"}
+    for key, value in config.items():
+        if key in _HARMLESS_KEYS or value in (None, False, {}, [], "", 0):
+            continue
+        problems.append(f"{key}={json.dumps(value)[:60]}: " + reasons.get(
+            key, "a LoRA variant or setting qtool does not know; it may change the meaning of the factors"))
+    if not isinstance(config.get("r", 8), int) or config.get("r", 8) <= 0:
+        problems.append(f"r={config.get('r')!r}: must be a positive int")
+    return problems
+
+
+def load_adapter(path) -> Adapter:
+    """Read a qtool- or peft-written LoRA adapter folder (or a subfolder peft made for a named adapter). Checks the
+    config, every tensor key, each module's shapes against its rank, and finiteness; raises InputError naming the
+    file and the reason for anything that cannot be merged exactly. See the module docstring."""
+    folder = _find_folder(Path(path))
+    cfg_path = folder / CONFIG_NAME
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{cfg_path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{cfg_path}: expected a JSON object")
+    problems = _config_problems(config)
+    if problems:
+        raise InputError(f"{cfg_path}: cannot merge this adapter exactly:\n  - " + "\n  - ".join(problems))
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / PICKLE_NAME).is_file():
+            raise InputError(f"{folder / PICKLE_NAME}: a pickle file; qtool never unpickles (a pickle can run code)",
+                             hint=f"re-save the adapter with safetensors (peft's default) to get {WEIGHTS_NAME}")
+        raise InputError(f"{folder}: no {WEIGHTS_NAME}")
+    with read_header(weights) as st:
+        tensors = {k: st.tensor(k).clone() for k in st.tensors}
+    modules = _parse_tensors(weights, config, tensors)
+    return Adapter(folder, modules, bool(config.get("fan_in_fan_out", False)), config)
+
+
+def _parse_tensors(where: Path, config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LoraFactors]:
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    names: set[str] = set()
+    problems: list[str] = []
+    for key, t in tensors.items():
+        bare = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        m = _KEY_RE.match(bare)
+        if "lora_magnitude_vector" in key:
+            problems.append(f"{key}: a DoRA magnitude vector; DoRA cannot be merged as W0 + s·B·A")
+        elif "lora_embedding_" in key:
+            problems.append(f"{key}: LoRA on an embedding; qtool merges Linear targets only")
+        elif m is None or (m["kind"] == "lora_A" and m["param"] == "bias"):
+            problems.append(f"{key}: not a LoRA factor (modules_to_save, trained biases or a variant's tensor); "
+                            "qtool merges lora_A/lora_B only")
+        elif t.dtype not in FLOAT_DTYPES:
+            problems.append(f"{key}: dtype {t.dtype}; expected float32, bfloat16 or float16")
+        else:
+            names.add(m["adapter"] or "")
+            slot = "bias" if m["param"] == "bias" else m["kind"]
+            parts.setdefault(m["module"], {})[slot] = t
+    if len(names) > 1:
+        problems.append(f"keys carry several adapter names ({', '.join(sorted(repr(n) for n in names))}); "
+                        "qtool reads one adapter per file")
+    if not parts and not problems:
+        problems.append("no LoRA tensors")
+    use_rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, LoraFactors] = {}
+    for module in sorted(parts):
+        got = parts[module]
+        rank, alpha = rank_and_alpha(config, module)
+        a, b, bias = got.get("lora_A"), got.get("lora_B"), got.get("bias")
+        if a is None or b is None:
+            problems.append(f"{module}: lora_{'A' if a is None else 'B'}.weight is missing")
+            continue
+        if not selects(config, module):
+            problems.append(f"{module}: has factors but target_modules {config.get('target_modules')!r} does not "
+                            "select it (peft would ignore them)")
+        if not isinstance(rank, int) or rank <= 0:
+            problems.append(f"{module}: rank {rank!r} from the config is not a positive int")
+            continue
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            problems.append(f"{module}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not match rank {rank} "
+                            "from the config (r / rank_pattern)")
+            continue
+        if config.get("lora_bias") and bias is None:
+            problems.append(f"{module}: lora_bias is set but lora_B.bias is missing")
+        if bias is not None and (not config.get("lora_bias") or tuple(bias.shape) != (b.shape[0],)):
+            problems.append(f"{module}: unexpected lora_B.bias {tuple(bias.shape)} "
+                            f"(lora_bias={config.get('lora_bias')})")
+        if not all(torch.isfinite(t).all() for t in (a, b) + ((bias,) if bias is not None else ())):
+            problems.append(f"{module}: factors hold NaN/Inf values")
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            problems.append(f"{module}: lora_alpha {alpha!r} is not a finite number")
+            continue
+        modules[module] = LoraFactors(a, b, lora_scale(rank, alpha, use_rslora), rank, float(alpha), bias)
+    if problems:
+        raise InputError(f"{where}: cannot use this adapter:\n  - " + "\n  - ".join(problems[:20])
+                         + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
+    return modules
