@@ -4,6 +4,7 @@ peaks that calibrate and validate ``qtool plan``. Each (profile, model) runs in 
 
     python bench/train_bench.py --suite smoke --out OUT_DIR     # one shape, both sides, profiles of one step
     python bench/train_bench.py --suite full  --out OUT_DIR     # the planner's matrix + the speed comparison
+    python bench/train_bench.py --report data/memory/h200-2026-11-29.json   # the tables of recorded runs
 
 Writes OUT_DIR/records.json (the schema of data/memory/README.md) and prints a table last.
 """
@@ -60,11 +61,16 @@ def gib(x):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--suite", choices=list(SUITES), default="smoke")
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out")
+    ap.add_argument("--report", help="print the tables of a records file instead of running")
     ap.add_argument("--profiles", default="qtool,hf")
     ap.add_argument("--models", default="", help="comma-separated subset of the suite's models")
     ap.add_argument("--timeout", type=int, default=400)
     args = ap.parse_args()
+    if args.report:
+        return report(json.loads(Path(args.report).read_text()))
+    if not args.out:
+        ap.error("--out is required to run")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
@@ -80,6 +86,10 @@ def main():
             except subprocess.TimeoutExpired:
                 print(f"timeout: {profile} {model}", file=sys.stderr)
             (out / "records.json").write_text(json.dumps(records, indent=1))
+    report(records)
+
+
+def report(records):
     rows = []
     for r in records:
         m, s = r["measured"], r["settings"]
@@ -102,6 +112,7 @@ def main():
             print(f"  {model:12s} {seq:5d}: {qm['tokens_per_second']:8,.0f} / {hm['tokens_per_second']:8,.0f} = "
                   f"{qm['tokens_per_second'] / hm['tokens_per_second']:.2f}x;  {gib(qm['peak_allocated_bytes'])} / "
                   f"{gib(hm['peak_allocated_bytes'])}")
+
 
 
 if __name__ == "__main__":
