@@ -5,7 +5,7 @@ parameter). These kernels do the same arithmetic in one fused pass over 16-bit (
 over groups of blocks, and reproduce bitsandbytes' results bit for bit:
 
 * element -> fp32 exactly (fp16 via the exponent-rebias multiply, bf16 by a 16-bit shift, fp32 as is);
-* absmax of a block = max |x| in fp32 (an input value, so exact);
+* absmax of a block = max |x| in fp32 (an input value, so exact), found as the integer max of the sign-cleared bits;
 * scale = fp32 reciprocal of absmax (clamped to 1e-38 as bitsandbytes does), then ``x * scale`` in fp32;
 * code = number of NF4 thresholds strictly below the scaled value (so a value on a threshold takes the lower code).
 
@@ -18,6 +18,7 @@ import numpy as np
 
 KIND_F16, KIND_BF16, KIND_F32 = 0, 1, 2
 GROUP_BLOCKS = 256  # blocks per parallel work item: 16 Ki elements at blocksize 64
+LANES = 16  # independent partial sums in reconstruction_stats (one AVX-512 register of fp32, two of fp64)
 _MIN_ABSMAX = np.float32(1e-38)  # bitsandbytes: absmax.clamp(min=1e-38) before the reciprocal
 _F16_REBIAS = np.float32(2.0**112)  # (fp16 magnitude bits << 13) read as fp32, times 2**112, is the fp16 value
 
@@ -72,6 +73,7 @@ def quantize_full_blocks(src, kind, n_blocks, blocksize, th, zero_block_code, pa
     t8, t9, t10, t11, t12, t13, t14 = th[8], th[9], th[10], th[11], th[12], th[13], th[14]
     n_groups = (n_blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS
     bad = np.zeros(n_groups, np.int64)
+    half = blocksize // 2
     for g in nb.prange(n_groups):
         b0 = np.int64(g) * GROUP_BLOCKS
         nbk = min(b0 + GROUP_BLOCKS, n_blocks) - b0
@@ -80,25 +82,29 @@ def quantize_full_blocks(src, kind, n_blocks, blocksize, th, zero_block_code, pa
         u = np.empty(m, np.uint32)  # group scratch: fp32 bits, then fp32 values
         f = u.view(np.float32)
         bad[g] = _to_f32_bits(src[e0:e0 + m], kind, u)
-        codes = np.empty(m, np.uint8)
+        am_bits = np.empty(1, np.uint32)  # to read a block's max |x| bits back as fp32
+        am_f = am_bits.view(np.float32)
         for b in range(nbk):
             # per-block views with a 0-based loop: this is the form LLVM vectorises
+            ub = u[b * blocksize:(b + 1) * blocksize]
             fb = f[b * blocksize:(b + 1) * blocksize]
-            cb = codes[b * blocksize:(b + 1) * blocksize]
-            am = np.float32(0.0)
+            pb = packed[(e0 + b * blocksize) // 2:(e0 + b * blocksize) // 2 + half]
+            # max |x| as the integer max of the sign-cleared bits (the same order for finite values): an integer
+            # reduction vectorises, a float one does not without fastmath (NaN-aware compare chain, 4 cycles/element)
+            mx = np.uint32(0)
             for j in range(blocksize):
-                v = abs(fb[j])
-                am = v if v > am else am
+                mx = max(mx, ub[j] & np.uint32(0x7FFFFFFF))
+            am_bits[0] = mx
+            am = am_f[0]
             absmax[b0 + b] = am
             if am == 0.0:
-                cb[:] = zero_block_code
+                pb[:] = np.uint8((zero_block_code << 4) | zero_block_code)
                 continue
             r = np.float32(1.0) / max(am, _MIN_ABSMAX)
-            for j in range(blocksize):
-                cb[j] = _nf4_code(fb[j] * r, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14)
-        p0 = e0 // 2
-        for j in range(m // 2):
-            packed[p0 + j] = (codes[2 * j] << 4) | codes[2 * j + 1]
+            for j in range(half):  # byte j = element 2j (high nibble), element 2j + 1 (low nibble)
+                hi = _nf4_code(fb[2 * j] * r, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14)
+                lo = _nf4_code(fb[2 * j + 1] * r, t0, t1, t2, t3, t4, t5, t6, t7, t8, t9, t10, t11, t12, t13, t14)
+                pb[j] = np.uint8((hi << 4) | lo)
     return bad.sum()
 
 
@@ -194,11 +200,26 @@ def dequantize_blocks(packed, absmax, code, blocksize, n, out):
             out[lo:n] = tmp[:n - lo]
 
 
+@nb.njit(inline="always")
+def _accumulate(x32, c, stored, exact, lane, a2, e2, i2, mx, nbad):
+    x = np.float64(x32)
+    xh = c * stored
+    d = x - np.float64(xh)
+    di = x - np.float64(c * exact)
+    a2[lane] += x * x
+    e2[lane] += d * d
+    i2[lane] += di * di
+    mx[lane] = max(mx[lane], abs(d))
+    nbad[lane] += not np.isfinite(xh)
+
+
 @nb.njit(parallel=True, **_NUMBA)
-def reconstruction_stats(src, kind, packed, absmax, code, blocksize, n):
+def reconstruction_stats(src, kind, packed, absmax, code, blocksize, n, exact_absmax):
     """Compare the dequantised tensor with its source, block by block, without materialising either in full.
 
-    ``absmax`` is what the loaders use (after double quantisation). Returns, with sums in fp64:
+    ``absmax`` is what the loaders use (after double quantisation); each block's exact ``max |x|`` is written to
+    ``exact_absmax`` (fp32, one per block) so that the caller can check the stored constants. Returns, with sums in
+    fp64:
     (sum x^2, sum (x - x_hat)^2, sum (x - x_ideal)^2, max |x - x_hat|, count of non-finite x_hat), where
     ``x_hat = code[q] * absmax[b]`` exactly as the loaders compute it (fp32; they then round to the model dtype, which
     moves it by less than 1 ulp of that dtype) and ``x_ideal = code[q] * max|x in block|`` is what the same codes
@@ -206,10 +227,7 @@ def reconstruction_stats(src, kind, packed, absmax, code, blocksize, n):
     """
     n_blocks = (n + blocksize - 1) // blocksize
     n_groups = (n_blocks + GROUP_BLOCKS - 1) // GROUP_BLOCKS
-    sxx = np.zeros(n_groups)
-    see = np.zeros(n_groups)
-    sii = np.zeros(n_groups)
-    emax = np.zeros(n_groups)
+    sums = np.zeros((n_groups, 4))  # sum x^2, sum err^2, sum ideal err^2, max |err|
     bad = np.zeros(n_groups, np.int64)
     for g in nb.prange(n_groups):
         b0 = np.int64(g) * GROUP_BLOCKS
@@ -220,33 +238,38 @@ def reconstruction_stats(src, kind, packed, absmax, code, blocksize, n):
         f = u.view(np.float32)
         _to_f32_bits(src[e0:e1], kind, u)
         c = np.empty(blocksize, np.float32)
-        a2 = 0.0
-        e2 = 0.0
-        i2 = 0.0
-        mx = 0.0
-        nbad = 0
+        # LANES independent partial sums per quantity: a single fp64 accumulator is a serial chain that LLVM may not
+        # reorder; lanes vectorise (the statistics then differ from a serial sum in the last bits only)
+        a2 = np.zeros(LANES)
+        e2 = np.zeros(LANES)
+        i2 = np.zeros(LANES)
+        mx = np.zeros(LANES)
+        nbad = np.zeros(LANES, np.int64)
+        am_bits = np.empty(1, np.uint32)
+        am_f = am_bits.view(np.float32)
         for b in range(b0, b1):
             lo = b * blocksize
             m = min(blocksize, n - lo)
             _decode_block(packed[lo // 2:lo // 2 + (m + 1) // 2], np.float32(1.0), code, c)
+            ub = u[lo - e0:lo - e0 + m]
             fb = f[lo - e0:lo - e0 + m]
-            exact = np.float32(0.0)
+            ex = np.uint32(0)  # max |x| via the bits, as in quantize_full_blocks
             for j in range(m):
-                exact = max(exact, abs(fb[j]))
+                ex = max(ex, ub[j] & np.uint32(0x7FFFFFFF))
+            am_bits[0] = ex
+            exact = am_f[0]
+            exact_absmax[b] = exact
             stored = absmax[b]
-            for j in range(m):
-                x = np.float64(fb[j])
-                xh = c[j] * stored
-                d = x - np.float64(xh)
-                di = x - np.float64(c[j] * exact)
-                a2 += x * x
-                e2 += d * d
-                i2 += di * di
-                mx = max(mx, abs(d))
-                nbad += not np.isfinite(xh)
-        sxx[g] = a2
-        see[g] = e2
-        sii[g] = i2
-        emax[g] = mx
-        bad[g] = nbad
-    return sxx.sum(), see.sum(), sii.sum(), (emax.max() if n_groups else 0.0), bad.sum()
+            full = m - m % LANES
+            for j0 in range(0, full, LANES):
+                for lane in range(LANES):
+                    _accumulate(fb[j0 + lane], c[j0 + lane], stored, exact, lane, a2, e2, i2, mx, nbad)
+            for j in range(full, m):  # the rest of a partial last block
+                _accumulate(fb[j], c[j], stored, exact, 0, a2, e2, i2, mx, nbad)
+        sums[g, 0] = a2.sum()
+        sums[g, 1] = e2.sum()
+        sums[g, 2] = i2.sum()
+        sums[g, 3] = mx.max()
+        bad[g] = nbad.sum()
+    emax = sums[:, 3].max() if n_groups else 0.0
+    return sums[:, 0].sum(), sums[:, 1].sum(), sums[:, 2].sum(), emax, bad.sum()

@@ -1,17 +1,24 @@
 """``qtool convert``: a 16/32-bit Hugging Face checkpoint -> a pre-quantised bitsandbytes NF4 checkpoint.
 
-The pipeline streams one tensor at a time: the input shards are memory-mapped, the next tensor's pages are
-requested from the kernel while the current one is quantised, and processed pages are dropped, so resident memory
-stays near the largest tensor whatever the model size. Each output shard is laid out before any data is written
-(:class:`qtool.safetensors_io.ShardWriter`), so quantised tensors go straight to their final place on disk. Every
-quantised tensor is dequantised again as the loaders will and compared with its source (:mod:`qtool.verify`).
+The pipeline streams one tensor at a time: the input shards are memory-mapped, a background thread asks the kernel
+to read up to 2 GiB ahead (from the start, so the disk works while transformers is imported), and processed pages
+are dropped, so resident memory stays near the largest tensor whatever the model size. Each output shard is laid
+out before any data is written (:class:`qtool.safetensors_io.ShardWriter`), so quantised tensors go straight to
+their final place on disk; it is written back in the background as it grows, and fsynced and hashed in the
+background once complete. Every quantised tensor is dequantised again as the loaders will and compared with its
+source (:mod:`qtool.verify`).
 The output folder is built under a temporary name and renamed only when complete and verified.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import shutil
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -20,13 +27,17 @@ import torch
 
 from qtool import __version__, layout, nf4
 from qtool.atomic import staging_dir, write_text
-from qtool.errors import InputError, VerificationError
-from qtool.safetensors_io import ShardWriter, Slot
+from qtool.errors import InputError, OutputError, VerificationError
+from qtool.safetensors_io import Readahead, ShardWriter, Slot
 from qtool.selection import select
 from qtool.source import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
 from qtool.verify import REPORT_NAME, TensorCheck, check_tensor, sha256_file
 
 DEFAULT_MAX_SHARD = 50 * 10**9  # transformers 5 `save_pretrained` default ("50GB")
+FLUSH_BYTES = 256 * 2**20  # output written between background fsyncs of the shard being written
+# Test hook: seconds to sleep after each tensor and once before the final rename, so that crash tests can SIGKILL
+# a run while it writes shards and when it is complete but not yet in place. Unset (the default): no effect.
+TEST_SLEEP_ENV = "QTOOL_TEST_SLEEP_AFTER_TENSOR"
 ProgressFn = Callable[[int, int, str], None]  # (bytes done, bytes total, tensor name)
 
 
@@ -92,10 +103,21 @@ def _shard_name(i: int, n: int) -> str:
 
 
 def _peak_rss_bytes() -> int:
+    """High-water resident memory of this process. On Linux from VmHWM: ``ru_maxrss`` also counts the memory of the
+    process that spawned this one (the kernel carries its high-water mark over fork + exec), so ``qtool convert``
+    started from a large process (a notebook, pytest) would report the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB elsewhere
     except ImportError:  # pragma: no cover
         return 0
 
@@ -118,12 +140,14 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
     Raises InputError/OutputError/VerificationError; on any error ``out`` is left as it was.
     """
     t0 = time.perf_counter()
+    test_sleep = float(os.environ.get(TEST_SLEEP_ENV) or 0)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available", hint="use --device cpu (same bytes)")
     if blocksize not in nf4.BLOCKSIZES:
         raise InputError(f"--block-size {blocksize} is not one bitsandbytes supports", hint=f"use one of {nf4.BLOCKSIZES}")
     ck = open_checkpoint(src)
-    try:
+    # Start reading the input now: the disk works while transformers is imported and the meta model is built.
+    with contextlib.closing(ck), Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead:
         sel = select(ck.config, ck.folder, ck.keys, skip)
         for key in sel.quantize:
             info = ck.info(key)
@@ -135,30 +159,35 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
         settings = {"blocksize": blocksize, "double_quant": double_quant, "target": target, "device": device,
                     "skip": skip or [], "source": str(ck.folder), "model_class": sel.model_class,
                     "kept_linears": sel.kept_linears}
-        with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage:
-            checks, done, weight_map = [], 0, {}
-            order = [g.key for shard in plan for g in shard]
+        with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage, \
+                ThreadPoolExecutor(1, thread_name_prefix="qtool-seal") as sealer:
+            checks, done, weight_map, sealed = [], 0, {}, {}
             for i, groups in enumerate(plan):
                 name = _shard_name(i, len(plan))
                 writer = ShardWriter(stage / name, [s for g in groups for s in g.slots], max_tail_bytes=layout.MAX_BLOB_BYTES)
+                flushing, unflushed = None, 0
                 try:
                     for g in groups:
-                        nxt = order.index(g.key) + 1
-                        if nxt < len(order):
-                            ck.key_shard[order[nxt]].prefetch(order[nxt])
                         checks.append(_convert_one(ck, g, writer, blocksize, double_quant, target, device))
                         for s in g.slots:
                             weight_map[s.name] = name
                         done += ck.info(g.key).nbytes
+                        readahead.advance(ck.info(g.key).nbytes)
+                        unflushed += sum(s.nbytes for s in g.slots)
+                        if unflushed > FLUSH_BYTES and (flushing is None or flushing.done()):
+                            # write back in the background as we go, so the final fsync has little left to do
+                            flushing, unflushed = sealer.submit(_fsync, stage / name), 0
                         ck.key_shard[g.key].release(g.key)
                         if progress:
                             progress(done, total, g.key)
-                    writer.close()
+                        if test_sleep:
+                            time.sleep(test_sleep)
+                    writer.close(sync=False)
                 except BaseException:
                     writer.abort()
                     raise
-            shards = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                      for p in sorted(stage.glob("*.safetensors"))}
+                sealed[name] = sealer.submit(_seal_shard, stage / name)  # overlaps with the next shard
+            shards = {name: sealed[name].result() for name in sorted(sealed)}
             _write_metadata(ck, stage, sel, weight_map, shards, double_quant, plan)
             result = ConvertResult(Path(out), checks, shards, 0.0, total, sum(s["bytes"] for s in shards.values()),
                                    max(ck.info(k).nbytes for k in ck.keys), 0, settings)
@@ -170,9 +199,25 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
             result.seconds = time.perf_counter() - t0
             result.peak_rss_bytes = _peak_rss_bytes()
             write_text(stage / REPORT_NAME, json.dumps(result.to_json(), indent=1))
+            if test_sleep:
+                time.sleep(test_sleep)  # the test hook again: complete, not yet renamed into place
         return result
-    finally:
-        ck.close()
+
+
+def _fsync(path: Path) -> None:
+    """Write a file's dirty pages to disk (through a descriptor of its own: safe beside the writer's)."""
+    try:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())  # delayed allocation: a full disk may only show here
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror}",
+                          hint="free disk space and run again" if exc.errno == errno.ENOSPC else None) from exc
+
+
+def _seal_shard(path: Path) -> dict:
+    """fsync a finished shard and hash it: run in a background thread while the next shard is converted."""
+    _fsync(path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, double_quant, target, device) -> TensorCheck:
@@ -199,5 +244,9 @@ def _write_metadata(ck: Checkpoint, stage: Path, sel, weight_map: dict, shards: 
         write_text(stage / INDEX_NAME, json.dumps(index, indent=2) + "\n")
     for rel in ck.other_files:
         dest = stage / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ck.folder / rel, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ck.folder / rel, dest)
+        except OSError as exc:
+            raise OutputError(f"cannot copy {rel} to {stage}: {exc.strerror}",
+                              hint="free disk space and run again" if exc.errno == errno.ENOSPC else None) from exc

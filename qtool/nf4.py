@@ -88,6 +88,9 @@ def _nested_lut(code: np.ndarray) -> np.ndarray:
 
 _DYNAMIC = dynamic_map_signed()
 _LUT = _nested_lut(_DYNAMIC)
+# Double quantisation moves a block constant by at most one gap of the 8-bit code (exact nearest: half a gap; the
+# CPU look-up table may take the neighbour) times its group's nested absmax; the widest gap is 0.9/64 near +-1.
+_DYNAMIC_MAX_GAP = float(np.diff(_DYNAMIC).max())
 
 
 @dataclass(frozen=True)
@@ -207,19 +210,20 @@ def _tail_codes(tail: np.ndarray, target: str) -> tuple[np.ndarray, np.float32]:
 
     bitsandbytes' CPU op divides here (``x / absmax``) and stores the clamped absmax; its CUDA kernel multiplies by
     the reciprocal like every other block and turns an all-zero block into code 0 (NaN)."""
-    am = np.float32(np.abs(tail).max())
-    th = nf4_thresholds()
-    if target == "cpu":
-        am = max(am, np.float32(1e-38))
-        scaled = np.clip(tail / am, -1, 1).astype(np.float32)
-        codes = (scaled[:, None] > th[None, :]).sum(1).astype(np.uint8)
-        pad = 7
-    elif am == 0:
-        codes, pad = np.zeros(tail.size, np.uint8), 0
-    else:
-        scaled = (tail * (np.float32(1.0) / am)).astype(np.float32)
-        codes = (scaled[:, None] > th[None, :]).sum(1).astype(np.uint8)
-        pad = 7
+    with np.errstate(all="ignore"):  # a NaN/Inf tail is counted by the caller, which refuses the tensor
+        am = np.float32(np.abs(tail).max())
+        th = nf4_thresholds()
+        if target == "cpu":
+            am = max(am, np.float32(1e-38))
+            scaled = np.clip(tail / am, -1, 1).astype(np.float32)
+            codes = (scaled[:, None] > th[None, :]).sum(1).astype(np.uint8)
+            pad = 7
+        elif am == 0:
+            codes, pad = np.zeros(tail.size, np.uint8), 0
+        else:
+            scaled = (tail * (np.float32(1.0) / am)).astype(np.float32)
+            codes = (scaled[:, None] > th[None, :]).sum(1).astype(np.uint8)
+            pad = 7
     if codes.size % 2:
         codes = np.append(codes, np.uint8(pad))
     return codes, am
@@ -249,7 +253,8 @@ def _quantize_4bit_torch(w: torch.Tensor, blocksize: int, target: str, chunk_blo
     if n % blocksize:
         tail = flat[n_full * blocksize:].float().cpu().numpy()
         n_bad += int((~np.isfinite(tail)).sum())
-        codes, absmax[-1] = _tail_codes(tail, target)
+        codes, am = _tail_codes(tail, target)
+        absmax[-1] = float(am)  # a numpy scalar cannot be assigned to a torch tensor; fp32 -> float is exact
         packed[n_full * blocksize // 2:] = pack_nibbles(torch.from_numpy(codes)).to(w.device)
     return packed.view(-1, 1), absmax, n_bad
 
@@ -301,9 +306,11 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.T
 
 def reconstruction_error(w: torch.Tensor, qw: QuantizedWeight) -> dict:
     """How far ``dequantize(qw)`` is from ``w`` (fp32 products, as the loaders compute them before rounding to the
-    model dtype): ``rel_error`` (relative Frobenius), ``max_abs_error``, ``snr_db``, ``nonfinite``, and
+    model dtype): ``rel_error`` (relative Frobenius), ``max_abs_error``, ``snr_db``, ``nonfinite``,
     ``ideal_rel_error`` — the error of the same codes with each block's exact absmax, i.e. what NF4 itself costs on
-    this tensor; stored/ideal above ~1.0 means the block constants (double quantisation) lost precision."""
+    this tensor — and ``bad_constants``: the number of blocks whose stored constant is further from the block's exact
+    absmax than double quantisation can move it (one gap of the 8-bit code; without double quantisation: any
+    difference beyond the 1e-38 floor). Non-zero means the block constants are damaged."""
     from qtool import _nf4_cpu as k
 
     flat = w.detach().reshape(-1).cpu()
@@ -312,9 +319,19 @@ def reconstruction_error(w: torch.Tensor, qw: QuantizedWeight) -> dict:
     bits = flat.view(_BITS_VIEW[w.dtype]).numpy()
     bits = bits.view(np.uint16 if bits.itemsize == 2 else np.uint32)
     absmax = absmax_fp32(qw).cpu().contiguous().numpy()
+    exact = np.empty(absmax.size, np.float32)
     sxx, see, sii, emax, n_bad = k.reconstruction_stats(bits, _KIND[w.dtype], qw.packed.reshape(-1).cpu().numpy(),
-                                                        absmax, nf4_code(), qw.blocksize, qw.numel)
+                                                        absmax, nf4_code(), qw.blocksize, qw.numel, exact)
     rel = lambda e: math.sqrt(e / sxx) if sxx > 0 else (0.0 if e == 0 else math.inf)  # noqa: E731
     snr = 10 * math.log10(sxx / see) if see > 0 and sxx > 0 else math.inf
+    if qw.double_quant:
+        nested = qw.nested_absmax.cpu().numpy().astype(np.float64)
+        tolerance = np.repeat(nested, NESTED_BLOCKSIZE)[: absmax.size] * _DYNAMIC_MAX_GAP
+    else:
+        tolerance = np.zeros(absmax.size)
+    # plus fp32 rounding of ``code * nested + offset``, and the 1e-38 that bitsandbytes stores for a zero tail block
+    tolerance += 4 * np.spacing(np.maximum(np.abs(absmax), exact)).astype(np.float64) + 1e-37
+    with np.errstate(invalid="ignore"):  # NaN constants are counted as non-finite output instead
+        bad_constants = int((np.abs(absmax.astype(np.float64) - exact) > tolerance).sum())
     return {"rel_error": rel(see), "ideal_rel_error": rel(sii), "max_abs_error": float(emax), "snr_db": snr,
-            "nonfinite": int(n_bad)}
+            "nonfinite": int(n_bad), "bad_constants": bad_constants}

@@ -17,6 +17,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,6 +86,12 @@ class SafetensorsFile:
             finally:
                 os.close(fd)
 
+    @property
+    def data_range(self) -> tuple[int, int]:
+        """(first, end) absolute byte offsets of the tensor data in the file."""
+        spans = [(t.begin, t.end) for t in self.tensors.values() if t.nbytes]
+        return (min(b for b, _ in spans), max(e for _, e in spans)) if spans else (0, 0)
+
     def release(self, name: str) -> None:
         """Drop a processed tensor's pages from this process (keeps RSS bounded while streaming)."""
         info = self.tensors[name]
@@ -95,7 +102,10 @@ class SafetensorsFile:
 
     def close(self) -> None:
         if self._mm is not None:
-            self._mm.close()
+            try:
+                self._mm.close()
+            except BufferError:  # tensor views are still alive (e.g. in an exception's traceback): they keep the
+                pass  # mapping until they go; closing must not mask the error being raised
             os.close(self._fd)
             self._mm = self._fd = None
 
@@ -104,6 +114,65 @@ class SafetensorsFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class Readahead:
+    """Asks the kernel, from a background thread, to read byte ranges of files in order, staying at most
+    ``window_bytes`` ahead of what the caller has consumed (``advance``). Disk reads then overlap with whatever the
+    caller does meanwhile (imports, building the meta model, quantising). The pages go to the page cache, not to this
+    process's memory, so they do not count towards its RSS. A no-op where ``posix_fadvise`` does not exist.
+
+        with Readahead([(path, begin, end), ...]) as ra:
+            ...; ra.advance(nbytes)
+    """
+
+    def __init__(self, ranges: list[tuple[Path, int, int]], window_bytes: int = 2 * 2**30,
+                 chunk_bytes: int = 32 * 2**20):
+        self.ranges = list(ranges)
+        self.window_bytes = window_bytes
+        self.chunk_bytes = chunk_bytes
+        self._consumed = 0
+        self._stopped = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="qtool-readahead", daemon=True)
+
+    def __enter__(self) -> "Readahead":
+        if hasattr(os, "posix_fadvise"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def advance(self, nbytes: int) -> None:
+        with self._cond:
+            self._consumed += nbytes
+            self._cond.notify()
+
+    def _run(self) -> None:
+        issued = 0
+        for path, begin, end in self.ranges:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                return  # read errors surface where the data is used
+            try:
+                for offset in range(begin, end, self.chunk_bytes):
+                    with self._cond:
+                        self._cond.wait_for(lambda: self._stopped or issued - self._consumed < self.window_bytes)
+                        if self._stopped:
+                            return
+                    n = min(self.chunk_bytes, end - offset)
+                    os.posix_fadvise(fd, offset, n, os.POSIX_FADV_WILLNEED)  # queues the reads, returns at once
+                    issued += n
+            except OSError:
+                return
+            finally:
+                os.close(fd)
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -162,10 +231,15 @@ def read_header(path: str | Path) -> SafetensorsFile:
                              f"{entry['dtype']} needs {math.prod(shape) * _element_size(dtype)}")
         tensors.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end))
     tensors.sort(key=lambda t: (t.begin, t.end))
-    for a, b in zip(tensors, tensors[1:]):
-        if b.begin < a.end and b.nbytes and a.nbytes:
-            raise InputError(f"{path}: tensors {a.name!r} and {b.name!r} overlap in the data section",
+    reach = None  # the non-empty tensor reaching furthest so far (an empty one in between must not hide an overlap)
+    for b in tensors:
+        if not b.nbytes:
+            continue
+        if reach is not None and b.begin < reach.end:
+            raise InputError(f"{path}: tensors {reach.name!r} and {b.name!r} overlap in the data section",
                              hint="the file is corrupt; fetch it again")
+        if reach is None or b.end > reach.end:
+            reach = b
     return SafetensorsFile(path, {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()})
 
 
@@ -238,8 +312,9 @@ class ShardWriter:
         _pwrite_all(self.fd, memoryview(data).cast("B") if len(data) else b"", self.data_start + begin, self.path)
         self.filled.add(name)
 
-    def close(self) -> int:
-        """Write the header; return the file size. Raises AssertionError if a planned tensor never arrived."""
+    def close(self, sync: bool = True) -> int:
+        """Write the header; return the file size. Raises AssertionError if a planned tensor never arrived.
+        ``sync=False`` leaves the fsync to the caller (which may do it in the background)."""
         missing = set(self.slots) - self.filled
         if missing:
             raise AssertionError(f"writer: {len(missing)} planned tensors were never written, e.g. {sorted(missing)[:3]}")
@@ -254,8 +329,14 @@ class ShardWriter:
         raw += b" " * (self.header_room - len(raw))
         _pwrite_all(self.fd, struct.pack("<Q", self.header_room) + raw, 0, self.path)
         size = self.data_start + self.tail_pos
-        os.ftruncate(self.fd, size)
-        os.fsync(self.fd)
+        try:
+            os.ftruncate(self.fd, size)
+            if sync:
+                os.fsync(self.fd)  # delayed allocation: a full disk may only show here
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror}",
+                              hint="free disk space (or choose another output folder) and run again"
+                              if exc.errno == 28 else None) from exc
         os.close(self.fd)
         return size
 

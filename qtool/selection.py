@@ -78,10 +78,8 @@ def select(config: dict, folder, keys, skip: list[str] | None = None) -> Selecti
         Conv1D = ()
     model = meta_model(config, folder)
     keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    if skip:
-        not_convert = list(dict.fromkeys(list(skip) + keep_fp32))
-    else:
-        not_convert = list(dict.fromkeys(_default_not_convert(model) + keep_fp32))
+    defaults = _default_not_convert(model)  # the output head / tied embeddings: kept in 16-bit with or without --skip
+    not_convert = list(dict.fromkeys(list(skip or []) + defaults + keep_fp32))
     keys = set(keys)
     prefix = getattr(model, "base_model_prefix", "") or ""
     quantize: dict[str, bool] = {}
@@ -110,7 +108,7 @@ def select(config: dict, folder, keys, skip: list[str] | None = None) -> Selecti
             raise InputError(f"--skip {unknown[0]}: no module of {type(model).__name__} is called that",
                              hint="use module names as in the checkpoint keys, e.g. model.layers.0.mlp or lm_head")
     # With a skip list transformers drops its own default (the head); write every kept Linear so it still skips them.
-    skip_config = sorted(set(skip) | set(_default_not_convert(model))) if skip else None
+    skip_config = sorted(set(skip) | set(defaults)) if skip else None
     return Selection(quantize, skip_config, kept, type(model).__name__)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import click
 
@@ -59,8 +60,7 @@ def convert_cmd(source, out, block_size, double_quant, target, device, skip, max
 
     from qtool.convert import convert
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc="quantising", file=click.get_text_stream("stderr"),
-               disable=None, leave=False)
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc="quantising", file=sys.stderr, disable=None, leave=False)
 
     def progress(done, total, name):
         bar.total = total

@@ -1,0 +1,328 @@
+"""How fast is the converter? Prints numbers, then a short table, and writes them to bench/results/convert_speed.md.
+
+1. CPU quantisation of one 8192x8192 fp16 tensor, double quantisation on, bit-identical outputs checked: ours
+   (``nf4.quantize(target="cpu")``, numba) against bitsandbytes' CPU ``quantize_4bit``, interleaved repetitions after
+   a warm-up; median and best, Mparam/s, and the ratio (target: >= 20x).
+2. End to end: ``qtool convert`` (a fresh process, wall time: Python start-up and imports included) against just
+   reading the input shards (plain reads in this process), for a synthetic Llama-shaped fp16 checkpoint of >= 3 GB
+   in several shards. Cold page cache for both (fsync + POSIX_FADV_DONTNEED on every input file before each timed
+   run), and warm. Target: convert <= 1.5x read, cold. ``--large`` adds one cold run on ~10 GB.
+3. Peak RSS of the converting process beside the largest tensor (bound: 2 x largest + 512 MiB).
+
+numba compiles its kernels on first use and caches them (``cache=True``, under qtool/__pycache__); an untimed
+conversion runs first, so every timed run has a warm numba cache.
+
+    python bench/convert_speed.py                  # ~3 GB checkpoint in a temporary folder, removed afterwards
+    python bench/convert_speed.py --workdir /tmp/qb --keep --reps 5 --large
+    python bench/convert_speed.py --profile        # also: where the time of one cold conversion goes (cProfile)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Llama-shaped fp16 checkpoints: ~3.1 GB (TinyLlama-1.1B's widths, 32 layers: 1.54 B parameters) and, with
+# --large, ~10.2 GB (Llama-2-7B's widths, 24 layers: 5.1 B parameters), where start-up is a smaller share
+SHAPES = {"3GB": dict(hidden=2048, intermediate=5632, n_layers=32, vocab=32000, n_kv=4),
+          "10GB": dict(hidden=4096, intermediate=11008, n_layers=24, vocab=32000, n_kv=32)}
+SHARD_BYTES = 700 * 2**20
+CLI = [sys.executable, "-c", "from qtool.cli import main; main()"]
+# Runs a command as its child and reports the child's ru_maxrss: the extra hop keeps this process's own RSS out of
+# the child's high-water mark (the kernel carries it over fork + exec).
+LAUNCHER = ("import json, os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+            "_, st, ru = os.wait4(p.pid, 0); print(json.dumps({'rc': os.waitstatus_to_exitcode(st), "
+            "'maxrss_kib': ru.ru_maxrss}))")
+
+
+def evict(folder: Path) -> None:
+    """Drop the files of ``folder`` from the page cache (after writing back what is dirty)."""
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def read_all(folder: Path, chunk: int = 16 * 2**20) -> int:
+    """Read every shard once, sequentially, into one reused buffer; return the bytes read."""
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    total = 0
+    for p in sorted(folder.glob("*.safetensors")):
+        with open(p, "rb", buffering=0) as f:
+            while n := f.readinto(view):
+                total += n
+    return total
+
+
+def convert_once(src: Path, out: Path) -> tuple[float, dict, int]:
+    """Wall seconds of ``qtool convert src out --target cpu --json`` in a fresh process, its report, and the
+    process's peak RSS (bytes, ru_maxrss through the launcher)."""
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", LAUNCHER, *CLI, "convert", str(src), str(out), "--target", "cpu",
+                           "--json"], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - t0
+    child = json.loads(proc.stdout.strip().splitlines()[-1])
+    if child["rc"] != 0:
+        raise SystemExit(f"qtool convert failed:\n{proc.stderr}")
+    report = json.loads((out / "qtool_report.json").read_text())
+    return seconds, report, child["maxrss_kib"] * 1024
+
+
+def fmt_s(values: list[float]) -> str:
+    return f"median {statistics.median(values):.2f} s, best {min(values):.2f} s (runs: " + \
+        ", ".join(f"{v:.2f}" for v in values) + ")"
+
+
+# ------------------------------------------------------------------------------------------------- 1. one tensor
+def bench_tensor(reps: int) -> dict:
+    import torch
+    import bitsandbytes.functional as F
+
+    from qtool import nf4
+
+    w = (torch.randn(8192, 8192, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.float16)
+    n = w.numel()
+    ours = lambda: nf4.quantize(w, 64, True, target="cpu")  # noqa: E731
+    theirs = lambda: F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)  # noqa: E731
+    qw, (packed, qs) = ours(), theirs()  # warm-up (numba cache load, allocator) and the identity check
+    identical = (torch.equal(qw.packed, packed) and torch.equal(qw.absmax, qs.absmax)
+                 and torch.equal(qw.nested_absmax, qs.state2.absmax) and qw.offset == qs.offset.item())
+    t_ours, t_bnb = [], []
+    for _ in range(reps):  # interleaved, so that machine noise hits both alike
+        t = time.perf_counter()
+        ours()
+        t_ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        theirs()
+        t_bnb.append(time.perf_counter() - t)
+    res = {"n": n, "identical": identical, "ours": t_ours, "bnb": t_bnb,
+           "ratio_median": statistics.median(t_bnb) / statistics.median(t_ours), "ratio_best": min(t_bnb) / min(t_ours)}
+    print(f"[1] 8192x8192 fp16, bit-identical: {identical}")
+    print(f"    ours {fmt_s(t_ours)}, {n / statistics.median(t_ours) / 1e6:.0f} Mparam/s (median)")
+    print(f"    bnb  {fmt_s(t_bnb)}, {n / statistics.median(t_bnb) / 1e6:.0f} Mparam/s (median)")
+    print(f"    ratio {res['ratio_median']:.1f}x (medians), {res['ratio_best']:.1f}x (best)")
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ 2. end to end
+def bench_end_to_end(work: Path, reps: int, size: str = "3GB", warm: bool = True) -> dict:
+    from tests.conftest import write_llama_checkpoint
+
+    src, out = work / f"src-{size}", work / "out"
+    if not (src / "model.safetensors.index.json").exists():
+        t = time.perf_counter()
+        write_llama_checkpoint(src, **SHAPES[size], dtype="float16", shard_bytes=SHARD_BYTES)
+        print(f"[2] wrote the synthetic checkpoint in {time.perf_counter() - t:.1f} s")
+    input_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    n_shards = len(list(src.glob("*.safetensors")))
+    print(f"[2] {src}: {input_bytes / 1e9:.2f} GB in {n_shards} shards")
+    convert_once(src, out)  # untimed: numba cache and imports warm
+    cold_read, cold_conv, warm_read, warm_conv, rss, reports = [], [], [], [], [], []
+    for _ in range(reps):
+        evict(src)
+        t = time.perf_counter()
+        read_all(src)
+        cold_read.append(time.perf_counter() - t)
+        shutil.rmtree(out, ignore_errors=True)
+        evict(src)
+        seconds, report, peak = convert_once(src, out)
+        cold_conv.append(seconds)
+        reports.append(report)
+        rss.append(peak)
+    for _ in range(reps if warm else 0):
+        read_all(src)  # the cache is warm from here on
+        t = time.perf_counter()
+        read_all(src)
+        warm_read.append(time.perf_counter() - t)
+        seconds, _, _ = convert_once(src, out)
+        warm_conv.append(seconds)
+    shutil.rmtree(out, ignore_errors=True)
+    res = {"size": size, "shape": SHAPES[size], "input_bytes": input_bytes, "n_shards": n_shards,
+           "cold_read": cold_read, "cold_convert": cold_conv, "warm_read": warm_read, "warm_convert": warm_conv,
+           "peak_rss": rss, "report_peak_rss": [r["peak_rss_bytes"] for r in reports],
+           "in_convert_seconds": [r["seconds"] for r in reports],
+           "largest_tensor_bytes": reports[0]["largest_tensor_bytes"], "output_bytes": reports[0]["output_bytes"]}
+    print(f"    cold read     {fmt_s(cold_read)}, {input_bytes / statistics.median(cold_read) / 1e9:.2f} GB/s")
+    print(f"    cold convert  {fmt_s(cold_conv)}; of which inside convert(): "
+          f"{statistics.median(res['in_convert_seconds']):.2f} s (the rest: Python start-up and imports)")
+    print(f"    convert / read, cold: {statistics.median(cold_conv) / statistics.median(cold_read):.2f}x (medians)")
+    if warm_read:
+        print(f"    warm read     {fmt_s(warm_read)}")
+        print(f"    warm convert  {fmt_s(warm_conv)}")
+        print(f"    convert / read, warm: {statistics.median(warm_conv) / statistics.median(warm_read):.2f}x")
+    largest = res["largest_tensor_bytes"]
+    bound = 2 * largest + 512 * 2**20
+    print(f"[3] peak RSS {max(rss) / 2**20:.0f} MiB (report: {max(res['report_peak_rss']) / 2**20:.0f} MiB); "
+          f"largest tensor {largest / 2**20:.0f} MiB; bound 2 x largest + 512 MiB = {bound / 2**20:.0f} MiB")
+    return res
+
+
+def profile_cold(work: Path) -> str:
+    """cProfile of one cold conversion of the 3 GB checkpoint, in this process (the imports of torch and
+    qtool.convert happened before and are not included)."""
+    import cProfile
+    import io
+    import pstats
+
+    from qtool.convert import convert
+
+    src, out = work / "src-3GB", work / "out-profile"
+    shutil.rmtree(out, ignore_errors=True)
+    evict(src)
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    convert(src, out, target="cpu")
+    prof.disable()
+    total = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
+    text = f"one cold convert() call: {total:.2f} s\n" + buf.getvalue()
+    print(text)
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------- record
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for name in ("qtool", "torch", "bitsandbytes", "numba", "numpy", "transformers", "safetensors"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "?"
+    return out
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _e2e_rows(e: dict) -> list[tuple]:
+    med = statistics.median
+    gb = e["input_bytes"] / 1e9
+    rows = [(f"read {gb:.2f} GB, cold", f"{med(e['cold_read']):.2f} s / {min(e['cold_read']):.2f} s",
+             f"{gb / med(e['cold_read']):.2f} GB/s", ""),
+            (f"qtool convert {gb:.2f} GB, cold", f"{med(e['cold_convert']):.2f} s / {min(e['cold_convert']):.2f} s",
+             f"{gb / med(e['cold_convert']):.2f} GB/s",
+             f"{med(e['cold_convert']) / med(e['cold_read']):.2f}x read (target <= 1.5x); inside convert(): "
+             f"{med(e['in_convert_seconds']):.2f} s")]
+    if e["warm_read"]:
+        rows += [(f"read {gb:.2f} GB, warm", f"{med(e['warm_read']):.2f} s / {min(e['warm_read']):.2f} s",
+                  f"{gb / med(e['warm_read']):.2f} GB/s", ""),
+                 (f"qtool convert {gb:.2f} GB, warm", f"{med(e['warm_convert']):.2f} s / {min(e['warm_convert']):.2f} s",
+                  f"{gb / med(e['warm_convert']):.2f} GB/s", f"{med(e['warm_convert']) / med(e['warm_read']):.1f}x read")]
+    rows.append((f"peak RSS, {gb:.2f} GB", f"{max(e['peak_rss']) / 2**20:.0f} MiB", "",
+                 f"largest tensor {e['largest_tensor_bytes'] / 2**20:.0f} MiB; bound 2 x largest + 512 MiB = "
+                 f"{(2 * e['largest_tensor_bytes'] + 512 * 2**20) / 2**20:.0f} MiB"))
+    return rows
+
+
+def write_results(path: Path, t: dict, runs: list[dict], prof: str | None) -> str:
+    from tabulate import tabulate
+
+    med = statistics.median
+    n = t["n"]
+    rows = [
+        ("quantise 8192² fp16, ours (numba)", f"{med(t['ours']):.3f} s / {min(t['ours']):.3f} s",
+         f"{n / med(t['ours']) / 1e6:.0f} Mparam/s", ""),
+        ("quantise 8192² fp16, bitsandbytes CPU", f"{med(t['bnb']):.3f} s / {min(t['bnb']):.3f} s",
+         f"{n / med(t['bnb']) / 1e6:.0f} Mparam/s",
+         f"ours {t['ratio_median']:.1f}x faster (best {t['ratio_best']:.1f}x; target >= 20x); "
+         f"bit-identical: {t['identical']}"),
+    ]
+    for e in runs:
+        rows += _e2e_rows(e)
+    table = tabulate(rows, headers=["what", "median / best", "throughput", "note"], tablefmt="github")
+    v = versions()
+    lines = [
+        "# Converter speed (bench/convert_speed.py)",
+        "",
+        f"Run {datetime.datetime.now().isoformat(timespec='minutes')} on {cpu_name()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
+        + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "",
+        "Checkpoints: synthetic Llama-shaped fp16 ("
+        + "; ".join(f"{e['size']}: {e['shape']}, {e['input_bytes'] / 1e9:.2f} GB in {e['n_shards']} shards -> "
+                    f"{e['output_bytes'] / 1e9:.2f} GB NF4" for e in runs)
+        + "). Convert = wall time of `qtool convert SRC OUT --target cpu --json` in a fresh process (Python start-up "
+        "and imports included; numba cache warm); read = sequential reads of the shards in the benchmark process. "
+        "Cold = fsync + POSIX_FADV_DONTNEED on every input file before the run.",
+        "",
+        table,
+        "",
+        "All runs (seconds):",
+        "",
+        f"- quantise ours: {', '.join(f'{x:.3f}' for x in t['ours'])}",
+        f"- quantise bitsandbytes: {', '.join(f'{x:.3f}' for x in t['bnb'])}",
+    ]
+    for e in runs:
+        lines += [f"- {e['size']} cold read: {', '.join(f'{x:.2f}' for x in e['cold_read'])}",
+                  f"- {e['size']} cold convert: {', '.join(f'{x:.2f}' for x in e['cold_convert'])} (inside convert(): "
+                  f"{', '.join(f'{x:.2f}' for x in e['in_convert_seconds'])})"]
+        if e["warm_read"]:
+            lines += [f"- {e['size']} warm read: {', '.join(f'{x:.2f}' for x in e['warm_read'])}",
+                      f"- {e['size']} warm convert: {', '.join(f'{x:.2f}' for x in e['warm_convert'])}"]
+    lines.append("")
+    if prof:
+        lines += ["Profile of one cold conversion of the 3 GB checkpoint (cProfile, sorted by own time):", "", "```",
+                  prof.strip(), "```", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=None, help="where to put the checkpoints (default: a temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir for the next run")
+    ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each end-to-end measurement")
+    ap.add_argument("--large", action="store_true", help="also one cold run on a ~10 GB checkpoint")
+    ap.add_argument("--profile", action="store_true", help="also profile one cold conversion")
+    ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "convert_speed.md")
+    args = ap.parse_args()
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="qtool-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        t = bench_tensor(max(3 * args.reps, 9))
+        runs = [bench_end_to_end(work, args.reps)]
+        if args.large:
+            runs.append(bench_end_to_end(work, 1, "10GB", warm=False))
+        prof = profile_cold(work) if args.profile else None
+        table = write_results(args.results, t, runs, prof)
+        print()
+        print(table)
+        print(f"\nwritten to {args.results}")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

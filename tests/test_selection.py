@@ -1,0 +1,105 @@
+"""Which tensors are quantised. The end-to-end truth (transformers' own quantise-on-load, per architecture) is in
+test_convert.py; here: the rules around it — head, tied embeddings, Conv1D, --skip, prefixes, errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import save_tiny
+from qtool.errors import InputError
+from qtool.selection import select
+from qtool.source import open_checkpoint
+
+
+def _select(folder, skip=None, keys=None):
+    ck = open_checkpoint(folder)
+    try:
+        return select(ck.config, ck.folder, keys if keys is not None else ck.keys, skip), ck.keys
+    finally:
+        ck.close()
+
+
+LLAMA_LINEARS = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in
+                 ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+
+
+def test_llama_untied_quantises_every_linear_but_the_head(tiny_llama):
+    sel, keys = _select(tiny_llama)
+    assert set(sel.quantize) == LLAMA_LINEARS and not any(sel.quantize.values())
+    assert "lm_head.weight" in keys and sel.kept_linears == ["lm_head"]
+    assert sel.skip_modules_config is None and sel.model_class == "LlamaForCausalLM"
+
+
+def test_tied_embeddings(tmp_path):
+    folder = save_tiny(tmp_path / "tied", "llama", tied=True, max_shard_size=None)
+    sel, keys = _select(folder)
+    assert "lm_head.weight" not in keys  # tied: the checkpoint has the embedding only
+    assert set(sel.quantize) == LLAMA_LINEARS
+
+
+def test_gpt2_conv1d_weights_are_marked_for_transposing(tmp_path):
+    folder = save_tiny(tmp_path / "gpt2", "gpt2", max_shard_size=None)
+    sel, _ = _select(folder)
+    expected = {f"transformer.h.{i}.{m}.weight" for i in range(2)
+                for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(sel.quantize) == expected and all(sel.quantize.values())
+
+
+def test_skip_modules(tiny_llama):
+    sel, _ = _select(tiny_llama, skip=["model.layers.1.mlp"])
+    assert set(sel.quantize) == {k for k in LLAMA_LINEARS if not k.startswith("model.layers.1.mlp.")}
+    # a list replaces transformers' default, so it must still name the head
+    assert sel.skip_modules_config == ["lm_head", "model.layers.1.mlp"]
+    assert set(sel.kept_linears) == {"lm_head", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj",
+                                     "model.layers.1.mlp.down_proj"}
+    sel, _ = _select(tiny_llama, skip=["q_proj"])  # transformers also matches by suffix
+    assert not any(".q_proj." in k for k in sel.quantize) and len(sel.quantize) == 12
+
+
+def test_unknown_skip_module_is_refused(tiny_llama):
+    with pytest.raises(InputError, match="--skip model.layers.7.mlp: no module of LlamaForCausalLM") as exc:
+        _select(tiny_llama, skip=["model.layers.7.mlp"])
+    assert "model.layers.0.mlp" in exc.value.hint
+
+
+def test_checkpoint_saved_without_the_base_prefix(tiny_llama):
+    ck = open_checkpoint(tiny_llama)
+    keys = [k.removeprefix("model.") for k in ck.keys]
+    sel = select(ck.config, ck.folder, keys)
+    ck.close()
+    assert set(sel.quantize) == {k.removeprefix("model.") for k in LLAMA_LINEARS}
+
+
+def test_missing_linear_weight_is_named(tiny_llama):
+    ck = open_checkpoint(tiny_llama)
+    keys = [k for k in ck.keys if k != "model.layers.1.self_attn.v_proj.weight"]
+    with pytest.raises(InputError, match="1 Linear weights of LlamaForCausalLM are not in the checkpoint, e.g. "
+                                         "'model.layers.1.self_attn.v_proj.weight'"):
+        select(ck.config, ck.folder, keys)
+    ck.close()
+
+
+def test_unknown_model_type_is_a_clear_error(tiny_llama):
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    cfg["model_type"] = "no-such-model"
+    (tiny_llama / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="config.json: transformers .* cannot read it") as exc:
+        _select(tiny_llama)
+    assert "upgrade transformers" in exc.value.hint
+
+
+def test_moe_experts_follow_the_installed_transformers(tmp_path):
+    """transformers 5 keeps fused MoE experts and routers unquantised (3-D parameters, not nn.Linear); the selection
+    follows whatever transformers' own quantise-on-load does (checked against it in test_convert)."""
+    import transformers
+
+    folder = save_tiny(tmp_path / "mixtral", "mixtral", max_shard_size=None)
+    sel, keys = _select(folder)
+    attn = {f"model.layers.{i}.self_attn.{p}.weight" for i in range(2)
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert set(sel.quantize) == attn
+    else:
+        assert attn < set(sel.quantize)
