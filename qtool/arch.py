@@ -60,6 +60,7 @@ class Shape:
     source: str = "table"          # where the shape came from, for the report
     note: str = ""                 # an assumption the user should know about (e.g. the shape picked for --params)
     declared_params: int | None = None  # the count given with --params; the fp16 line is declared_params * 2
+    sliding_window: int | None = None  # attention window of every layer (Mistral v0.1: 4096), None for full attention
 
     @property
     def norm(self) -> str:
@@ -189,6 +190,8 @@ _TABLE = {
     "pythia-1b": ("gpt_neox", 2048, 8192, 16, 8, 8, 256, 50304, False, 2048),
     "pythia-6.9b": ("gpt_neox", 4096, 16384, 32, 32, 32, 128, 50432, False, 2048),
 }
+# Models of the table whose every layer attends within a window (their config.json's sliding_window).
+_SLIDING_WINDOWS = {"mistral-7b": 4096}
 _ALIASES = {
     "llama-7b": "llama-1-7b", "llama-13b": "llama-1-13b", "llama-30b": "llama-1-33b", "llama-33b": "llama-1-33b",
     "llama-65b": "llama-1-65b", "llama-1-30b": "llama-1-33b", "meta-llama-3-8b": "llama-3-8b",
@@ -223,7 +226,8 @@ def known_shape(name: str) -> Shape:
         raise InputError(f"unknown model name {name!r}",
                          hint=f"{hint} (or pass a config.json, a model folder or --params)")
     model_type, h, f, n_layers, n_heads, n_kv, head_dim, vocab, tied, max_pos = _TABLE[key]
-    return Shape(key, model_type, h, f, n_layers, n_heads, n_kv, head_dim, vocab, tied, max_pos, source=f"table:{key}")
+    return Shape(key, model_type, h, f, n_layers, n_heads, n_kv, head_dim, vocab, tied, max_pos, source=f"table:{key}",
+                 sliding_window=_SLIDING_WINDOWS.get(key))
 
 
 # --- config.json -----------------------------------------------------------------------------------------------------
@@ -260,7 +264,15 @@ def shape_from_config(config: dict, name: str = "config") -> Shape:
         tied_embeddings=tied, max_positions=int(config.get("max_position_embeddings") or 4096),
         dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
         attention_bias=bool(config.get("attention_bias", False)), mlp_bias=bool(config.get("mlp_bias", False)),
-        source=f"config:{name}")
+        source=f"config:{name}", sliding_window=_sliding_window(model_type, config))
+
+
+def _sliding_window(model_type: str, config: dict) -> int | None:
+    """The window every layer attends in, as transformers reads it: Mistral's ``sliding_window`` (4096 when the key is
+    absent, MistralConfig's default; null from v0.2 on). Qwen2/3 (``use_sliding_window``, off in released configs)
+    and Gemma 2/3 window only some of their layers, which is not modelled."""
+    window = config.get("sliding_window", 4096) if model_type == "mistral" else None
+    return int(window) if window else None
 
 
 def _read_config(path: Path) -> Shape:

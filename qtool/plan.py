@@ -2,11 +2,14 @@
 
     peak = persistent (weights, adapters, optimizer state, workspaces) + the largest transient phase
 
-The phases are the loss backward (saved activations + the head's fp32 logits work), the backward of the last
-decoder layer (saved or recomputed activations + its gradient transients + a dequantised weight) and the optimizer
-step (all LoRA gradients). Allocated is what ``torch.cuda.max_memory_allocated`` reports, reserved adds the caching
-allocator's slack, NVML adds the CUDA context and bitsandbytes' paged (managed) optimizer buffers.
-The line items and their sources are in :mod:`qtool.plan_items`; the measured constants are at its top.
+The phases are the loss backward (saved activations + the head's fp32 logits work), the final norm's backward, the
+backward of the last decoder layer (saved or recomputed activations + its gradient transients + a dequantised
+weight), for eager steps the backward of the first decoder layer (one layer's activations but every other layer's
+fresh gradients) and the optimizer step. Allocated is what ``torch.cuda.max_memory_allocated`` reports, reserved
+adds the caching allocator's slack, NVML adds the CUDA context and bitsandbytes' paged (managed) optimizer buffers.
+The line items and their sources are in :mod:`qtool.plan_items` (resident) and :mod:`qtool.plan_activations`
+(transient); the measured constants are at the top of the first, and data/memory/README.md says how each was read
+off the records.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import difflib
 import functools
 from dataclasses import asdict, dataclass, field, replace
 
+from qtool import plan_activations as acts
 from qtool import plan_items as items
 from qtool.arch import Shape, shape_from_config, shape_problems
 from qtool.errors import UsageError
@@ -24,6 +28,7 @@ OPTIMIZERS = ("paged_adamw_32bit", "adamw_32bit", "paged_adamw_8bit", "adamw_8bi
 DTYPES = ("bfloat16", "float16", "float32")
 ATTENTIONS = ("sdpa", "flash", "eager")
 LOSSES = ("chunked", "full")
+DEVICES = ("cuda", "cpu")
 TARGET_PRESETS = ("qkvo", "mlp", "all-linear")
 KNOBS = ("seq_len", "batch_size", "rank")
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # = qtool.nf4.BLOCKSIZES (a test keeps them equal)
@@ -56,6 +61,7 @@ class Settings:
     block_size: int = 64
     attention: str = "sdpa"     # sdpa | flash (transformers' flash_attention_2: 16-bit q, k, v) | eager
     loss: str | None = None     # chunked (qtool's default) | full (fp32 logits; the only choice in hf)
+    device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
 
     def module_ranks(self, shape: Shape) -> dict[str, int]:
         """Targeted Linear name -> rank, for this shape's module names."""
@@ -67,7 +73,7 @@ class Settings:
                               for k in ("optimizer", "adapter_dtype", "compute_dtype", "attention", "targets")})
         problems = shape_problems(shape)
         choices = {"profile": PROFILES, "optimizer": OPTIMIZERS, "adapter_dtype": DTYPES, "compute_dtype": DTYPES,
-                   "attention": ATTENTIONS}
+                   "attention": ATTENTIONS, "device": DEVICES}
         problems += [f"--{k.replace('_', '-')} {getattr(st, k)!r} is not one of {', '.join(v)}"
                      for k, v in choices.items() if getattr(st, k) not in v]
         problems += [f"--{k.replace('_', '-')} must be at least 1, got {getattr(st, k)}"
@@ -168,72 +174,102 @@ def plan(shape: Shape, settings: Settings) -> Plan:
     packed, meta, quant_alloc = items.quantised_weights(shape, st)
     emb, head = items.embedding_bytes(shape, st)
     norms = items.norm_and_bias_bytes(shape, st)
+    rounding = items.resident_rounding_bytes(shape, st)
     numels = items.lora_tensors(shape, st)
     param_bytes = items.DTYPE_BYTES[st.adapter_dtype]
     lora = sum(items.alloc(n * param_bytes) for n in numels)
     opt_device, opt_paged = items.optimizer_state_bytes(numels, st.optimizer, param_bytes)
     frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
+    n_workspaces = items.cublas_workspaces(st)
+    if st.grad_accum > 1:
+        grads = [Row(f"LoRA gradients, accumulated over {st.grad_accum} micro-batches", lora)]
+    elif items.gradients_persist(st):
+        grads = [Row("LoRA gradients (allocated before the CUDA graph capture, kept)", lora)]
+    else:
+        grads = []
     persistent = [
         Row("NF4 weights and quantisation constants", quant_alloc),
         Row(f"embeddings ({frozen})", emb),
         *([Row(f"lm_head ({frozen})", head)] if head else []),
         Row(f"norms and biases ({frozen})", norms),
         Row(f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        *([Row("allocator rounding of the resident tensors (unsplit large blocks)", rounding)] if rounding else []),
         Row(f"optimizer state ({st.optimizer}) on device", opt_device),
         *([Row("optimizer state, paged (managed memory)", opt_paged, "paged", "nvml")] if opt_paged else []),
-        Row("cuBLAS workspaces", items.CUBLAS_WORKSPACE_BYTES),
-        *([Row(f"LoRA gradients, accumulated over {st.grad_accum} micro-batches", lora)] if st.grad_accum > 1
-          else []),
+        *([Row(f"cuBLAS workspaces ({n_workspaces} x {items.CUBLAS_WORKSPACE_BYTES // MiB} MiB)",
+               n_workspaces * items.CUBLAS_WORKSPACE_BYTES)] if n_workspaces else []),
+        *grads,
     ]
-    phase, transient = max(_phases(shape, st, lora, numels).items(), key=lambda kv: sum(r.bytes for r in kv[1]))
+    phases = _phases(shape, st, lora, numels)
+    phase = max(phases, key=lambda k: sum(r.bytes for r in phases[k][0] + phases[k][1]))
+    kept, working = phases[phase]
+    transient = kept + working
     allocated = sum(r.bytes for r in persistent + transient if r.counter == "allocated")
-    slack = items.RESERVED_SLACK_BYTES + int(items.RESERVED_SLACK_FRACTION * sum(r.bytes for r in transient))
-    overheads = [Row("allocator slack (reserved - allocated)", slack, counter="reserved"),
-                 Row("CUDA context and kernels", items.CUDA_CONTEXT_BYTES, counter="nvml")]
+    overheads = []
+    if st.device == "cuda":
+        # the warm-up steps of a CUDA-graph run cache their working blocks among the gradients they allocate
+        pinned = lora if items.fused(st) else 0
+        slack = items.RESERVED_SLACK_BYTES[st.profile] + int(items.RESERVED_SLACK_FRACTION[st.profile]
+                                                             * (sum(r.bytes for r in working) + pinned))
+        overheads = [Row("allocator slack (reserved - allocated)", slack, counter="reserved"),
+                     Row("CUDA context, kernels and driver reservation", items.CUDA_CONTEXT_BYTES[st.profile],
+                         counter="nvml")]
     rows = tuple(persistent + transient + overheads)
-    reserved = allocated + slack
     return Plan(
         shape=shape, settings=st, rows=rows, peak_phase=phase,
-        peak_allocated_bytes=allocated, peak_reserved_bytes=reserved,
+        peak_allocated_bytes=allocated,
+        peak_reserved_bytes=sum(r.bytes for r in rows if r.counter in ("allocated", "reserved")),
         peak_nvml_bytes=sum(r.bytes for r in rows if r.counter in ("allocated", "reserved", "nvml")),
-        after_load_allocated_bytes=quant_alloc + emb + head + norms + lora,
+        after_load_allocated_bytes=quant_alloc + emb + head + norms + lora + rounding,
         fp16_weights_bytes=items.fp16_bytes(n_params), nf4_weights_bytes=packed + meta,
         weights_4bit_total_bytes=packed + meta + emb + head + norms,
         n_trainable=sum(numels), notes=tuple(_notes(shape, st)))
 
 
-def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int]) -> dict[str, list[Row]]:
-    """Candidate transient phases; the plan's peak is the one with the most bytes. Gradients are freed after every
-    step (zero_grad(set_to_none=True)), so they appear in the last layer's backward (its MLP's) and in the step."""
+def _phases(shape: Shape, st: Settings, lora_bytes: int,
+            numels: list[int]) -> dict[str, tuple[list[Row], list[Row]]]:
+    """Candidate transient phases as (tensors saved for backward, working tensors of the moment); the plan's peak is
+    the phase with the most bytes. Eager steps free the gradients (zero_grad(set_to_none=True)), so they appear in
+    the last layer's backward (its MLP's) and in the step; where they persist (accumulation, CUDA graphs) they are
+    persistent rows instead."""
     n = shape.n_layers
-    grads_now = st.grad_accum == 1  # with accumulation they are persistent rows instead
-    positions = Row("rotary cos/sin and position ids", items.position_bytes(shape, st))
+    grads_now = not items.gradients_persist(st)
+    positions = Row("rotary cos/sin" + ("" if items.fused(st) else " and position ids"),
+                    acts.position_bytes(shape, st))
     if st.grad_checkpointing:
-        kept = [Row(f"checkpointed inputs of {n} layers", items.checkpoint_bytes(shape, st))]
-        mask = items.eager_mask_bytes(shape, st)
-        kept += [Row("eager attention mask", mask)] if mask else []
-        layer = [Row("recomputed layer's saved tensors", items.recompute_bytes(shape, st))]
+        kept = [Row(f"checkpointed inputs of {n} layers", acts.checkpoint_bytes(shape, st))]
+        mask = acts.mask_bytes(shape, st)
+        kept += [Row("attention mask", mask)] if mask else []
+        layer = [Row("recomputed layer's saved tensors", acts.recompute_bytes(shape, st))]
+        first_kept = [Row("checkpointed input of layer 0", acts.checkpoint_bytes(shape, st) // n), *kept[1:], *layer]
     else:
         kept = [Row(f"activations saved by {n} layers",
-                    (n - 1) * items.layer_saved_bytes(shape, st) + items.layer_saved_bytes(shape, st, first=True))]
+                    (n - 1) * acts.layer_saved_bytes(shape, st) + acts.layer_saved_bytes(shape, st, first=True))]
         layer = []
-    backward, moment = items.layer_backward_bytes(shape, st)
+        first_kept = [Row("activations saved by layer 0", acts.layer_saved_bytes(shape, st, first=True))]
+    backward, moment = acts.layer_backward_bytes(shape, st)
+    mlp_grads = acts.layer_grad_bytes(shape, st)
     loss_name = "logits and cross-entropy (fp32, " + ("chunked)" if st.loss == "chunked" else "full)")
+    tokens_h = acts.widths(st)[0] * shape.hidden * st.batch_size * st.seq_len
+    step = [row for row in (
+        Row("LoRA gradients", lora_bytes if grads_now else 0),
+        Row("optimizer step temporaries", items.optimizer_step_bytes(
+            numels, st.optimizer, items.DTYPE_BYTES[st.adapter_dtype]))) if row.bytes]
     return {
-        "loss backward": kept + [Row("final norm and loss inputs (saved)", items.head_saved_bytes(shape, st)),
-                                 Row(loss_name, items.loss_bytes(shape, st)), positions],
-        "final norm backward": kept + [
-            Row("final norm (saved)", items.final_norm_saved_bytes(shape, st)),
-            Row("final norm backward: incoming grad and fp32 temporaries", items.norm_backward_bytes(shape, st)
-                + items.widths(st)[0] * shape.hidden * st.batch_size * st.seq_len), positions],
-        "backward of the last decoder layer": kept + layer + [
+        "loss backward": (kept + [Row("final norm and loss inputs (saved)", acts.head_saved_bytes(shape, st)),
+                                  positions], [Row(loss_name, acts.loss_bytes(shape, st))]),
+        "final norm backward": (kept + [Row("final norm (saved)", acts.final_norm_saved_bytes(shape, st)), positions],
+                                [Row("final norm backward: incoming grad and temporaries",
+                                     acts.norm_backward_bytes(shape, st) + tokens_h)]),
+        "backward of the last decoder layer": (kept + layer + [positions], [
             Row(f"backward transient: {moment}", backward),
-            *([Row("LoRA gradients of its MLP", items.layer_grad_bytes(shape, st))] if grads_now else []),
-            positions],
-        "optimizer step": [row for row in (
-            Row("LoRA gradients", lora_bytes if grads_now else 0),
-            Row("optimizer step temporaries", items.optimizer_step_bytes(
-                numels, st.optimizer, items.DTYPE_BYTES[st.adapter_dtype]))) if row.bytes],
+            *([Row("LoRA gradients of its MLP", mlp_grads)] if grads_now and mlp_grads else [])]),
+        "optimizer step": ([], step),
+        # back-propagated last, layer 0 holds one layer's activations but the fresh gradients of all the others
+        **({"backward of the first decoder layer": (first_kept + [positions], [
+            Row(f"backward transient: {moment}", backward),
+            Row(f"LoRA gradients of layers 1-{n - 1} and of layer 0's MLP",
+                lora_bytes * (n - 1) // n + mlp_grads)])} if grads_now and n > 1 else {}),
     }
 
 
@@ -246,9 +282,16 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
                      "Llama activation formulas (use --profile hf for transformers)")
     if st.profile == "qtool" and st.loss == "full":
         notes.append("qtool train always uses its chunked loss; --loss full plans a full fp32-logits loss instead")
-    if items.attention_kernel(shape, st) != "flash":
-        notes.append(f"attention runs the {items.attention_kernel(shape, st)} kernel: its probabilities "
+    if acts.attention_kernel(shape, st) in ("math", "eager"):
+        notes.append(f"attention runs the {acts.attention_kernel(shape, st)} kernel: its probabilities "
                      "(4 bytes x heads x seq^2 per layer) dominate at long sequences")
+    if acts.sdpa_mask_bytes(shape, st):
+        notes.append(f"at --seq-len >= {shape.sliding_window} (the sliding window) transformers builds a mask, "
+                     "repeats k and v, and SDPA runs its memory-efficient kernel: no seq^2 probabilities, unlike "
+                     "shorter GQA runs")
+    if st.profile == "qtool" and shape.sliding_window and st.seq_len > shape.sliding_window:
+        notes.append(f"{shape.name} attends within a {shape.sliding_window}-token window; the qtool trainer runs full "
+                     "causal attention (the same memory, different numerics beyond the window)")
     if st.optimizer.startswith("paged_"):
         notes.append("paged optimizer buffers (>= 1e5 elements) live in CUDA managed memory: NVML sees them, "
                      "torch.cuda.max_memory_allocated does not")
@@ -287,7 +330,9 @@ class Fit:
 
 def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str = "seq_len") -> Fit:
     """The largest ``knob`` (seq_len, batch_size or rank) whose plan fits ``capacity``, others fixed.
-    Every line item is non-decreasing in each knob, so an exponential then binary search is exact."""
+    Line items are non-decreasing in each knob, so an exponential then binary search is exact. (One exception: an hf
+    Mistral's attention drops its s^2 term at the sliding window, where transformers switches kernels; the search
+    still returns a value that fits while value + 1 does not, and memory grows again beyond the window.)"""
     if knob not in KNOBS:
         raise UsageError(f"cannot solve for {knob!r}; choose one of {', '.join(KNOBS)}")
     st = settings.check(shape)
@@ -331,6 +376,20 @@ def settings_from_record(record: dict) -> Settings:
     known = {f for f in Settings.__dataclass_fields__}
     given = {k: v for k, v in record["settings"].items() if k in known}
     return Settings(profile=record["profile"], **given)
+
+
+def carried_allocated_bytes(record: dict, p: Plan) -> int:
+    """Allocated bytes that a recorded peak holds from earlier runs in its process and a fresh process would not:
+    bench/gpu_worker.py runs every configuration of one model in one process. What is carried shows as the record's
+    after-load allocation beyond the plan's. A qtool run keeps all of it through its steps: the cuBLAS workspaces of
+    the earlier runs' streams, which torch keeps for the life of the process, less the CUDA-graph capture stream's
+    two, which this run reuses instead of creating them (the plan counts those). An hf run carries the previous run's
+    autograd graph, freed when its first step rebinds ``loss``, and the default stream's two workspaces, which the
+    plan counts: nothing at the peak (data/memory/README.md)."""
+    if p.settings.profile != "qtool":
+        return 0
+    carried = record["measured"]["after_load_allocated_bytes"] - p.after_load_allocated_bytes
+    return max(0, carried - 2 * items.CUBLAS_WORKSPACE_BYTES)
 
 
 def plan_for_record(record: dict) -> Plan:

@@ -99,6 +99,18 @@ def test_hub_id_from_local_cache_only(tmp_path, monkeypatch):
     assert (shape.name, shape.hidden, shape.source) == ("someorg/tiny-llama", 128, "hub-cache:someorg/tiny-llama")
 
 
+def test_sliding_window_as_transformers_reads_it():
+    """Mistral's window decides whether transformers materialises an sdpa mask (the plan's hf attention kernel)."""
+    from transformers import MistralConfig
+
+    base = {"model_type": "mistral", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "intermediate_size": 128, "vocab_size": 100}
+    assert shape_from_config(base).sliding_window == MistralConfig().sliding_window == 4096  # key absent: default
+    assert shape_from_config({**base, "sliding_window": None}).sliding_window is None  # Mistral v0.2 and later
+    assert shape_from_config({**base, "model_type": "llama", "sliding_window": 4096}).sliding_window is None
+    assert known_shape("mistral-7b").sliding_window == 4096 and known_shape("llama-3-8b").sliding_window is None
+
+
 def test_moe_and_unsupported_types_are_refused():
     with pytest.raises(InputError, match="mixture-of-experts"):
         shape_from_config({"model_type": "mixtral", "hidden_size": 64, "num_hidden_layers": 2,
