@@ -60,6 +60,7 @@ class DecoderConfig:
     qkv_bias: bool
     mlp_bias: bool
     rope: dict
+    sliding_window: int | None = None  # Mistral v0.1: attention sees only the last W tokens
 
     @classmethod
     def from_dict(cls, cfg: dict, where: str = "config.json") -> "DecoderConfig":
@@ -78,7 +79,8 @@ class DecoderConfig:
                    cfg["vocab_size"], cfg.get("rms_norm_eps", 1e-6), cfg.get("max_position_embeddings", 4096),
                    bool(cfg.get("tie_word_embeddings", False)),
                    mt == "qwen2" or bool(cfg.get("attention_bias", False)), bool(cfg.get("mlp_bias", False)),
-                   {**rope, "rope_type": rope_type})
+                   {**rope, "rope_type": rope_type},
+                   cfg.get("sliding_window") if cfg.get("use_sliding_window", mt != "qwen2") else None)
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         h, d = self.hidden_size, self.head_dim

@@ -248,6 +248,10 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
     cfg = DecoderConfig.from_dict(raw_config, str(cfg_path))
     if st.seq_len > cfg.max_positions:
         problems.append(f"--seq-len {st.seq_len} is beyond the model's {cfg.max_positions} positions")
+    if cfg.sliding_window and st.seq_len > cfg.sliding_window:
+        problems.append(f"--seq-len {st.seq_len} is beyond the model's sliding attention window "
+                        f"({cfg.sliding_window}); qtool's attention is full causal, so use --seq-len <= "
+                        f"{cfg.sliding_window}")
     try:
         targets = parse_targets(st.targets)
     except UsageError as exc:

@@ -210,3 +210,15 @@ def test_blocks_pack_and_hold_out(smollm2_nf4_cpu, shakespeare_path):
     b = pack(shakespeare_path, AutoTokenizer.from_pretrained(smollm2_nf4_cpu), 128, max_eval_blocks=5)
     assert isinstance(b, Blocks) and b.train.shape[1] == 128 and b.eval.shape == (5, 128)
     assert b.n_tokens >= (len(b.train) + 5) * 128
+
+
+def test_seq_len_beyond_sliding_window_is_refused(tmp_path, smollm2_nf4_cpu, shakespeare_path):
+    import shutil
+
+    folder = tmp_path / "mistral"
+    shutil.copytree(smollm2_nf4_cpu, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(model_type="mistral", sliding_window=32)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UsageError, match="sliding attention window"):
+        run(folder, shakespeare_path, None, TrainSettings(steps=1, seq_len=64))
