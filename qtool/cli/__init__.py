@@ -2,6 +2,7 @@
 so that ``qtool -h`` and ``qtool plan`` start without torch."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 
@@ -20,6 +21,24 @@ _COMMANDS = {
     "train": "qtool.cli.train:train_cmd",
     "merge": "qtool.cli.merge:merge_cmd",
 }
+
+
+@contextlib.contextmanager
+def byte_progress(desc: str):
+    """A ``progress(done_bytes, total_bytes, name)`` callback drawing a bar on stderr (off when not a terminal)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=None, leave=False)
+
+    def progress(done, total, name):
+        bar.total, bar.n = total, done
+        bar.set_postfix_str(name[-40:], refresh=False)
+        bar.refresh()
+
+    try:
+        yield progress
+    finally:
+        bar.close()
 
 
 class _LazyGroup(click.Group):

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import click
 
-from qtool.cli import CONTEXT_SETTINGS
+from qtool.cli import CONTEXT_SETTINGS, byte_progress
 from qtool.units import fmt_bytes, parse_size
 
 
@@ -56,24 +55,12 @@ def convert_cmd(source, out, block_size, double_quant, target, device, skip, max
       qtool convert ./model ./model-nf4 --skip model.layers.0.mlp --json
     then: AutoModelForCausalLM.from_pretrained("./llama2-7b-nf4")
     """
-    from tqdm import tqdm
-
     from qtool.convert import convert
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc="quantising", file=sys.stderr, disable=None, leave=False)
-
-    def progress(done, total, name):
-        bar.total = total
-        bar.n = done
-        bar.set_postfix_str(name[-40:], refresh=False)
-        bar.refresh()
-
-    try:
+    with byte_progress("quantising") as progress:
         result = convert(source, out, blocksize=block_size, double_quant=double_quant, target=target, device=device,
                          skip=list(skip) or None, max_shard_bytes=max_shard_size, overwrite=overwrite,
                          max_rel_error=max_rel_error, progress=progress)
-    finally:
-        bar.close()
     summary = result.to_json()
     if as_json:
         summary.pop("tensors")

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
-from qtool.cli import CONTEXT_SETTINGS
+from qtool.cli import CONTEXT_SETTINGS, byte_progress
 from qtool.units import fmt_bytes, parse_size
 
 
@@ -77,24 +76,11 @@ def merge_cmd(base_dir, adapter_dir, out, dtype, requantize, target, max_shard_s
       qtool merge ./llama2-7b-nf4 ./adapter ./merged-nf4 --requantize
     then: AutoModelForCausalLM.from_pretrained("./llama2-7b-merged")
     """
-    from tqdm import tqdm
-
     from qtool.merge import REPORT_NAME, merge
 
-    bar = tqdm(total=0, unit="B", unit_scale=True, desc="merging", file=sys.stderr,
-               disable=None, leave=False)
-
-    def progress(done, total, name):
-        bar.total = total
-        bar.n = done
-        bar.set_postfix_str(name[-40:], refresh=False)
-        bar.refresh()
-
-    try:
+    with byte_progress("merging") as progress:
         result = merge(base_dir, adapter_dir, out, dtype=dtype, requantize_nf4=requantize, target=target,
                        max_shard_bytes=max_shard_size, overwrite=overwrite, verify=verify, progress=progress)
-    finally:
-        bar.close()
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
     summary = result.to_json()
