@@ -67,7 +67,7 @@ def nf4_dir(smollm2, work):
 
 
 def tokens(vocab: int, seed: int = 0):
-    """The verification's sample: 2 x 32 ids uniform over the vocabulary, fixed seed (qtool.merge._verify)."""
+    """The verification's sample: 2 x 32 ids uniform over the vocabulary, fixed seed (qtool.merge_verify.verify_merged)."""
     return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(seed))
 
 
