@@ -337,6 +337,8 @@ def test_verification_catches_a_wrong_merge(nf4_dir, trained, tmp_path, monkeypa
 
     monkeypatch.setattr(m, "delta_weight",
                         lambda a, b, scale, fan_in_fan_out=False: torch.zeros(b.shape[0], a.shape[1]))
-    with pytest.raises(m.VerificationError, match="merged logits differ from base \\+ adapter"):
+    from qtool.errors import VerificationError
+
+    with pytest.raises(VerificationError, match="merged logits differ from base \\+ adapter"):
         merge(nf4_dir, trained["adapter"], tmp_path / "wrong", dtype="fp32")
     assert list(tmp_path.iterdir()) == []
