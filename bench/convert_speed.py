@@ -6,15 +6,20 @@
 2. End to end: ``qtool convert`` (a fresh process, wall time: Python start-up and imports included) against just
    reading the input shards (plain reads in this process), for a synthetic Llama-shaped fp16 checkpoint of >= 3 GB
    in several shards. Cold page cache for both (fsync + POSIX_FADV_DONTNEED on every input file before each timed
-   run), and warm. Target: convert <= 1.5x read, cold. ``--large`` adds one cold run on ~10 GB.
+   run), and warm. Target: convert <= 1.5x read, cold. ``--large`` adds cold runs on ~10 GB.
 3. Peak RSS of the converting process beside the largest tensor (bound: 2 x largest + 512 MiB).
+4. With ``--profile``: where the time of one cold conversion of the largest checkpoint goes, stage by stage, wall
+   clock and CPU (thread CPU time of the quantising, writing and hashing calls, which run on worker threads; a
+   cProfile of the main thread would miss them).
 
 numba compiles its kernels on first use and caches them (``cache=True``, under qtool/__pycache__); an untimed
-conversion runs first, so every timed run has a warm numba cache.
+conversion runs first, so every timed run has a warm numba cache. The machine is shared: runs are interleaved
+(read, convert, read, convert, ...) and medians reported; the CPU time of each conversion says whether it was bound
+by the CPU (CPU time ~ 2 x wall on 2 cores) or by the disk.
 
     python bench/convert_speed.py                  # ~3 GB checkpoint in a temporary folder, removed afterwards
     python bench/convert_speed.py --workdir /tmp/qb --keep --reps 5 --large
-    python bench/convert_speed.py --profile        # also: where the time of one cold conversion goes (cProfile)
+    python bench/convert_speed.py --large --profile   # the full run: both checkpoints and the stage breakdown
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ CLI = [sys.executable, "-c", "from qtool.cli import main; main()"]
 # the child's high-water mark (the kernel carries it over fork + exec).
 LAUNCHER = ("import json, os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
             "_, st, ru = os.wait4(p.pid, 0); print(json.dumps({'rc': os.waitstatus_to_exitcode(st), "
-            "'maxrss_kib': ru.ru_maxrss}))")
+            "'maxrss_kib': ru.ru_maxrss, 'cpu_s': ru.ru_utime + ru.ru_stime}))")
 
 
 def evict(folder: Path) -> None:
@@ -72,8 +77,8 @@ def read_all(folder: Path, chunk: int = 16 * 2**20) -> int:
 
 
 def convert_once(src: Path, out: Path) -> tuple[float, dict, int]:
-    """Wall seconds of ``qtool convert src out --target cpu --json`` in a fresh process, its report, and the
-    process's peak RSS (bytes, ru_maxrss through the launcher)."""
+    """Wall seconds of ``qtool convert src out --target cpu --json`` in a fresh process, its report (plus the
+    process's CPU seconds as ``cpu_s``), and the process's peak RSS (bytes, ru_maxrss through the launcher)."""
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *CLI, "convert", str(src), str(out), "--target", "cpu",
@@ -83,6 +88,7 @@ def convert_once(src: Path, out: Path) -> tuple[float, dict, int]:
     if child["rc"] != 0:
         raise SystemExit(f"qtool convert failed:\n{proc.stderr}")
     report = json.loads((out / "qtool_report.json").read_text())
+    report["cpu_s"] = child["cpu_s"]
     return seconds, report, child["maxrss_kib"] * 1024
 
 
@@ -158,11 +164,12 @@ def bench_end_to_end(work: Path, reps: int, size: str = "3GB", warm: bool = True
     res = {"size": size, "shape": SHAPES[size], "input_bytes": input_bytes, "n_shards": n_shards,
            "cold_read": cold_read, "cold_convert": cold_conv, "warm_read": warm_read, "warm_convert": warm_conv,
            "peak_rss": rss, "report_peak_rss": [r["peak_rss_bytes"] for r in reports],
-           "in_convert_seconds": [r["seconds"] for r in reports],
+           "in_convert_seconds": [r["seconds"] for r in reports], "cpu_seconds": [r["cpu_s"] for r in reports],
            "largest_tensor_bytes": reports[0]["largest_tensor_bytes"], "output_bytes": reports[0]["output_bytes"]}
     print(f"    cold read     {fmt_s(cold_read)}, {input_bytes / statistics.median(cold_read) / 1e9:.2f} GB/s")
     print(f"    cold convert  {fmt_s(cold_conv)}; of which inside convert(): "
-          f"{statistics.median(res['in_convert_seconds']):.2f} s (the rest: Python start-up and imports)")
+          f"{statistics.median(res['in_convert_seconds']):.2f} s (the rest: Python start-up, imports and exit); "
+          f"CPU {statistics.median(res['cpu_seconds']):.1f} s")
     print(f"    convert / read, cold: {statistics.median(cold_conv) / statistics.median(cold_read):.2f}x (medians)")
     if warm_read:
         print(f"    warm read     {fmt_s(warm_read)}")
@@ -175,28 +182,70 @@ def bench_end_to_end(work: Path, reps: int, size: str = "3GB", warm: bool = True
     return res
 
 
-def profile_cold(work: Path) -> str:
-    """cProfile of one cold conversion of the 3 GB checkpoint, in this process (the imports of torch and
-    qtool.convert happened before and are not included)."""
-    import cProfile
-    import io
-    import pstats
+def profile_cold(work: Path, size: str, e2e: dict) -> str:
+    """Where one cold conversion of checkpoint ``size`` spends its time, run in this process (torch and qtool
+    imported before): wall clock of the serial stages, and thread CPU time of the calls that run on the worker and
+    sealing threads. ``e2e`` (that checkpoint's end-to-end results) gives what happens outside ``convert()``."""
+    import resource
+    from collections import defaultdict
 
-    from qtool.convert import convert
+    import qtool.convert as qc
+    from qtool import nf4
+    from qtool.safetensors_io import ShardWriter
 
-    src, out = work / "src-3GB", work / "out-profile"
+    spent: dict = defaultdict(lambda: [0.0, 0.0, 0])  # label -> [wall, thread CPU, calls]
+    originals = []
+
+    def timed(owner, name, label):
+        fn = getattr(owner, name)
+        originals.append((owner, name, fn))
+
+        def wrapper(*args, **kwargs):
+            t, c = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                rec = spent[label]
+                rec[0] += time.perf_counter() - t
+                rec[1] += time.thread_time() - c
+                rec[2] += 1
+        setattr(owner, name, wrapper)
+
+    timed(qc, "select", "select")
+    timed(nf4, "quantize_with_error", "quantise")
+    timed(ShardWriter, "write", "write")
+    timed(qc, "_seal_shard", "seal")
+    src, out = work / f"src-{size}", work / "out-profile"
     shutil.rmtree(out, ignore_errors=True)
     evict(src)
-    prof = cProfile.Profile()
-    t = time.perf_counter()
-    prof.enable()
-    convert(src, out, target="cpu")
-    prof.disable()
-    total = time.perf_counter() - t
+    ru0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    try:
+        qc.convert(src, out, target="cpu")
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    total, ru1 = time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF)
     shutil.rmtree(out, ignore_errors=True)
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(15)
-    text = f"one cold convert() call: {total:.2f} s\n" + buf.getvalue()
+    cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
+    med = statistics.median
+    outside = med(e2e["cold_convert"]) - med(e2e["in_convert_seconds"])
+    (sel_w, sel_c, _), (q_w, q_c, q_n), (w_w, w_c, w_n), (s_w, s_c, _) = (
+        spent[k] for k in ("select", "quantise", "write", "seal"))
+    loop = total - sel_w - s_w
+    rows = [
+        ("outside convert(): Python start-up, `import torch`, exit", f"{outside:.2f}", "~same", "one core; medians of the runs above"),
+        ("select: transformers import, config, meta model", f"{sel_w:.2f}", f"{sel_c:.2f}", "one core (the readahead reads meanwhile)"),
+        ("tensor loop, two worker threads", f"{loop:.2f}", "", f"{e2e['input_bytes'] / 1e9 / loop:.2f} GB/s of input"),
+        (f"- quantise + measure ({q_n} tensors, fused numba kernels)", "", f"{q_c:.2f}", f"{q_w - q_c:.2f} s waiting (I/O, preempted)"),
+        (f"- write ({w_n} tensors into the page cache)", "", f"{w_c:.2f}", f"{w_w - w_c:.2f} s waiting"),
+        ("- other: readahead, page faults, glue, write-back", "", f"{cpu - sel_c - q_c - w_c - s_c:.2f}", "all threads"),
+        ("seal the last shard: fsync + sha256 (after the loop)", f"{s_w:.2f}", f"{s_c:.2f}", "one core"),
+        ("convert() in all", f"{total:.2f}", f"{cpu:.2f}", f"CPU / wall = {cpu / total:.2f} cores busy"),
+    ]
+    from tabulate import tabulate
+
+    text = (f"cold convert() of the {e2e['input_bytes'] / 1e9:.2f} GB checkpoint in the benchmark process\n\n"
+            + tabulate(rows, headers=["stage", "wall s", "CPU s", "note"], tablefmt="github"))
     print(text)
     return text
 
@@ -232,7 +281,7 @@ def _e2e_rows(e: dict) -> list[tuple]:
             (f"qtool convert {gb:.2f} GB, cold", f"{med(e['cold_convert']):.2f} s / {min(e['cold_convert']):.2f} s",
              f"{gb / med(e['cold_convert']):.2f} GB/s",
              f"{med(e['cold_convert']) / med(e['cold_read']):.2f}x read (target <= 1.5x); inside convert(): "
-             f"{med(e['in_convert_seconds']):.2f} s")]
+             f"{med(e['in_convert_seconds']):.2f} s; CPU {med(e['cpu_seconds']):.1f} s")]
     if e["warm_read"]:
         rows += [(f"read {gb:.2f} GB, warm", f"{med(e['warm_read']):.2f} s / {min(e['warm_read']):.2f} s",
                   f"{gb / med(e['warm_read']):.2f} GB/s", ""),
@@ -285,14 +334,14 @@ def write_results(path: Path, t: dict, runs: list[dict], prof: str | None) -> st
     for e in runs:
         lines += [f"- {e['size']} cold read: {', '.join(f'{x:.2f}' for x in e['cold_read'])}",
                   f"- {e['size']} cold convert: {', '.join(f'{x:.2f}' for x in e['cold_convert'])} (inside convert(): "
-                  f"{', '.join(f'{x:.2f}' for x in e['in_convert_seconds'])})"]
+                  f"{', '.join(f'{x:.2f}' for x in e['in_convert_seconds'])}; CPU: "
+                  f"{', '.join(f'{x:.1f}' for x in e['cpu_seconds'])})"]
         if e["warm_read"]:
             lines += [f"- {e['size']} warm read: {', '.join(f'{x:.2f}' for x in e['warm_read'])}",
                       f"- {e['size']} warm convert: {', '.join(f'{x:.2f}' for x in e['warm_convert'])}"]
     lines.append("")
     if prof:
-        lines += ["Profile of one cold conversion of the 3 GB checkpoint (cProfile, sorted by own time):", "", "```",
-                  prof.strip(), "```", ""]
+        lines += ["Where the time goes (`--profile`):", "", prof.strip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return table
@@ -303,7 +352,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where to put the checkpoints (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir for the next run")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each end-to-end measurement")
-    ap.add_argument("--large", action="store_true", help="also one cold run on a ~10 GB checkpoint")
+    ap.add_argument("--large", action="store_true", help="also cold runs (--reps) on a ~10 GB checkpoint")
     ap.add_argument("--profile", action="store_true", help="also profile one cold conversion")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "convert_speed.md")
     args = ap.parse_args()
@@ -313,8 +362,8 @@ def main() -> None:
         t = bench_tensor(max(3 * args.reps, 9))
         runs = [bench_end_to_end(work, args.reps)]
         if args.large:
-            runs.append(bench_end_to_end(work, 1, "10GB", warm=False))
-        prof = profile_cold(work) if args.profile else None
+            runs.append(bench_end_to_end(work, args.reps, "10GB", warm=False))
+        prof = profile_cold(work, runs[-1]["size"], runs[-1]) if args.profile else None
         table = write_results(args.results, t, runs, prof)
         print()
         print(table)

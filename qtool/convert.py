@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
 import json
 import os
 import shutil
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -31,10 +33,11 @@ from qtool.errors import InputError, OutputError, VerificationError
 from qtool.safetensors_io import Readahead, ShardWriter, Slot
 from qtool.selection import select
 from qtool.source import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
-from qtool.verify import REPORT_NAME, TensorCheck, check_tensor, sha256_file
+from qtool.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
 
 DEFAULT_MAX_SHARD = 50 * 10**9  # transformers 5 `save_pretrained` default ("50GB")
 FLUSH_BYTES = 256 * 2**20  # output written between background fsyncs of the shard being written
+N_WORKERS = 2  # tensors converted at once, one thread each (see _in_order)
 # Test hook: seconds to sleep after each tensor and once before the final rename, so that crash tests can SIGKILL
 # a run while it writes shards and when it is complete but not yet in place. Unset (the default): no effect.
 TEST_SLEEP_ENV = "QTOOL_TEST_SLEEP_AFTER_TENSOR"
@@ -147,7 +150,7 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
         raise InputError(f"--block-size {blocksize} is not one bitsandbytes supports", hint=f"use one of {nf4.BLOCKSIZES}")
     ck = open_checkpoint(src)
     # Start reading the input now: the disk works while transformers is imported and the meta model is built.
-    with contextlib.closing(ck), Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead:
+    with contextlib.closing(ck), Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead, _no_gc():
         sel = select(ck.config, ck.folder, ck.keys, skip)
         for key in sel.quantize:
             info = ck.info(key)
@@ -159,25 +162,29 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
         settings = {"blocksize": blocksize, "double_quant": double_quant, "target": target, "device": device,
                     "skip": skip or [], "source": str(ck.folder), "model_class": sel.model_class,
                     "kept_linears": sel.kept_linears}
+        budget = 2 * max(ck.info(k).nbytes for k in ck.keys)  # bytes in flight: the RSS bound is 2x + 512 MiB
+        gaussian_rel_error(blocksize)  # the flags' reference; loads the CPU kernels once, before the workers start
         with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage, \
-                ThreadPoolExecutor(1, thread_name_prefix="qtool-seal") as sealer:
+                ThreadPoolExecutor(1, thread_name_prefix="qtool-seal") as sealer, \
+                ThreadPoolExecutor(N_WORKERS, thread_name_prefix="qtool-quantize") as workers:
             checks, done, weight_map, sealed = [], 0, {}, {}
             for i, groups in enumerate(plan):
                 name = _shard_name(i, len(plan))
                 writer = ShardWriter(stage / name, [s for g in groups for s in g.slots], max_tail_bytes=layout.MAX_BLOB_BYTES)
                 flushing, unflushed = None, 0
+                job = lambda g: _convert_one(ck, g, writer, blocksize, double_quant, target, device)  # noqa: E731
                 try:
-                    for g in groups:
-                        checks.append(_convert_one(ck, g, writer, blocksize, double_quant, target, device))
+                    for g, check in _in_order(groups, job, workers, lambda g: _cost(ck, g), budget):
+                        checks.append(check)
                         for s in g.slots:
                             weight_map[s.name] = name
                         done += ck.info(g.key).nbytes
-                        readahead.advance(ck.info(g.key).nbytes)
+                        ck.key_shard[g.key].release(g.key)
+                        readahead.advance(ck.info(g.key).nbytes)  # after release: it may drop these pages now
                         unflushed += sum(s.nbytes for s in g.slots)
                         if unflushed > FLUSH_BYTES and (flushing is None or flushing.done()):
                             # write back in the background as we go, so the final fsync has little left to do
                             flushing, unflushed = sealer.submit(_fsync, stage / name), 0
-                        ck.key_shard[g.key].release(g.key)
                         if progress:
                             progress(done, total, g.key)
                         if test_sleep:
@@ -204,6 +211,20 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
         return result
 
 
+@contextlib.contextmanager
+def _no_gc():
+    """Python's cyclic garbage collector off during a conversion: importing transformers allocates ~10^6 objects, and
+    the collections that this and the conversion loop trigger traverse them again and again (0.5 s of the 2.1 s that
+    ``select`` takes here, ~0.7 s in all). A conversion leaves no cyclic garbage of any size behind."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def _fsync(path: Path) -> None:
     """Write a file's dirty pages to disk (through a descriptor of its own: safe beside the writer's)."""
     try:
@@ -215,9 +236,56 @@ def _fsync(path: Path) -> None:
 
 
 def _seal_shard(path: Path) -> dict:
-    """fsync a finished shard and hash it: run in a background thread while the next shard is converted."""
-    _fsync(path)
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    """fsync a finished shard and hash it: run in a background thread while the next shard is converted. The fsync
+    (waiting for the disk) runs beside the hash (reading the page cache): for the last shard both are on the clock."""
+    with ThreadPoolExecutor(1, thread_name_prefix="qtool-fsync") as syncer:
+        synced = syncer.submit(_fsync, path)
+        digest = sha256_file(path)
+        synced.result()
+    return {"bytes": path.stat().st_size, "sha256": digest}
+
+
+def _in_order(groups: list[_Group], job, workers: ThreadPoolExecutor, cost, budget: int):
+    """Run ``job(g)`` for each group on the worker threads; yield ``(g, result)`` in the order of ``groups``. Up to
+    N_WORKERS + 1 groups are in flight (one queued, so that no worker waits for the caller) and, beyond the first,
+    only while they cost at most ``budget`` bytes of memory.
+
+    Why whole tensors per thread rather than each tensor split over both cores: a split tensor waits for its slower
+    half, and on 2 cores the readahead, write-back and hashing threads keep slowing one half; two independent tensors
+    just take turns. A group that cannot have company runs its kernels on all N_WORKERS threads.
+    A group's memory counts until the caller asks for the next result (after it has released the group's pages).
+    Errors: the first one (in order) is raised once the jobs in flight have finished, so that none still writes."""
+    pending: deque = deque()  # (group, future, cost), in order
+    in_flight = 0
+    try:
+        for g in groups:
+            while pending and (len(pending) > N_WORKERS or in_flight + cost(g) > budget):
+                done, fut, c = pending.popleft()
+                yield done, fut.result()
+                in_flight -= c
+            share = 1 if 2 * cost(g) > budget else N_WORKERS  # of the CPU kernels' threads
+            pending.append((g, workers.submit(_with_kernel_threads, share, job, g), cost(g)))
+            in_flight += cost(g)
+        while pending:
+            done, fut, c = pending.popleft()
+            yield done, fut.result()
+    finally:
+        for _, fut, _ in pending:
+            fut.cancel()
+        wait([fut for _, fut, _ in pending])
+
+
+def _with_kernel_threads(share: int, job, g: _Group):
+    with nf4.kernel_threads(share):
+        return job(g)
+
+
+def _cost(ck: Checkpoint, g: _Group) -> int:
+    """Resident bytes while group ``g`` is converted: its source pages, its outputs, and a transposed copy."""
+    nbytes = ck.info(g.key).nbytes
+    if not g.quantized:
+        return nbytes
+    return nbytes * (2 if g.transpose else 1) + sum(s.nbytes for s in g.slots)
 
 
 def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, double_quant, target, device) -> TensorCheck:
@@ -227,10 +295,13 @@ def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, doub
         return TensorCheck.copied(g.key, w)
     if g.transpose:
         w = w.t().contiguous()
-    qw = nf4.quantize(w.to(device) if device != "cpu" else w, blocksize, double_quant, target, name=g.key)
+    if device == "cpu":  # the error is measured in the quantising pass (one read of the source instead of two)
+        qw, error = nf4.quantize_with_error(w, blocksize, double_quant, target, name=g.key)
+    else:
+        qw, error = nf4.quantize(w.to(device), blocksize, double_quant, target, name=g.key).to("cpu"), None
     for name, tensor in layout.weight_entries(g.key, qw).items():
         writer.write(name, tensor)
-    return check_tensor(g.key, w, qw.to("cpu"))
+    return check_tensor(g.key, w, qw, error)
 
 
 def _write_metadata(ck: Checkpoint, stage: Path, sel, weight_map: dict, shards: dict, double_quant: bool, plan) -> None:

@@ -28,6 +28,7 @@ the same bytes as the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -151,6 +152,20 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return out[:n]
 
 
+@contextlib.contextmanager
+def kernel_threads(share: int = 1):
+    """Within the block, the CPU kernels called from this thread run on ``1/share`` of numba's threads (at least
+    one; numba's thread count is a per-calling-thread setting), so that ``share`` threads can quantise at once."""
+    import numba
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // share))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(before)
+
+
 def _check_input(w: torch.Tensor, blocksize: int, target: str, name: str) -> None:
     if w.dtype not in _KIND:
         raise InputError(f"tensor {name!r} has dtype {w.dtype}; NF4 quantises float16, bfloat16 or float32 only")
@@ -170,11 +185,36 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, ta
     _check_input(w, blocksize, target, name)
     if w.is_cuda:
         packed, absmax_f32, n_bad = _quantize_4bit_torch(w, blocksize, target)
-    else:
-        packed, absmax_f32, n_bad = _quantize_4bit_cpu(w, blocksize, target)
+        _refuse_nonfinite(n_bad, name)
+        return _with_constants(packed, absmax_f32, w, blocksize, double_quant, target)
+    qw, _, n_bad = _quantize_cpu(w, blocksize, double_quant, target, measure=False)
+    _refuse_nonfinite(n_bad, name)
+    return qw
+
+
+def quantize_with_error(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, target: str = "cuda",
+                        name: str = "tensor") -> tuple[QuantizedWeight, dict]:
+    """``quantize(w, ...)`` and ``reconstruction_error(w, result)``, with the same results to the last bit. On a CPU
+    tensor the error is measured in the pass that writes the 4-bit codes, from the codes as written and the block
+    constants as stored, so the source is read and converted once instead of twice."""
+    _check_input(w, blocksize, target, name)
+    if w.is_cuda:
+        qw = quantize(w, blocksize, double_quant, target, name)
+        return qw, reconstruction_error(w, qw)
+    qw, error, n_bad = _quantize_cpu(w, blocksize, double_quant, target, measure=True)
+    _refuse_nonfinite(n_bad, name)
+    return qw, error
+
+
+def _refuse_nonfinite(n_bad: int, name: str) -> None:
     if n_bad:
         raise InputError(f"tensor {name!r} holds {n_bad} NaN/Inf values; NF4 cannot represent them",
                          hint="fix the source checkpoint (the weights are corrupt) and convert again")
+
+
+def _with_constants(packed: torch.Tensor, absmax_f32: torch.Tensor, w: torch.Tensor, blocksize: int,
+                    double_quant: bool, target: str) -> QuantizedWeight:
+    """The QuantizedWeight of ``packed`` codes and fp32 block constants, double-quantising them if asked."""
     if not double_quant:
         return QuantizedWeight(packed, absmax_f32, None, None, tuple(w.shape), w.dtype, blocksize)
     codes, nested, offset = quantize_absmax(absmax_f32.cpu(), target)
@@ -182,27 +222,56 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, ta
     return QuantizedWeight(packed, codes.to(dev), nested.to(dev), offset, tuple(w.shape), w.dtype, blocksize)
 
 
-def _quantize_4bit_cpu(w: torch.Tensor, blocksize: int, target: str):
-    from qtool import _nf4_cpu as k
-
-    n = w.numel()
+def _input_bits(w: torch.Tensor) -> tuple[np.ndarray, int]:
+    """The raw bits of a CPU tensor, flattened row-major (uint16 for fp16/bf16, uint32 for fp32; no copy when it is
+    contiguous), and the kernels' ``kind``."""
     flat = w.detach().reshape(-1)
     if not flat.is_contiguous():
         flat = flat.contiguous()
     bits = flat.view(_BITS_VIEW[w.dtype]).numpy()
-    bits = bits.view(np.uint16 if bits.itemsize == 2 else np.uint32)
-    kind = _KIND[w.dtype]
-    n_full = n // blocksize
+    return bits.view(np.uint16 if bits.itemsize == 2 else np.uint32), _KIND[w.dtype]
+
+
+def _quantize_cpu(w: torch.Tensor, blocksize: int, double_quant: bool, target: str, measure: bool):
+    """The numba path, two passes over ``w``: (1) each block's exact absmax; then the last partial block (if any) and
+    double quantisation here, which need all of them; (2) the 4-bit codes and, with ``measure``, the reconstruction
+    error against the stored constants. Returns (QuantizedWeight or None, error dict or None, number of NaN/Inf);
+    with NaN/Inf in ``w`` the work stops after pass 1 (None) when it would double-quantise NaN constants."""
+    from qtool import _nf4_cpu as k
+
+    bits, kind = _input_bits(w)
+    n = w.numel()
+    n_full, n_blocks = n // blocksize, -(-n // blocksize)
+    exact = np.empty(n_blocks, np.float32)
+    n_bad = k.block_absmax(bits, kind, n, blocksize, exact)
+    if n_bad:  # an error path: count the values, for the message
+        n_bad = int((~torch.isfinite(w)).sum())
+        if double_quant:
+            return None, None, n_bad
     packed = np.empty((n + 1) // 2, np.uint8)
-    absmax = np.empty(-(-n // blocksize), np.float32)
-    zero_code = 7 if target == "cpu" else 0
-    n_bad = k.quantize_full_blocks(bits, kind, n_full, blocksize, nf4_thresholds(), zero_code, packed, absmax)
+    absmax = exact
     if n % blocksize:
-        tail = flat[n_full * blocksize:].float().numpy()
-        n_bad += int((~np.isfinite(tail)).sum())
-        codes, absmax[-1] = _tail_codes(tail, target)
+        codes, am = _tail_codes(w.detach().reshape(-1)[n_full * blocksize:].float().numpy(), target)
         packed[n_full * blocksize // 2:] = pack_nibbles(torch.from_numpy(codes)).numpy()
-    return torch.from_numpy(packed).view(-1, 1), torch.from_numpy(absmax), n_bad
+        absmax = exact.copy()  # ``exact`` stays max |x| for the measurement; the stored constant may be clamped
+        absmax[-1] = am
+    qw = _with_constants(torch.from_numpy(packed).view(-1, 1), torch.from_numpy(absmax), w, blocksize, double_quant,
+                         target)
+    zero_code = 7 if target == "cpu" else 0
+    if not measure:
+        k.quantize_blocks(bits, kind, n, blocksize, nf4_thresholds(), zero_code, exact, packed, False, *_NO_MEASURE)
+        return qw, None, n_bad
+    stored, tol, sums, counts = _measure_inputs(qw)
+    k.quantize_blocks(bits, kind, n, blocksize, nf4_thresholds(), zero_code, exact, packed, True, stored, nf4_code(),
+                      tol, NESTED_BLOCKSIZE, sums, counts)
+    return qw, _error_dict(*k.total_stats(sums, counts)), n_bad
+
+
+def _quantize_4bit_cpu(w: torch.Tensor, blocksize: int, target: str):
+    """(packed, fp32 absmax, number of NaN/Inf) from the numba path: the counterpart of :func:`_quantize_4bit_torch`
+    that the tests compare it with."""
+    qw, _, n_bad = _quantize_cpu(w, blocksize, False, target, measure=False)
+    return qw.packed, qw.absmax, n_bad
 
 
 def _tail_codes(tail: np.ndarray, target: str) -> tuple[np.ndarray, np.float32]:
@@ -310,28 +379,41 @@ def reconstruction_error(w: torch.Tensor, qw: QuantizedWeight) -> dict:
     ``ideal_rel_error`` — the error of the same codes with each block's exact absmax, i.e. what NF4 itself costs on
     this tensor — and ``bad_constants``: the number of blocks whose stored constant is further from the block's exact
     absmax than double quantisation can move it (one gap of the 8-bit code; without double quantisation: any
-    difference beyond the 1e-38 floor). Non-zero means the block constants are damaged."""
+    difference beyond the 1e-38 floor). Non-zero means the block constants are damaged.
+
+    Reads ``qw`` as stored, independently of how it was made; :func:`quantize_with_error` gives the same numbers while
+    quantising."""
     from qtool import _nf4_cpu as k
 
-    flat = w.detach().reshape(-1).cpu()
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    bits = flat.view(_BITS_VIEW[w.dtype]).numpy()
-    bits = bits.view(np.uint16 if bits.itemsize == 2 else np.uint32)
-    absmax = absmax_fp32(qw).cpu().contiguous().numpy()
-    exact = np.empty(absmax.size, np.float32)
-    sxx, see, sii, emax, n_bad = k.reconstruction_stats(bits, _KIND[w.dtype], qw.packed.reshape(-1).cpu().numpy(),
-                                                        absmax, nf4_code(), qw.blocksize, qw.numel, exact)
+    bits, kind = _input_bits(w.cpu())
+    stored, tol, sums, counts = _measure_inputs(qw)
+    k.reconstruction_stats(bits, kind, qw.packed.reshape(-1).cpu().numpy(), stored, nf4_code(), qw.blocksize,
+                           qw.numel, tol, NESTED_BLOCKSIZE, sums, counts)
+    return _error_dict(*k.total_stats(sums, counts))
+
+
+# quantize_blocks' measurement arguments when it does not measure (typed like the real ones: one compiled kernel)
+_NO_MEASURE = (np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0), NESTED_BLOCKSIZE, np.empty((0, 4)),
+               np.empty((0, 2), np.int64))
+
+
+def _measure_inputs(qw: QuantizedWeight):
+    """The block constants as the loaders see them (fp32, per block), the tolerance of each group of 256 blocks for
+    the damaged-constant test (fp64: one gap of the 8-bit code times the group's nested absmax; 0 without double
+    quantisation), and the per-group result buffers of the measuring kernels."""
+    from qtool import _nf4_cpu as k
+
+    stored = absmax_fp32(qw).cpu().contiguous().numpy()
+    if qw.double_quant:
+        tol = qw.nested_absmax.cpu().numpy().astype(np.float64) * _DYNAMIC_MAX_GAP
+    else:
+        tol = np.zeros(-(-stored.size // NESTED_BLOCKSIZE))
+    n_groups = -(-stored.size // k.GROUP_BLOCKS)
+    return stored, tol, np.empty((n_groups, k.N_SUMS)), np.empty((n_groups, k.N_COUNTS), np.int64)
+
+
+def _error_dict(sxx: float, see: float, sii: float, emax: float, n_nonfinite: int, n_off: int) -> dict:
     rel = lambda e: math.sqrt(e / sxx) if sxx > 0 else (0.0 if e == 0 else math.inf)  # noqa: E731
     snr = 10 * math.log10(sxx / see) if see > 0 and sxx > 0 else math.inf
-    if qw.double_quant:
-        nested = qw.nested_absmax.cpu().numpy().astype(np.float64)
-        tolerance = np.repeat(nested, NESTED_BLOCKSIZE)[: absmax.size] * _DYNAMIC_MAX_GAP
-    else:
-        tolerance = np.zeros(absmax.size)
-    # plus fp32 rounding of ``code * nested + offset``, and the 1e-38 that bitsandbytes stores for a zero tail block
-    tolerance += 4 * np.spacing(np.maximum(np.abs(absmax), exact)).astype(np.float64) + 1e-37
-    with np.errstate(invalid="ignore"):  # NaN constants are counted as non-finite output instead
-        bad_constants = int((np.abs(absmax.astype(np.float64) - exact) > tolerance).sum())
     return {"rel_error": rel(see), "ideal_rel_error": rel(sii), "max_abs_error": float(emax), "snr_db": snr,
-            "nonfinite": int(n_bad), "bad_constants": bad_constants}
+            "nonfinite": int(n_nonfinite), "bad_constants": int(n_off)}

@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
+import os
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -60,8 +62,10 @@ class TensorCheck:
         return d
 
 
-def check_tensor(name: str, w: torch.Tensor, qw: nf4.QuantizedWeight) -> TensorCheck:
-    e = nf4.reconstruction_error(w, qw)
+def check_tensor(name: str, w: torch.Tensor, qw: nf4.QuantizedWeight, error: dict | None = None) -> TensorCheck:
+    """The check of one quantised tensor against its source ``w``; ``error`` is ``nf4.reconstruction_error(w, qw)``
+    when the caller has it already (``nf4.quantize_with_error`` measures it while quantising)."""
+    e = error if error is not None else nf4.reconstruction_error(w, qw)
     flag = ""
     if e["nonfinite"]:
         flag = "nonfinite"
@@ -73,11 +77,20 @@ def check_tensor(name: str, w: torch.Tensor, qw: nf4.QuantizedWeight) -> TensorC
                        e["ideal_rel_error"], e["max_abs_error"], e["snr_db"], e["nonfinite"], flag)
 
 
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file. Hashes a memory map of it, which spares copying the file through read buffers (1.79 vs
+    1.52 GB/s for 2.8 GB in the page cache here: sha256 itself runs at ~1.8 GB/s); each chunk is unmapped again once
+    hashed (the page cache keeps it), or the whole file would count as this process's resident memory."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        if os.fstat(f.fileno()).st_size == 0:
+            return h.hexdigest()  # an empty file cannot be mapped
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            with memoryview(mm) as view:
+                for offset in range(0, len(view), chunk):
+                    h.update(view[offset:offset + chunk])
+                    if hasattr(mm, "madvise"):
+                        mm.madvise(mmap.MADV_DONTNEED, offset, min(chunk, len(view) - offset))
     return h.hexdigest()
 
 

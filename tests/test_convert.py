@@ -203,6 +203,40 @@ def test_conversion_is_deterministic(tmp_path, tiny_llama):
     assert a == b
 
 
+def test_tensors_are_converted_in_parallel_within_the_memory_budget():
+    """_in_order: results in input order, at most N_WORKERS jobs running and, beyond one, only within the byte
+    budget; a failing job is raised in order, after the jobs in flight have finished."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qtool.convert import N_WORKERS, _in_order
+
+    lock, running, seen = threading.Lock(), set(), []  # jobs running now; the set of running jobs at each start
+
+    def job(g):
+        with lock:
+            running.add(g)
+            seen.append(frozenset(running))
+        time.sleep(0.01 * (g % 3))  # finish out of order
+        with lock:
+            running.discard(g)
+        if g == 13:
+            raise ValueError("job 13")
+        return g * 10
+
+    cost = lambda g: 450 if g == 7 else 100  # noqa: E731
+    with ThreadPoolExecutor(N_WORKERS) as pool:
+        got = []
+        with pytest.raises(ValueError, match="job 13"):
+            for g, r in _in_order(list(range(20)), job, pool, cost, budget=500):
+                got.append((g, r))
+                time.sleep(0.005)  # the caller's share of each job (release, bookkeeping)
+    assert got == [(g, g * 10) for g in range(13)]
+    assert max(map(len, seen)) == N_WORKERS  # in parallel...
+    assert all(s == {7} for s in seen if 7 in s)  # ...but the job that takes most of the budget alone
+    assert not running  # nothing still ran after the error was raised
+
+
 def test_cuda_device_without_cuda_is_refused(tmp_path, tiny_llama):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present (covered by test_nf4_cuda.py)")

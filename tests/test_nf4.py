@@ -408,6 +408,72 @@ def test_reconstruction_error_sees_damaged_constants():
     assert e["rel_error"] > 1.2 * e["ideal_rel_error"]
 
 
+@pytest.mark.parametrize("target", nf4.TARGETS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_error_measured_while_quantising_equals_reconstruction_error(dtype, target):
+    """quantize_with_error measures in the quantising pass what reconstruction_error measures afterwards, from the
+    stored tensors: the same numbers to the last bit, and the same QuantizedWeight as quantize."""
+    cases = dict(CASES, **{"near threshold": lambda: _near_threshold_blocks(64, 25),
+                           "many groups 700x300": lambda: _randn(700, 300, seed=31, scale=0.02)})
+    for case, make in cases.items():
+        w = make().to(dtype)
+        for blocksize, double_quant in ((64, True), (64, False), (32, True), (256, True), (4096, False)):
+            qw, error = nf4.quantize_with_error(w, blocksize, double_quant, target)
+            ref = nf4.quantize(w, blocksize, double_quant, target)
+            assert torch.equal(qw.packed, ref.packed) and torch.equal(qw.absmax, ref.absmax), case
+            assert qw.offset == ref.offset and (not double_quant or torch.equal(qw.nested_absmax, ref.nested_absmax))
+            assert error == nf4.reconstruction_error(w, qw), (case, blocksize, double_quant)
+            assert error["bad_constants"] == error["nonfinite"] == 0
+
+
+def test_measured_error_is_the_fp64_sum():
+    """The fused statistics against a direct fp64 computation, on a tensor of many kernel work groups."""
+    w = _randn(1000, 999, seed=32, scale=0.02).to(torch.float16)
+    qw, e = nf4.quantize_with_error(w, target="cpu")
+    x = w.double().view(-1)
+    code = torch.tensor(nf4.NF4_CODE)[nf4.unpack_nibbles(qw.packed, w.numel()).long()]
+    blocks = torch.arange(w.numel()) // 64
+    xh = (code * nf4.absmax_fp32(qw)[blocks]).double()
+    exact = x.view(-1).abs().float().reshape(-1)
+    exact = torch.zeros(blocks[-1] + 1).scatter_reduce(0, blocks, exact, "amax")
+    ideal = (code * exact[blocks]).double()
+    assert e["rel_error"] == pytest.approx(float((x - xh).norm() / x.norm()), rel=1e-12)
+    assert e["ideal_rel_error"] == pytest.approx(float((x - ideal).norm() / x.norm()), rel=1e-12)
+    assert e["max_abs_error"] == float((x - xh).abs().max())
+
+
+def test_measured_error_of_damaged_constants_and_nonfinite_output():
+    w = _randn(300, 200, seed=33, scale=0.02)
+    qw = nf4.quantize(w, target="cpu")
+    one_block = qw.absmax.clone()
+    one_block[517] = (int(one_block[517]) + 60) % 256
+    e = nf4.reconstruction_error(w, nf4.QuantizedWeight(qw.packed, one_block, qw.nested_absmax, qw.offset, qw.shape,
+                                                        qw.dtype))
+    assert e["bad_constants"] == 1 and e["nonfinite"] == 0
+    nested = qw.nested_absmax.clone()
+    nested[1] = float("inf")  # blocks 256..511: 256 blocks of 64 non-finite values
+    e = nf4.reconstruction_error(w, nf4.QuantizedWeight(qw.packed, qw.absmax, nested, qw.offset, qw.shape, qw.dtype))
+    assert e["nonfinite"] == 256 * 64 and e["bad_constants"] == 0
+
+
+def test_quantize_with_error_refuses_nonfinite_weights():
+    w = _randn(10, 70, seed=26)
+    w.view(-1)[650] = math.nan
+    with pytest.raises(InputError, match="'w'.*1 NaN/Inf"):
+        nf4.quantize_with_error(w, name="w")
+
+
+def test_kernel_threads_is_per_thread_and_restored():
+    import numba
+
+    before = numba.get_num_threads()
+    with nf4.kernel_threads(numba.config.NUMBA_NUM_THREADS):
+        assert numba.get_num_threads() == 1
+        w = _randn(64, 64, seed=34)
+        assert torch.equal(nf4.quantize(w).packed, nf4.quantize(w).packed)
+    assert numba.get_num_threads() == before
+
+
 def test_dequantize_dtype_override_and_device_move():
     w = _randn(33, 65, seed=30).to(torch.float16)
     qw = nf4.quantize(w, target="cpu").to("cpu")

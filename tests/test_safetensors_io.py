@@ -160,6 +160,26 @@ def test_writer_output_reads_back_with_safetensors(tmp_path, seed):
         assert all(t.begin % t.dtype.itemsize == 0 for t in f.tensors.values())
 
 
+def test_writer_file_does_not_depend_on_arrival_order_or_threads(tmp_path):
+    """Tail slots are laid out in plan order at close, so shuffled arrivals from several threads give one file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    slots, tensors = _slots_and_tensors()
+    digests = set()
+    for seed in range(4):
+        path = tmp_path / f"{seed}.safetensors"
+        w = sio.ShardWriter(path, slots)
+        order = list(tensors)
+        random.Random(seed).shuffle(order)
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda name: w.write(name, tensors[name]), order))
+        w.close()
+        digests.add(path.read_bytes())
+    assert len(digests) == 1
+    with sio.read_header(tmp_path / "0.safetensors") as f:  # the tails last, in plan order
+        assert list(f.tensors)[-2:] == ["z.blob", "y.blob"]
+
+
 def test_writer_refuses_what_was_not_planned(tmp_path):
     slots, tensors = _slots_and_tensors()
     w = sio.ShardWriter(tmp_path / "o.safetensors", slots)
@@ -248,6 +268,61 @@ def test_readahead_stops_early_and_tolerates_missing_files(tmp_path):
     big.write_bytes(b"\0" * 4096)
     with sio.Readahead([(tmp_path / "missing", 0, 10), (big, 0, 4096)], window_bytes=1024, chunk_bytes=512):
         pass  # exits without waiting for a consumer that never comes
+
+
+def test_readahead_drops_behind_only_what_it_brought_in(tmp_path, monkeypatch):
+    import threading
+
+    a = tmp_path / "a"
+    a.write_bytes(b"\0" * 1000)
+    calls, lock = [], threading.Lock()
+
+    def advise(fd, offset, n, advice):
+        with lock:
+            calls.append((offset, n, advice))
+
+    monkeypatch.setattr(os, "posix_fadvise", advise, raising=False)
+    dropped = lambda: [(off, n) for off, n, adv in calls if adv == os.POSIX_FADV_DONTNEED]  # noqa: E731
+
+    def settle(expected):
+        deadline = time.monotonic() + 10
+        while dropped() != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert dropped() == expected
+
+    monkeypatch.setattr(sio, "any_page_cached", lambda fd, offset, n: offset == 200)  # this chunk was cached before
+    with sio.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200) as ra:
+        settle([])
+        ra.advance(150)
+        settle([])  # the first chunk is only partly consumed
+        ra.advance(300)
+        settle([(0, 200)])  # the second chunk (cached before) stays
+        ra.advance(10_000)
+        settle([(0, 200), (400, 200), (600, 200), (800, 200)])
+    calls.clear()
+    with sio.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200, drop_behind=False) as ra:
+        ra.advance(10_000)
+    assert not dropped()
+
+
+def test_any_page_cached(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(3 * 4096))
+    with open(path, "rb") as f:
+        f.read()
+        assert sio.any_page_cached(f.fileno(), 100, 5000)  # just written and read: in the page cache
+    r, w = os.pipe()
+    try:
+        assert sio.any_page_cached(r, 0, 10)  # cannot tell (a pipe cannot be mapped): cached, so nothing is dropped
+    finally:
+        os.close(r), os.close(w)
+
+
+def test_device_readahead_bytes(tmp_path):
+    n = sio.device_readahead_bytes(tmp_path)
+    assert 128 * 1024 <= n <= 32 * 2**20 and n % 4096 == 0
+    assert sio.device_readahead_bytes(tmp_path / "missing") == 128 * 1024
 
 
 def test_data_range(tmp_path):

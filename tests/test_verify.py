@@ -199,3 +199,19 @@ def test_correct_outputs_are_never_flagged_constants(target, dtype):
         for dq in (True, False):
             w = w.to(dtype)
             assert nf4.reconstruction_error(w, nf4.quantize(w, double_quant=dq, target=target))["bad_constants"] == 0
+
+
+@pytest.mark.parametrize("size", [0, 1, 4095, 3 * 4096 + 17])
+def test_sha256_file(tmp_path, size):
+    import hashlib
+    import os
+
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(size))
+    assert sha256_file(path, chunk=4096) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_check_tensor_takes_a_measured_error():
+    w = torch.randn(256, 256, generator=torch.Generator().manual_seed(0)) * 0.02
+    qw, error = nf4.quantize_with_error(w, target="cpu")
+    assert check_tensor("w", w, qw, error) == check_tensor("w", w, qw)
