@@ -6,7 +6,7 @@
 2. End to end: ``qtool convert`` (a fresh process, wall time: Python start-up and imports included) against just
    reading the input shards (plain reads in this process), for a synthetic Llama-shaped fp16 checkpoint of >= 3 GB
    in several shards. Cold page cache for both (fsync + POSIX_FADV_DONTNEED on every input file before each timed
-   run), and warm. Target: convert <= 1.5x read, cold. ``--large`` adds cold runs on ~10 GB.
+   run), and warm. Target: convert <= 1.5x read, cold. ``--large`` adds cold runs on Llama-2-7B's shape (13.5 GB).
 3. Peak RSS of the converting process beside the largest tensor (bound: 2 x largest + 512 MiB).
 4. With ``--profile``: where the time of one cold conversion of the largest checkpoint goes, stage by stage, wall
    clock and CPU (thread CPU time of the quantising, writing and hashing calls, which run on worker threads; a
@@ -40,9 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 # Llama-shaped fp16 checkpoints: ~3.1 GB (TinyLlama-1.1B's widths, 32 layers: 1.54 B parameters) and, with
-# --large, ~10.2 GB (Llama-2-7B's widths, 24 layers: 5.1 B parameters), where start-up is a smaller share
+# --large, ~13.5 GB: Llama-2-7B's exact shape (6.74 B parameters), the converter's headline case, where start-up is
+# a smaller share
 SHAPES = {"3GB": dict(hidden=2048, intermediate=5632, n_layers=32, vocab=32000, n_kv=4),
-          "10GB": dict(hidden=4096, intermediate=11008, n_layers=24, vocab=32000, n_kv=32)}
+          "7B": dict(hidden=4096, intermediate=11008, n_layers=32, vocab=32000, n_kv=32)}
 SHARD_BYTES = 700 * 2**20
 CLI = [sys.executable, "-c", "from qtool.cli import main; main()"]
 # Runs a command as its child and reports the child's ru_maxrss: the extra hop keeps this process's own RSS out of
@@ -352,7 +353,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where to put the checkpoints (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --workdir for the next run")
     ap.add_argument("--reps", type=int, default=3, help="timed repetitions of each end-to-end measurement")
-    ap.add_argument("--large", action="store_true", help="also cold runs (--reps) on a ~10 GB checkpoint")
+    ap.add_argument("--large", action="store_true", help="also cold runs (--reps) on a Llama-2-7B-shaped checkpoint (13.5 GB)")
     ap.add_argument("--profile", action="store_true", help="also profile one cold conversion")
     ap.add_argument("--results", type=Path, default=ROOT / "bench" / "results" / "convert_speed.md")
     args = ap.parse_args()
@@ -362,7 +363,7 @@ def main() -> None:
         t = bench_tensor(max(3 * args.reps, 9))
         runs = [bench_end_to_end(work, args.reps)]
         if args.large:
-            runs.append(bench_end_to_end(work, args.reps, "10GB", warm=False))
+            runs.append(bench_end_to_end(work, args.reps, "7B", warm=False))
         prof = profile_cold(work, runs[-1]["size"], runs[-1]) if args.profile else None
         table = write_results(args.results, t, runs, prof)
         print()

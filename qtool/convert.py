@@ -31,7 +31,7 @@ from qtool import __version__, layout, nf4
 from qtool.atomic import staging_dir, write_text
 from qtool.errors import InputError, OutputError, VerificationError
 from qtool.safetensors_io import Readahead, ShardWriter, Slot
-from qtool.selection import select
+from qtool.selection import Selection, SelectionInChild
 from qtool.source import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
 from qtool.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
 
@@ -149,66 +149,73 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
     if blocksize not in nf4.BLOCKSIZES:
         raise InputError(f"--block-size {blocksize} is not one bitsandbytes supports", hint=f"use one of {nf4.BLOCKSIZES}")
     ck = open_checkpoint(src)
-    # Start reading the input now: the disk works while transformers is imported and the meta model is built.
-    with contextlib.closing(ck), Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead, _no_gc():
-        sel = select(ck.config, ck.folder, ck.keys, skip)
-        for key in sel.quantize:
-            info = ck.info(key)
-            if info.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len(info.shape) != 2:
-                raise InputError(f"{ck.key_shard[key].path}: Linear weight {key!r} is {info.dtype} {list(info.shape)}; "
-                                 "qtool quantises 2-D float16/bfloat16/float32 weights")
-        plan = _plan_shards(ck, sel.quantize, blocksize, double_quant, max_shard_bytes)
-        total = sum(ck.info(k).nbytes for k in ck.keys)
-        settings = {"blocksize": blocksize, "double_quant": double_quant, "target": target, "device": device,
-                    "skip": skip or [], "source": str(ck.folder), "model_class": sel.model_class,
-                    "kept_linears": sel.kept_linears}
-        budget = 2 * max(ck.info(k).nbytes for k in ck.keys)  # bytes in flight: the RSS bound is 2x + 512 MiB
-        gaussian_rel_error(blocksize)  # the flags' reference; loads the CPU kernels once, before the workers start
-        with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage, \
-                ThreadPoolExecutor(1, thread_name_prefix="qtool-seal") as sealer, \
-                ThreadPoolExecutor(N_WORKERS, thread_name_prefix="qtool-quantize") as workers:
-            checks, done, weight_map, sealed = [], 0, {}, {}
-            for i, groups in enumerate(plan):
-                name = _shard_name(i, len(plan))
-                writer = ShardWriter(stage / name, [s for g in groups for s in g.slots], max_tail_bytes=layout.MAX_BLOB_BYTES)
-                flushing, unflushed = None, 0
-                job = lambda g: _convert_one(ck, g, writer, blocksize, double_quant, target, device)  # noqa: E731
-                try:
-                    for g, check in _in_order(groups, job, workers, lambda g: _cost(ck, g), budget):
-                        checks.append(check)
-                        for s in g.slots:
-                            weight_map[s.name] = name
-                        done += ck.info(g.key).nbytes
-                        ck.key_shard[g.key].release(g.key)
-                        readahead.advance(ck.info(g.key).nbytes)  # after release: it may drop these pages now
-                        unflushed += sum(s.nbytes for s in g.slots)
-                        if unflushed > FLUSH_BYTES and (flushing is None or flushing.done()):
-                            # write back in the background as we go, so the final fsync has little left to do
-                            flushing, unflushed = sealer.submit(_fsync, stage / name), 0
-                        if progress:
-                            progress(done, total, g.key)
-                        if test_sleep:
-                            time.sleep(test_sleep)
-                    writer.close(sync=False)
-                except BaseException:
-                    writer.abort()
-                    raise
-                sealed[name] = sealer.submit(_seal_shard, stage / name)  # overlaps with the next shard
-            shards = {name: sealed[name].result() for name in sorted(sealed)}
-            _write_metadata(ck, stage, sel, weight_map, shards, double_quant, plan)
-            result = ConvertResult(Path(out), checks, shards, 0.0, total, sum(s["bytes"] for s in shards.values()),
-                                   max(ck.info(k).nbytes for k in ck.keys), 0, settings)
-            worst = max((t for t in checks if t.quantized), key=lambda t: t.rel_error, default=None)
-            if max_rel_error is not None and worst is not None and worst.rel_error > max_rel_error:
-                raise VerificationError(
-                    f"tensor {worst.name!r} reconstructs with relative error {worst.rel_error:.4f} > "
-                    f"--max-rel-error {max_rel_error}", hint="nothing was written; inspect the tensor or raise the limit")
-            result.seconds = time.perf_counter() - t0
-            result.peak_rss_bytes = _peak_rss_bytes()
-            write_text(stage / REPORT_NAME, json.dumps(result.to_json(), indent=1))
-            if test_sleep:
-                time.sleep(test_sleep)  # the test hook again: complete, not yet renamed into place
-        return result
+    with contextlib.closing(ck):
+        # which tensors: decided in a child process (before any thread starts here), while the disk reads ahead
+        selecting = SelectionInChild(ck.config, ck.folder, ck.keys, skip)
+        with Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead, _no_gc():
+            return _convert(ck, selecting.result(), readahead, out, blocksize, double_quant, target, device, skip,
+                            max_shard_bytes, overwrite, max_rel_error, progress, t0, test_sleep)
+
+
+def _convert(ck: Checkpoint, sel: Selection, readahead: Readahead, out, blocksize, double_quant, target, device,
+             skip, max_shard_bytes, overwrite, max_rel_error, progress, t0: float, test_sleep: float) -> ConvertResult:
+    for key in sel.quantize:
+        info = ck.info(key)
+        if info.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len(info.shape) != 2:
+            raise InputError(f"{ck.key_shard[key].path}: Linear weight {key!r} is {info.dtype} {list(info.shape)}; "
+                             "qtool quantises 2-D float16/bfloat16/float32 weights")
+    plan = _plan_shards(ck, sel.quantize, blocksize, double_quant, max_shard_bytes)
+    total = sum(ck.info(k).nbytes for k in ck.keys)
+    settings = {"blocksize": blocksize, "double_quant": double_quant, "target": target, "device": device,
+                "skip": skip or [], "source": str(ck.folder), "model_class": sel.model_class,
+                "kept_linears": sel.kept_linears}
+    budget = 2 * max(ck.info(k).nbytes for k in ck.keys)  # bytes in flight: the RSS bound is 2x + 512 MiB
+    gaussian_rel_error(blocksize)  # the flags' reference; loads the CPU kernels once, before the workers start
+    with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage, \
+            ThreadPoolExecutor(1, thread_name_prefix="qtool-seal") as sealer, \
+            ThreadPoolExecutor(N_WORKERS, thread_name_prefix="qtool-quantize") as workers:
+        checks, done, weight_map, sealed = [], 0, {}, {}
+        for i, groups in enumerate(plan):
+            name = _shard_name(i, len(plan))
+            writer = ShardWriter(stage / name, [s for g in groups for s in g.slots], max_tail_bytes=layout.MAX_BLOB_BYTES)
+            flushing, unflushed = None, 0
+            job = lambda g: _convert_one(ck, g, writer, blocksize, double_quant, target, device)  # noqa: E731
+            try:
+                for g, check in _in_order(groups, job, workers, lambda g: _cost(ck, g), budget):
+                    checks.append(check)
+                    for s in g.slots:
+                        weight_map[s.name] = name
+                    done += ck.info(g.key).nbytes
+                    ck.key_shard[g.key].release(g.key)
+                    readahead.advance(ck.info(g.key).nbytes)  # after release: it may drop these pages now
+                    unflushed += sum(s.nbytes for s in g.slots)
+                    if unflushed > FLUSH_BYTES and (flushing is None or flushing.done()):
+                        # write back in the background as we go, so the final fsync has little left to do
+                        flushing, unflushed = sealer.submit(_fsync, stage / name), 0
+                    if progress:
+                        progress(done, total, g.key)
+                    if test_sleep:
+                        time.sleep(test_sleep)
+                writer.close(sync=False)
+            except BaseException:
+                writer.abort()
+                raise
+            sealed[name] = sealer.submit(_seal_shard, stage / name)  # overlaps with the next shard
+        shards = {name: sealed[name].result() for name in sorted(sealed)}
+        _write_metadata(ck, stage, sel, weight_map, shards, double_quant, plan)
+        result = ConvertResult(Path(out), checks, shards, 0.0, total, sum(s["bytes"] for s in shards.values()),
+                               max(ck.info(k).nbytes for k in ck.keys), 0, settings)
+        worst = max((t for t in checks if t.quantized), key=lambda t: t.rel_error, default=None)
+        if max_rel_error is not None and worst is not None and worst.rel_error > max_rel_error:
+            raise VerificationError(
+                f"tensor {worst.name!r} reconstructs with relative error {worst.rel_error:.4f} > "
+                f"--max-rel-error {max_rel_error}", hint="nothing was written; inspect the tensor or raise the limit")
+        result.seconds = time.perf_counter() - t0
+        result.peak_rss_bytes = _peak_rss_bytes()
+        write_text(stage / REPORT_NAME, json.dumps(result.to_json(), indent=1))
+        if test_sleep:
+            time.sleep(test_sleep)  # the test hook again: complete, not yet renamed into place
+    return result
 
 
 @contextlib.contextmanager

@@ -10,10 +10,14 @@ supports, with no per-architecture code here.
 """
 from __future__ import annotations
 
+import json
+import os
 import re
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
+from qtool import errors
 from qtool.errors import InputError
 
 
@@ -110,6 +114,65 @@ def select(config: dict, folder, keys, skip: list[str] | None = None) -> Selecti
     # With a skip list transformers drops its own default (the head); write every kept Linear so it still skips them.
     skip_config = sorted(set(skip) | set(defaults)) if skip else None
     return Selection(quantize, skip_config, kept, type(model).__name__)
+
+
+class SelectionInChild:
+    """:func:`select` run in a forked child process, so that the caller never imports transformers or holds the meta
+    model: importing transformers' modelling code and building the model leaves ~115 MiB of Python objects in a
+    process for good, a quarter of a conversion's peak RSS on a small checkpoint (measured: 259 vs 145 MiB
+    anonymous memory before and after, torch imported either way). The child starts with everything the parent has
+    imported (copy-on-write) and does just the import and the meta model that ``select`` does in process, so it
+    takes the same time; it answers in JSON on a pipe (the result, or the QtoolError to raise) and exits.
+
+    Start it before any thread of the caller (the fork copies only the calling thread); ``result()`` waits for it.
+    Where ``os.fork`` is missing or not Linux, or transformers is imported already (nothing to save), ``select``
+    runs in process, in ``result()``. ``fork`` forces either way (tests)."""
+
+    def __init__(self, config: dict, folder, keys, skip: list[str] | None = None, fork: bool | None = None):
+        self.args = (config, folder, list(keys), skip)
+        if fork is None:
+            fork = sys.platform.startswith("linux") and hasattr(os, "fork") and "transformers" not in sys.modules
+        self.pid = None
+        if fork:
+            read_end, write_end = os.pipe()
+            self.pid = os.fork()
+            if self.pid == 0:  # the child: never returns
+                os.close(read_end)
+                self._answer(write_end)
+            os.close(write_end)
+            self.read_end = read_end
+
+    def _answer(self, fd: int) -> None:
+        try:
+            try:
+                msg = {"selection": asdict(select(*self.args))}
+            except errors.QtoolError as exc:
+                msg = {"error": type(exc).__name__, "message": exc.message, "hint": exc.hint}
+            except BaseException as exc:  # noqa: BLE001 - reported by the parent
+                msg = {"crash": f"{type(exc).__name__}: {exc}"}
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(msg))
+        finally:
+            os._exit(0)
+
+    def result(self) -> Selection:
+        if self.pid is None:
+            return select(*self.args)
+        try:
+            with os.fdopen(self.read_end, "r") as f:
+                text = f.read()
+        finally:
+            _, status = os.waitpid(self.pid, 0)
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            msg = {"crash": f"it ended with status {os.waitstatus_to_exitcode(status)} and no answer"}
+        if "selection" in msg:
+            return Selection(**msg["selection"])
+        if "error" in msg:
+            cls = getattr(errors, msg["error"], errors.InputError)
+            raise cls(msg["message"], hint=msg["hint"])
+        raise RuntimeError(f"the process that decides which tensors to quantise failed: {msg['crash']}")
 
 
 def _checkpoint_key(param: str, keys: set[str], prefix: str) -> str | None:

@@ -103,3 +103,53 @@ def test_moe_experts_follow_the_installed_transformers(tmp_path):
         assert set(sel.quantize) == attn
     else:
         assert attn < set(sel.quantize)
+
+
+def _in_child(folder, skip=None, fork=True):
+    from qtool.selection import SelectionInChild
+
+    ck = open_checkpoint(folder)
+    try:
+        return SelectionInChild(ck.config, ck.folder, ck.keys, skip, fork=fork).result()
+    finally:
+        ck.close()
+
+
+@pytest.mark.parametrize("fork", [True, False])
+def test_selection_in_a_child_process_is_the_same(tmp_path, tiny_llama, fork):
+    """The converter decides in a forked child (its transformers import and meta model never enter the converting
+    process); the answer is the in-process one, for a plain, a skip and a Conv1D checkpoint."""
+    gpt2 = save_tiny(tmp_path / "gpt2", "gpt2", max_shard_size=None)
+    for folder, skip in ((tiny_llama, None), (tiny_llama, ["model.layers.1.mlp"]), (gpt2, None)):
+        assert _in_child(folder, skip, fork) == _select(folder, skip)[0]
+
+
+def test_selection_errors_cross_from_the_child(tiny_llama):
+    with pytest.raises(InputError, match="--skip model.layers.9: no module") as exc:
+        _in_child(tiny_llama, ["model.layers.9"])
+    assert "module names as in the checkpoint keys" in exc.value.hint
+
+
+def test_a_crashing_child_is_reported(tiny_llama, monkeypatch):
+    import qtool.selection as s
+
+    def boom(*a, **k):
+        raise MemoryError("no room for the meta model")
+
+    monkeypatch.setattr(s, "select", boom)  # the child is a fork: it sees the patch
+    with pytest.raises(RuntimeError, match="decides which tensors.*MemoryError: no room for the meta model"):
+        _in_child(tiny_llama)
+
+
+def test_the_converting_process_does_not_import_transformers(tiny_llama, tmp_path):
+    """`qtool convert` in a fresh process: transformers is imported in the child only."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from qtool.convert import convert; convert(sys.argv[1], sys.argv[2]); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "out")], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+    assert (tmp_path / "out" / "config.json").exists()

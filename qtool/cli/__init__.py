@@ -28,6 +28,9 @@ def byte_progress(desc: str):
     """A ``progress(done_bytes, total_bytes, name)`` callback drawing a bar on stderr (off when not a terminal)."""
     from tqdm import tqdm
 
+    # No monitor thread (it tunes miniters, which a bar set by hand does not use): `convert` forks a child early, and
+    # a fork should copy a process with one thread.
+    tqdm.monitor_interval = 0
     bar = tqdm(total=0, unit="B", unit_scale=True, desc=desc, file=sys.stderr, disable=None, leave=False)
 
     def progress(done, total, name):
