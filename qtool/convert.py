@@ -101,11 +101,11 @@ def _plan_shards(ck: Checkpoint, quantize: dict[str, bool], blocksize: int, doub
     return shards
 
 
-def _shard_name(i: int, n: int) -> str:
+def shard_name(i: int, n: int) -> str:
     return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _peak_rss_bytes() -> int:
+def peak_rss_bytes() -> int:
     """High-water resident memory of this process. On Linux from VmHWM: ``ru_maxrss`` also counts the memory of the
     process that spawned this one (the kernel carries its high-water mark over fork + exec), so ``qtool convert``
     started from a large process (a notebook, pytest) would report the parent's size."""
@@ -153,6 +153,8 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
         # which tensors: decided in a child process (before any thread starts here), while the disk reads ahead
         selecting = SelectionInChild(ck.config, ck.folder, ck.keys, skip)
         with Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead, _no_gc():
+            # the flags' reference error; loads the CPU kernels (~0.4 s) while the child decides
+            gaussian_rel_error(blocksize)
             return _convert(ck, selecting.result(), readahead, out, blocksize, double_quant, target, device, skip,
                             max_shard_bytes, overwrite, max_rel_error, progress, t0, test_sleep)
 
@@ -170,13 +172,12 @@ def _convert(ck: Checkpoint, sel: Selection, readahead: Readahead, out, blocksiz
                 "skip": skip or [], "source": str(ck.folder), "model_class": sel.model_class,
                 "kept_linears": sel.kept_linears}
     budget = 2 * max(ck.info(k).nbytes for k in ck.keys)  # bytes in flight: the RSS bound is 2x + 512 MiB
-    gaussian_rel_error(blocksize)  # the flags' reference; loads the CPU kernels once, before the workers start
     with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage, \
             ThreadPoolExecutor(1, thread_name_prefix="qtool-seal") as sealer, \
             ThreadPoolExecutor(N_WORKERS, thread_name_prefix="qtool-quantize") as workers:
         checks, done, weight_map, sealed = [], 0, {}, {}
         for i, groups in enumerate(plan):
-            name = _shard_name(i, len(plan))
+            name = shard_name(i, len(plan))
             writer = ShardWriter(stage / name, [s for g in groups for s in g.slots], max_tail_bytes=layout.MAX_BLOB_BYTES)
             flushing, unflushed = None, 0
             job = lambda g: _convert_one(ck, g, writer, blocksize, double_quant, target, device)  # noqa: E731
@@ -211,7 +212,7 @@ def _convert(ck: Checkpoint, sel: Selection, readahead: Readahead, out, blocksiz
                 f"tensor {worst.name!r} reconstructs with relative error {worst.rel_error:.4f} > "
                 f"--max-rel-error {max_rel_error}", hint="nothing was written; inspect the tensor or raise the limit")
         result.seconds = time.perf_counter() - t0
-        result.peak_rss_bytes = _peak_rss_bytes()
+        result.peak_rss_bytes = peak_rss_bytes()
         write_text(stage / REPORT_NAME, json.dumps(result.to_json(), indent=1))
         if test_sleep:
             time.sleep(test_sleep)  # the test hook again: complete, not yet renamed into place

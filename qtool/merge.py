@@ -31,10 +31,10 @@ import torch
 from qtool import __version__, layout, nf4
 from qtool.adapter import Adapter, LoraFactors, load_adapter
 from qtool.atomic import check_destination, staging_dir, write_text
-from qtool.convert import DEFAULT_MAX_SHARD, _peak_rss_bytes, _shard_name
+from qtool.convert import DEFAULT_MAX_SHARD, peak_rss_bytes, shard_name
 from qtool.errors import InputError
 from qtool.safetensors_io import ShardWriter, Slot, read_header
-from qtool.source import INDEX_NAME, Checkpoint, _shard_names, open_checkpoint, resolve
+from qtool.source import INDEX_NAME, Checkpoint, shard_names, open_checkpoint, resolve
 from qtool.merge_verify import VERIFY_TOLERANCE, verify_merged  # noqa: F401 (VERIFY_TOLERANCE: public)
 from qtool.verify import REPORT_NAME as CONVERT_REPORT_NAME, sha256_file
 
@@ -153,7 +153,7 @@ def open_base(spec) -> _Base:
         raise InputError(f"{cfg_path}: quantization_config is {qc.get('quant_method')!r} "
                          f"{qc.get('bnb_4bit_quant_type', '')!r}; qtool merges onto bitsandbytes NF4 or 16-bit bases",
                          hint="pass the NF4 folder the adapter was trained on, or the original 16-bit folder")
-    shards = [read_header(folder / name) for name in _shard_names(folder)]
+    shards = [read_header(folder / name) for name in shard_names(folder)]
     key_shard = {k: s for s in shards for k in s.tensors}
     ck = Checkpoint(folder, config, shards, key_shard, _other_files(folder))
     get = lambda n: key_shard[n].tensor(n)  # noqa: E731
@@ -324,7 +324,7 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
             order = [k for shard in plan for k, _ in shard]
             following = dict(zip(order, order[1:]))
             for i, groups in enumerate(plan):
-                name = _shard_name(i, len(plan))
+                name = shard_name(i, len(plan))
                 writer = ShardWriter(stage / name, [s for _, slots in groups for s in slots],
                                      max_tail_bytes=layout.MAX_BLOB_BYTES)
                 try:
@@ -355,7 +355,7 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
             if verify:
                 result.verification = verify_merged(stage, b, targets, out_dtype, requantize_nf4, kept_nf4, nf4_keys)
             result.seconds = time.perf_counter() - t0
-            result.peak_rss_bytes = _peak_rss_bytes()
+            result.peak_rss_bytes = peak_rss_bytes()
             write_text(stage / REPORT_NAME, json.dumps(result.to_json(), indent=1))
         return result
     finally:

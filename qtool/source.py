@@ -68,7 +68,7 @@ def resolve(spec: str | os.PathLike) -> Path:
     raise InputError(f"{spec}: no such folder", hint="pass a Hugging Face model folder or a cached hub id (org/name)")
 
 
-def _shard_names(folder: Path) -> list[str]:
+def shard_names(folder: Path) -> list[str]:
     index = folder / INDEX_NAME
     if index.exists():
         try:
@@ -112,7 +112,7 @@ def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
         method = config["quantization_config"].get("quant_method", "?")
         raise InputError(f"{folder} is already quantised ({method}: config.json has a quantization_config)",
                          hint="convert the original 16/32-bit checkpoint instead")
-    shards = [read_header(folder / name) for name in _shard_names(folder)]
+    shards = [read_header(folder / name) for name in shard_names(folder)]
     key_shard: dict[str, SafetensorsFile] = {}
     for shard in shards:
         for key, info in shard.tensors.items():
