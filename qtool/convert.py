@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gc
 import json
 import os
 import shutil
@@ -151,8 +150,8 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
     ck = open_checkpoint(src)
     with contextlib.closing(ck):
         # which tensors: decided in a child process (before any thread starts here), while the disk reads ahead
-        selecting = SelectionInChild(ck.config, ck.folder, ck.keys, skip)
-        with Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead, _no_gc():
+        with SelectionInChild(ck.config, ck.folder, ck.keys, skip) as selecting, \
+                Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead:
             # the flags' reference error; loads the CPU kernels (~0.4 s) while the child decides
             gaussian_rel_error(blocksize)
             return _convert(ck, selecting.result(), readahead, out, blocksize, double_quant, target, device, skip,
@@ -217,20 +216,6 @@ def _convert(ck: Checkpoint, sel: Selection, readahead: Readahead, out, blocksiz
         if test_sleep:
             time.sleep(test_sleep)  # the test hook again: complete, not yet renamed into place
     return result
-
-
-@contextlib.contextmanager
-def _no_gc():
-    """Python's cyclic garbage collector off during a conversion: importing transformers allocates ~10^6 objects, and
-    the collections that this and the conversion loop trigger traverse them again and again (0.5 s of the 2.1 s that
-    ``select`` takes here, ~0.7 s in all). A conversion leaves no cyclic garbage of any size behind."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _fsync(path: Path) -> None:

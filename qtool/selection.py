@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import sys
 import warnings
 from dataclasses import asdict, dataclass
@@ -124,7 +125,8 @@ class SelectionInChild:
     imported (copy-on-write) and does just the import and the meta model that ``select`` does in process, so it
     takes the same time; it answers in JSON on a pipe (the result, or the QtoolError to raise) and exits.
 
-    Start it before any thread of the caller (the fork copies only the calling thread); ``result()`` waits for it.
+    Start it before any thread of the caller (the fork copies only the calling thread); ``result()`` waits for it;
+    use it as a context manager so that an error before ``result()`` kills the child.
     Where ``os.fork`` is missing or not Linux, or transformers is imported already (nothing to save), ``select``
     runs in process, in ``result()``. ``fork`` forces either way (tests)."""
 
@@ -155,14 +157,26 @@ class SelectionInChild:
         finally:
             os._exit(0)
 
+    def __enter__(self) -> SelectionInChild:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """An error before ``result()``: stop and reap the child, so that no process or zombie outlives the call."""
+        if self.pid is not None:
+            os.close(self.read_end)
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            self.pid = None
+
     def result(self) -> Selection:
         if self.pid is None:
             return select(*self.args)
+        pid, self.pid = self.pid, None
         try:
             with os.fdopen(self.read_end, "r") as f:
                 text = f.read()
         finally:
-            _, status = os.waitpid(self.pid, 0)
+            _, status = os.waitpid(pid, 0)
         try:
             msg = json.loads(text)
         except ValueError:

@@ -153,3 +153,22 @@ def test_the_converting_process_does_not_import_transformers(tiny_llama, tmp_pat
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
     assert (tmp_path / "out" / "config.json").exists()
+
+
+def test_an_error_before_the_answer_kills_and_reaps_the_child(tiny_llama, monkeypatch):
+    import os
+    import time
+
+    import qtool.selection as s
+
+    monkeypatch.setattr(s, "select", lambda *a, **k: time.sleep(60))  # a child that would take a minute
+    ck = open_checkpoint(tiny_llama)
+    try:
+        with pytest.raises(ValueError, match="between fork and result"):
+            with s.SelectionInChild(ck.config, ck.folder, ck.keys, fork=True) as selecting:
+                pid = selecting.pid
+                raise ValueError("between fork and result")
+    finally:
+        ck.close()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped already: no such child
