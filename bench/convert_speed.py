@@ -103,7 +103,7 @@ def bench_tensor(reps: int) -> dict:
     import torch
     import bitsandbytes.functional as F
 
-    from qtool import nf4
+    from qtool.nf4 import codec as nf4
 
     w = (torch.randn(8192, 8192, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.float16)
     n = w.numel()
@@ -190,9 +190,9 @@ def profile_cold(work: Path, size: str, e2e: dict) -> str:
     import resource
     from collections import defaultdict
 
-    import qtool.convert as qc
-    from qtool import nf4
-    from qtool.safetensors_io import ShardWriter
+    import qtool.convert.pipeline as qc
+    from qtool.nf4 import codec as nf4
+    from qtool.format.safetensors import ShardWriter
 
     spent: dict = defaultdict(lambda: [0.0, 0.0, 0])  # label -> [wall, thread CPU, calls]
     originals = []

@@ -6,8 +6,10 @@ weight shapes of Llama-2-7B and LLaMA-65B (double quantisation, bf16 output). Pr
 """
 import torch
 
-from qtool import kernels, nf4
-from qtool.model import random_quantized
+from qtool.nf4 import gpu as kernels
+
+from qtool.nf4 import codec as nf4
+from qtool.train.model import random_quantized
 
 
 def median_ms(fn, reps=50):

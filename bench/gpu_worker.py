@@ -2,7 +2,7 @@
 training configurations on it, printing one JSON record per configuration (schema: data/memory/README.md).
 
 Profiles:
-  qtool  our trainer (qtool.model.random_decoder + qtool.train.train), paged AdamW 32-bit
+  qtool  our trainer (qtool.train.model.random_decoder + qtool.train.recipe.train), paged AdamW 32-bit
   hf     transformers + PEFT + bitsandbytes as people run it: Linear4bit NF4 + double quant (compute bf16),
          prepare_model_for_kbit_training, get_peft_model, gradient checkpointing, bnb PagedAdamW32bit, loss from
          model(input_ids, labels=...)
@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qtool.arch import known_shape  # noqa: E402
-from qtool.measure import MemoryMonitor  # noqa: E402
+from qtool.train.measure import MemoryMonitor  # noqa: E402
 
 WARMUP = int(os.environ.get("QTOOL_BENCH_WARMUP", 2))
 DEVICE = os.environ.get("QTOOL_BENCH_DEVICE", "cuda")  # "cpu": a slow dry run of the code paths, no measurements
@@ -75,9 +75,9 @@ def paged_state_bytes(opt) -> int:
 
 # ----------------------------------------------------------------------------------------------------------- qtool
 def run_qtool(shape, configs, steps, warmup):
-    from qtool.data import Blocks
-    from qtool.model import DecoderConfig, random_decoder
-    from qtool.train import TrainSettings, train
+    from qtool.train.data import Blocks
+    from qtool.train.model import DecoderConfig, random_decoder
+    from qtool.train.recipe import TrainSettings, train
 
     device = torch.device(DEVICE)
     cfg = DecoderConfig.from_dict(hf_config_dict(shape))
@@ -150,8 +150,8 @@ def build_hf(shape):
     import transformers
     from torch import nn
 
-    from qtool import layout
-    from qtool.model import random_quantized
+    from qtool.format import bnb_nf4 as layout
+    from qtool.train.model import random_quantized
 
     config = transformers.AutoConfig.for_model(**hf_config_dict(shape))
     with torch.device("meta"):

@@ -11,12 +11,12 @@ __version__ = "0.1.0"
 # name -> module that defines it; resolved lazily so that `qtool plan` never pays for torch.
 _API = {
     "QtoolError": "qtool.errors",
-    "quantize": "qtool.nf4",
-    "dequantize": "qtool.nf4",
-    "QuantizedWeight": "qtool.nf4",
-    "convert": "qtool.convert",
-    "verify": "qtool.verify",
-    "plan": "qtool.plan",
+    "quantize": "qtool.nf4.codec",
+    "dequantize": "qtool.nf4.codec",
+    "QuantizedWeight": "qtool.nf4.codec",
+    "convert": "qtool.convert.pipeline",
+    "verify": "qtool.convert.verify",
+    "plan": "qtool.plan.planner",
 }
 
 __all__ = ["__version__", *_API]

@@ -37,7 +37,7 @@ def shakespeare_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_nf4_cpu(smollm2_dir, tmp_path_factory) -> Path:
     """SmolLM2 converted once per session with ``target="cpu"`` (bitsandbytes' CPU bytes). Tests must not modify it."""
-    from qtool.convert import convert
+    from qtool.convert.pipeline import convert
 
     out = tmp_path_factory.mktemp("smollm2") / "nf4-cpu"
     convert(smollm2_dir, out, target="cpu")

@@ -1,4 +1,4 @@
-"""qtool.adapter against peft itself: qtool-written adapters load in peft and compute x W0ᵀ + s·x Aᵀ Bᵀ;
+"""qtool.format.peft_adapter against peft itself: qtool-written adapters load in peft and compute x W0ᵀ + s·x Aᵀ Bᵀ;
 peft-written adapters (rank_pattern / alpha_pattern / rsLoRA / lora_bias) read back with the factors and scales peft uses; and
 every refusal names the file and the reason."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from qtool.adapter import (CONFIG_NAME, LORA_CONFIG_DEFAULTS, PICKLE_NAME, WEIGHTS_NAME, load_adapter,  # noqa: E402
+from qtool.format.peft_adapter import (CONFIG_NAME, LORA_CONFIG_DEFAULTS, PICKLE_NAME, WEIGHTS_NAME, load_adapter,  # noqa: E402
                            lora_scale, save_adapter)
 from qtool.errors import InputError, OutputError  # noqa: E402
 
@@ -63,7 +63,7 @@ def test_qtool_adapter_loads_in_peft_and_computes_the_bypass(tmp_path, variant):
     rank_pattern, alpha_pattern, rslora = VARIANTS[variant]
     base = tiny_llama(1)
     config = dict(LORA_CONFIG_DEFAULTS, r=8, lora_alpha=16, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
-    from qtool.adapter import rank_and_alpha
+    from qtool.format.peft_adapter import rank_and_alpha
 
     g = torch.Generator().manual_seed(2)
     factors, scales = {}, {}

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from conftest import folder_digest
 from qtool.cli import main
-from qtool.verify import REPORT_NAME
+from qtool.convert.verify import REPORT_NAME
 
 INDEX = "model.safetensors.index.json"
 SHARD1 = "model-00001-of-00003.safetensors"

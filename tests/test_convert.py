@@ -17,10 +17,10 @@ import torch
 from safetensors import safe_open
 
 from conftest import ROOT, folder_digest, save_tiny, write_llama_checkpoint
-from qtool import layout
-from qtool.convert import convert
+from qtool.format import bnb_nf4 as layout
+from qtool.convert.pipeline import convert
 from qtool.errors import InputError
-from qtool.verify import REPORT_NAME, sha256_file, verify_folder
+from qtool.convert.verify import REPORT_NAME, sha256_file, verify_folder
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -209,7 +209,7 @@ def test_tensors_are_converted_in_parallel_within_the_memory_budget():
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
-    from qtool.convert import N_WORKERS, _in_order
+    from qtool.convert.pipeline import N_WORKERS, _in_order
 
     lock, running, seen = threading.Lock(), set(), []  # jobs running now; the set of running jobs at each start
 
@@ -338,7 +338,7 @@ def test_sigkill_at_any_point_leaves_nothing_finished(tmp_path, tiny_llama):
     everything is written but not yet renamed. OUT never exists afterwards (only hidden partial folders may), and a
     rerun succeeds, verifies, and writes the same bytes as an uninterrupted run."""
     out = tmp_path / "out"
-    # The test hook (see qtool.convert.TEST_SLEEP_ENV) sleeps after each tensor and before the final rename.
+    # The test hook (see qtool.convert.pipeline.TEST_SLEEP_ENV) sleeps after each tensor and before the final rename.
     env = {"QTOOL_TEST_SLEEP_AFTER_TENSOR": "0.1"}
     shard = lambda: [f for p in _partials(out) for f in p.glob("*.safetensors")]  # noqa: E731
     complete = lambda: [f for p in _partials(out) for f in p.glob("qtool_report.json")]  # noqa: E731

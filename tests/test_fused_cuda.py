@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from qtool import fused
+from qtool.train import fused
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")]

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from qtool import kernels, nf4
+from qtool.nf4 import gpu as kernels
+
+from qtool.nf4 import codec as nf4
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")]
@@ -33,9 +35,9 @@ def test_triton_dequant_matches_bitsandbytes_cuda():
 
 
 def test_trainer_on_cuda_learns_and_starts_at_the_base_model():
-    from qtool.data import Blocks
-    from qtool.model import DecoderConfig, random_decoder
-    from qtool.train import TrainSettings, train
+    from qtool.train.data import Blocks
+    from qtool.train.model import DecoderConfig, random_decoder
+    from qtool.train.recipe import TrainSettings, train
 
     cfg = DecoderConfig.from_dict({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -54,9 +56,9 @@ def test_trainer_on_cuda_learns_and_starts_at_the_base_model():
 
 
 def test_cuda_graph_replay_trains_like_eager():
-    from qtool.data import Blocks
-    from qtool.model import DecoderConfig, random_decoder
-    from qtool.train import TrainSettings, train
+    from qtool.train.data import Blocks
+    from qtool.train.model import DecoderConfig, random_decoder
+    from qtool.train.recipe import TrainSettings, train
 
     cfg = DecoderConfig.from_dict({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
                                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,

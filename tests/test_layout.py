@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from qtool import layout, nf4
+from qtool.format import bnb_nf4 as layout
+
+from qtool.nf4 import codec as nf4
 from qtool.errors import InputError
 
 bnb = pytest.importorskip("bitsandbytes")

@@ -26,13 +26,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from tools import fixtures  # noqa: E402
 
-from qtool.adapter import load_adapter, save_adapter  # noqa: E402
+from qtool.format.peft_adapter import load_adapter, save_adapter  # noqa: E402
 from qtool.cli import main  # noqa: E402
-from qtool.convert import convert  # noqa: E402
+from qtool.convert.pipeline import convert  # noqa: E402
 from qtool.errors import InputError, OutputError  # noqa: E402
-from qtool.merge import (REPORT_NAME, VERIFY_TOLERANCE, delta_weight, merge, merged_weight,  # noqa: E402
+from qtool.merge.pipeline import (REPORT_NAME, VERIFY_TOLERANCE, delta_weight, merge, merged_weight,  # noqa: E402
                          update_kept)
-from qtool.safetensors_io import read_header  # noqa: E402
+from qtool.format.safetensors import read_header  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -67,7 +67,7 @@ def nf4_dir(smollm2, work):
 
 
 def tokens(vocab: int, seed: int = 0):
-    """The verification's sample: 2 x 32 ids uniform over the vocabulary, fixed seed (qtool.merge_verify.verify_merged)."""
+    """The verification's sample: 2 x 32 ids uniform over the vocabulary, fixed seed (qtool.merge.verify.verify_merged)."""
     return torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(seed))
 
 
@@ -321,7 +321,8 @@ def test_gpt2_conv1d_through_nf4(tmp_path):
     assert res.verification["passed"] and res.verification["merged_vs_bypass"]["rel"] < 1e-5
     layer = pm.base_model.model.transformer.h[1].attn.c_attn
     with read_header(res.out / "model.safetensors") as st, read_header(nf4 / "model.safetensors") as q:
-        from qtool import layout, nf4 as nf4_mod
+        from qtool.format import bnb_nf4 as layout
+        from qtool.nf4 import codec as nf4_mod
 
         key = "transformer.h.1.attn.c_attn.weight"
         w0 = nf4_mod.dequantize(layout.read_weight(key, q.tensor), torch.float32).t()
@@ -333,7 +334,7 @@ def test_gpt2_conv1d_through_nf4(tmp_path):
 def test_verification_catches_a_wrong_merge(nf4_dir, trained, tmp_path, monkeypatch):
     """The built-in check can fail: with the update dropped, the merged model is the bare base, whose logits are
     the adapter's whole effect away from base + adapter — far beyond fp32 rounding. Nothing is written."""
-    import qtool.merge as m
+    import qtool.merge.pipeline as m
 
     monkeypatch.setattr(m, "delta_weight",
                         lambda a, b, scale, fan_in_fan_out=False: torch.zeros(b.shape[0], a.shape[1]))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from qtool import nf4
+from qtool.nf4 import codec as nf4
 from qtool.errors import InputError
 
 bnbF = pytest.importorskip("bitsandbytes.functional")

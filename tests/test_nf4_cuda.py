@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from qtool import nf4
+from qtool.nf4 import codec as nf4
 
 pytestmark = [
     pytest.mark.gpu,
@@ -123,8 +123,8 @@ def test_dequantize_on_cuda_matches_bitsandbytes(case):
 
 def test_convert_on_cuda_writes_the_same_bytes(tmp_path):
     from conftest import folder_digest, save_tiny
-    from qtool.convert import convert
-    from qtool.verify import REPORT_NAME
+    from qtool.convert.pipeline import convert
+    from qtool.convert.verify import REPORT_NAME
 
     src = save_tiny(tmp_path / "src", "llama")
     for target in nf4.TARGETS:

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from tabulate import tabulate
 
-from qtool import plan_activations as acts
-from qtool import plan_items as items
+from qtool.plan import transient as acts
+from qtool.plan import resident as items
 from qtool.arch import known_shape, resolve_model, shape_for_params, shape_from_config
 from qtool.errors import UsageError
-from qtool.plan import (BLOCKSIZES, GPUS, PROFILES, Settings, capacity_bytes, carried_allocated_bytes, fits,
+from qtool.plan.planner import (BLOCKSIZES, GPUS, PROFILES, Settings, capacity_bytes, carried_allocated_bytes, fits,
                         largest_fitting, plan, plan_for_record)
 
 from test_arch import tiny_config
@@ -42,7 +42,7 @@ def test_nf4_bytes_equal_what_bitsandbytes_stores(shape, block_size, double_quan
 
 
 def test_blocksizes_mirror_the_converter():
-    from qtool.nf4 import BLOCKSIZES as converter_blocksizes
+    from qtool.nf4.codec import BLOCKSIZES as converter_blocksizes
 
     assert BLOCKSIZES == converter_blocksizes
 
@@ -216,7 +216,7 @@ def test_resident_bytes_equal_the_hf_stack(tiny_checkpoint):
 
 
 def test_resident_bytes_equal_the_qtool_trainer():
-    from qtool.model import DecoderConfig, random_decoder
+    from qtool.train.model import DecoderConfig, random_decoder
 
     config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
@@ -292,12 +292,12 @@ def test_hf_math_attention_matches_allocation_trace(tmp_path_factory, gc):
     (False, "qkvo", 384, 1, 2000, 4), (True, "all-linear", 300, 2, 2000, 4), (True, "qkvo", 1024, 1, 70000, 4),
     (False, "all-linear", 512, 1, 300, 4), (False, "qkvo", 256, 2, 1000, 2)])
 def test_qtool_transient_matches_allocation_trace(gc, targets, seq_len, batch_size, vocab, kv_heads):
-    """qtool's trainer (qtool.model) on the CPU: one chunk and several, the final-norm-dominated case (small
-    vocabulary), GQA. The CPU takes the torch reference paths (qtool.fused *_ref, qtool.nf4 dequantisation, eager
+    """qtool's trainer (qtool.train.model) on the CPU: one chunk and several, the final-norm-dominated case (small
+    vocabulary), GQA. The CPU takes the torch reference paths (qtool.train.fused *_ref, qtool.nf4.codec dequantisation, eager
     steps with gradients freed), which ``device="cpu"`` plans; the GPU paths (Triton kernels, flash SDPA, CUDA
     graph) are checked against the H200 records in test_replays_recorded_measurements."""
     import torch
-    from qtool.model import DecoderConfig, random_decoder
+    from qtool.train.model import DecoderConfig, random_decoder
 
     warnings.filterwarnings("ignore")
     config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
@@ -322,7 +322,7 @@ def test_qtool_transient_matches_allocation_trace(gc, targets, seq_len, batch_si
 
 
 def test_loss_chunk_rule_mirrors_the_trainer():
-    from qtool.model import loss_chunk_tokens
+    from qtool.train.model import loss_chunk_tokens
 
     for vocab in (300, 32000, 49152, 128256, 151936, 262208):
         assert acts.loss_chunk_tokens(vocab) == loss_chunk_tokens(vocab)

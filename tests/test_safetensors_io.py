@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qtool import safetensors_io as sio
+from qtool.format import safetensors as sio
 from qtool.errors import InputError, OutputError
 
 

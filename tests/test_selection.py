@@ -8,8 +8,8 @@ import pytest
 
 from conftest import save_tiny
 from qtool.errors import InputError
-from qtool.selection import select
-from qtool.source import open_checkpoint
+from qtool.convert.selection import select
+from qtool.format.checkpoint import open_checkpoint
 
 
 def _select(folder, skip=None, keys=None):
@@ -106,7 +106,7 @@ def test_moe_experts_follow_the_installed_transformers(tmp_path):
 
 
 def _in_child(folder, skip=None, fork=True):
-    from qtool.selection import SelectionInChild
+    from qtool.convert.selection import SelectionInChild
 
     ck = open_checkpoint(folder)
     try:
@@ -131,7 +131,7 @@ def test_selection_errors_cross_from_the_child(tiny_llama):
 
 
 def test_a_crashing_child_is_reported(tiny_llama, monkeypatch):
-    import qtool.selection as s
+    import qtool.convert.selection as s
 
     def boom(*a, **k):
         raise MemoryError("no room for the meta model")
@@ -146,7 +146,7 @@ def test_the_converting_process_does_not_import_transformers(tiny_llama, tmp_pat
     import subprocess
     import sys
 
-    code = ("import sys; from qtool.convert import convert; convert(sys.argv[1], sys.argv[2]); "
+    code = ("import sys; from qtool.convert.pipeline import convert; convert(sys.argv[1], sys.argv[2]); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
     proc = subprocess.run([sys.executable, "-c", code, str(tiny_llama), str(tmp_path / "out")], capture_output=True,
                           text=True)
@@ -159,7 +159,7 @@ def test_an_error_before_the_answer_kills_and_reaps_the_child(tiny_llama, monkey
     import os
     import time
 
-    import qtool.selection as s
+    import qtool.convert.selection as s
 
     monkeypatch.setattr(s, "select", lambda *a, **k: time.sleep(60))  # a child that would take a minute
     ck = open_checkpoint(tiny_llama)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qtool.errors import InputError
-from qtool.source import open_checkpoint, resolve
+from qtool.format.checkpoint import open_checkpoint, resolve
 
 
 def test_sharded_folder(tiny_llama):
@@ -186,7 +186,9 @@ def test_quantised_tensors_without_config_are_refused(tmp_path):
     import torch
     from safetensors.torch import save_file
 
-    from qtool import layout, nf4
+    from qtool.format import bnb_nf4 as layout
+
+    from qtool.nf4 import codec as nf4
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     save_file(layout.weight_entries("lm.weight", nf4.quantize(torch.randn(8, 64))), tmp_path / "model.safetensors")

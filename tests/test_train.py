@@ -7,10 +7,10 @@ import torch
 from click.testing import CliRunner
 
 from qtool.cli import main
-from qtool.data import Blocks, pack
+from qtool.train.data import Blocks, pack
 from qtool.errors import InputError, UsageError
-from qtool.model import load_decoder
-from qtool.train import TrainSettings, oom_error, run, train
+from qtool.train.model import load_decoder
+from qtool.train.recipe import TrainSettings, oom_error, run, train
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_adapter_round_trips_through_peft(smollm2_nf4_cpu, shakespeare_path, hf_
     log = json.loads((out / "qtool_train_log.json").read_text())
     assert log["losses"] == res.losses
     ours = load_decoder(smollm2_nf4_cpu, targets=("q_proj", "v_proj", "up_proj"), rank=4)
-    from qtool.adapter import load_adapter
+    from qtool.format.peft_adapter import load_adapter
 
     adapter = load_adapter(out)
     for name, m in ours.lora_modules().items():
@@ -176,12 +176,12 @@ def test_bad_data_files(tmp_path, smollm2_nf4_cpu, text, needle):
 
 
 def test_interrupted_run_leaves_no_adapter(smollm2_nf4_cpu, shakespeare_path, tmp_path, monkeypatch):
-    import qtool.adapter
+    import qtool.format.peft_adapter
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qtool.adapter, "write_text", boom)  # killed after the tensors, before the config
+    monkeypatch.setattr(qtool.format.peft_adapter, "write_text", boom)  # killed after the tensors, before the config
     out = tmp_path / "adapter"
     with pytest.raises(KeyboardInterrupt):
         run(smollm2_nf4_cpu, shakespeare_path, out, TrainSettings(steps=1, seq_len=32, eval_blocks=1))

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qtool import nf4
-from qtool.convert import convert
+from qtool.nf4 import codec as nf4
+from qtool.convert.pipeline import convert
 from qtool.errors import InputError
-from qtool.safetensors_io import read_header
-from qtool.verify import REPORT_NAME, check_tensor, gaussian_rel_error, sha256_file, verify_folder
+from qtool.format.safetensors import read_header
+from qtool.convert.verify import REPORT_NAME, check_tensor, gaussian_rel_error, sha256_file, verify_folder
 
 INDEX = "model.safetensors.index.json"
 

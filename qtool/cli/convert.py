@@ -1,4 +1,4 @@
-"""``qtool convert`` and ``qtool verify``: parse flags, call :mod:`qtool.convert` / :mod:`qtool.verify`, render."""
+"""``qtool convert`` and ``qtool verify``: parse flags, call :mod:`qtool.convert.pipeline` / :mod:`qtool.convert.verify`, render."""
 from __future__ import annotations
 
 import json
@@ -55,7 +55,7 @@ def convert_cmd(source, out, block_size, double_quant, target, device, skip, max
       qtool convert ./model ./model-nf4 --skip model.layers.0.mlp --json
     then: AutoModelForCausalLM.from_pretrained("./llama2-7b-nf4")
     """
-    from qtool.convert import convert
+    from qtool.convert.pipeline import convert
 
     with byte_progress("quantising") as progress:
         result = convert(source, out, blocksize=block_size, double_quant=double_quant, target=target, device=device,
@@ -92,7 +92,7 @@ def verify_cmd(folder, source, max_rel_error, as_json):
       qtool verify ./llama2-7b-nf4
       qtool verify ./llama2-7b-nf4 --source ./Llama-2-7b-hf
     """
-    from qtool.verify import raise_if_failed, verify_folder
+    from qtool.convert.verify import raise_if_failed, verify_folder
 
     result = verify_folder(folder, source, max_rel_error)
     if as_json:

@@ -1,4 +1,4 @@
-"""``qtool merge``: parse flags, call :func:`qtool.merge.merge`, render the summary."""
+"""``qtool merge``: parse flags, call :func:`qtool.merge.pipeline.merge`, render the summary."""
 from __future__ import annotations
 
 import json
@@ -76,7 +76,7 @@ def merge_cmd(base_dir, adapter_dir, out, dtype, requantize, target, max_shard_s
       qtool merge ./llama2-7b-nf4 ./adapter ./merged-nf4 --requantize
     then: AutoModelForCausalLM.from_pretrained("./llama2-7b-merged")
     """
-    from qtool.merge import REPORT_NAME, merge
+    from qtool.merge.pipeline import REPORT_NAME, merge
 
     with byte_progress("merging") as progress:
         result = merge(base_dir, adapter_dir, out, dtype=dtype, requantize_nf4=requantize, target=target,

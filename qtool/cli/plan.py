@@ -1,4 +1,4 @@
-"""``qtool plan``: parse -> :func:`qtool.plan.plan` -> a table or JSON. Imports no torch (it must start in < 0.5 s)."""
+"""``qtool plan``: parse -> :func:`qtool.plan.planner.plan` -> a table or JSON. Imports no torch (it must start in < 0.5 s)."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import json
 import click
 from tabulate import tabulate
 
-from qtool import plan as planner
+from qtool.plan import planner
 from qtool.arch import known_names, parse_param_count, resolve_model, shape_for_params
 from qtool.errors import UsageError
 from qtool.units import fmt_bytes

@@ -1,4 +1,4 @@
-"""``qtool train``: parse flags, call :func:`qtool.train.run`, render the result (and the plan beside it)."""
+"""``qtool train``: parse flags, call :func:`qtool.train.recipe.run`, render the result (and the plan beside it)."""
 from __future__ import annotations
 
 import json
@@ -42,7 +42,7 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
     """
     from tqdm import tqdm
 
-    from qtool.train import TrainSettings, run
+    from qtool.train.recipe import TrainSettings, run
 
     st = TrainSettings(use_rslora=rslora, max_grad_norm=max_grad_norm or None, **kw)
     bar = tqdm(total=st.steps, desc="training", file=click.get_text_stream("stderr"), disable=None, leave=False)

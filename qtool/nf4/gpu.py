@@ -3,15 +3,15 @@
 ``out[i] = NF4[q_i] * (DYN8[a_b] * nested[b // 256] + offset)`` with ``b = i // blocksize`` — the same fp32 products
 bitsandbytes computes in three launches (8-bit absmax dequant, offset add, 4-bit dequant), here in one, and with
 floating-point contraction disabled so that no multiply-add is fused into a differently rounded FMA: the result is
-bit-identical to :func:`qtool.nf4.dequantize` (tests/test_kernels_cuda.py checks it on a GPU).
+bit-identical to :func:`qtool.nf4.codec.dequantize` (tests/test_kernels_cuda.py checks it on a GPU).
 
-Without Triton or on the CPU, :func:`dequantize_into` falls back to :func:`qtool.nf4.dequantize`.
+Without Triton or on the CPU, :func:`dequantize_into` falls back to :func:`qtool.nf4.codec.dequantize`.
 """
 from __future__ import annotations
 
 import torch
 
-from qtool import nf4
+from qtool.nf4 import codec as nf4
 
 try:  # Triton is optional (absent on CPU-only machines)
     import triton

@@ -7,7 +7,7 @@ backward of the last decoder layer (saved or recomputed activations + its gradie
 weight), for eager steps the backward of the first decoder layer (one layer's activations but every other layer's
 fresh gradients) and the optimizer step. Allocated is what ``torch.cuda.max_memory_allocated`` reports, reserved
 adds the caching allocator's slack, NVML adds the CUDA context and bitsandbytes' paged (managed) optimizer buffers.
-The line items and their sources are in :mod:`qtool.plan_items` (resident) and :mod:`qtool.plan_activations`
+The line items and their sources are in :mod:`qtool.plan.resident` (resident) and :mod:`qtool.plan.transient`
 (transient); the measured constants are at the top of the first, and data/memory/README.md says how each was read
 off the records.
 """
@@ -17,8 +17,8 @@ import difflib
 import functools
 from dataclasses import asdict, dataclass, field, replace
 
-from qtool import plan_activations as acts
-from qtool import plan_items as items
+from qtool.plan import transient as acts
+from qtool.plan import resident as items
 from qtool.arch import Shape, shape_from_config, shape_problems
 from qtool.errors import UsageError
 from qtool.units import MiB, parse_size
@@ -31,7 +31,7 @@ LOSSES = ("chunked", "full")
 DEVICES = ("cuda", "cpu")
 TARGET_PRESETS = ("qkvo", "mlp", "all-linear")
 KNOBS = ("seq_len", "batch_size", "rank")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # = qtool.nf4.BLOCKSIZES (a test keeps them equal)
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # = qtool.nf4.codec.BLOCKSIZES (a test keeps them equal)
 _ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "adamw": "adamw_32bit",
             "paged_adamw": "paged_adamw_32bit", "flash_attention_2": "flash", "all": "all-linear", "attn": "qkvo"}
 _LIMITS = {"seq_len": 1 << 22, "batch_size": 1 << 16}

@@ -1,4 +1,4 @@
-"""CPU kernels for NF4 quantisation, compiled by numba. Callers go through :mod:`qtool.nf4`.
+"""CPU kernels for NF4 quantisation, compiled by numba. Callers go through :mod:`qtool.nf4.codec`.
 
 Why numba: bitsandbytes' CPU ``quantize_4bit`` is pure torch (one pass per operation, ~12 bytes of temporaries per
 parameter). These kernels do the same arithmetic in fused passes over 16-bit (or 32-bit) input bits, in parallel
@@ -10,7 +10,7 @@ over groups of blocks, and reproduce bitsandbytes' results bit for bit:
 * code = number of NF4 thresholds strictly below the scaled value (so a value on a threshold takes the lower code).
 
 A conversion makes two passes over each tensor: :func:`block_absmax` (cheap: an integer max over the input bits),
-then, once :mod:`qtool.nf4` has double-quantised those constants, :func:`quantize_blocks`, which writes the 4-bit
+then, once :mod:`qtool.nf4.codec` has double-quantised those constants, :func:`quantize_blocks`, which writes the 4-bit
 codes and, in the same pass, measures the reconstruction error against the stored constants. That measurement and
 the stand-alone one of :func:`reconstruction_stats` (``qtool verify --source``) share :func:`_measure_block` and the
 summation order, so both give the same numbers to the last bit.

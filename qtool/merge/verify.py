@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from qtool import nf4
+from qtool.nf4 import codec as nf4
 from qtool.errors import VerificationError
 
 # Largest relative logits difference (Frobenius, merged vs base + bypass) accepted per output dtype. Measured on
@@ -104,7 +104,7 @@ def verify_merged(stage: Path, b, targets: dict, out_dtype, requantized: bool,
     transformers.utils.logging.disable_progress_bar()
     try:
         if requantized:  # what the NF4 output holds, dequantised in fp32 (no bitsandbytes kernels involved)
-            from qtool.merge import open_base
+            from qtool.merge.pipeline import open_base
 
             out = open_base(stage)
             try:

@@ -81,8 +81,8 @@ def error_pct(planned: int | None, measured: int | None) -> float | None:
 
 
 def plan_settings(st, n_micro_tokens: int | None = None):
-    """The planner's Settings for a :class:`qtool.train.TrainSettings` (profile ``qtool``)."""
-    from qtool.plan import Settings
+    """The planner's Settings for a :class:`qtool.train.recipe.TrainSettings` (profile ``qtool``)."""
+    from qtool.plan.planner import Settings
 
     optimizer = st.optimizer if st.optimizer != "auto" else "paged_adamw_32bit"
     return Settings(profile="qtool", rank=st.rank, alpha=st.alpha, targets=st.targets, seq_len=st.seq_len,
@@ -94,7 +94,7 @@ def compare_with_plan(config: dict, st, memory: list[dict], peaks: dict) -> list
     """Measured counters beside ``qtool plan`` for the same model and settings: rows of
     ``{"name", "planned_bytes", "measured_bytes", "error_pct"}`` (measured None on the CPU)."""
     from qtool.arch import shape_from_config
-    from qtool.plan import plan
+    from qtool.plan.planner import plan
 
     p = plan(shape_from_config(config), plan_settings(st))
     after_load = next((m for m in memory if m["phase"] == "after_load"), {})

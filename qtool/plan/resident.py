@@ -5,7 +5,7 @@ Symbols used in the formulas: ``T = batch * seq`` tokens, ``s`` sequence length,
 ``q``/``kv`` the query/key-value widths (heads * head_dim), ``nh`` query heads, ``V`` vocabulary, ``r`` LoRA rank.
 Dtype widths: ``rb`` the hidden states between layers, ``cb`` the compute dtype of the base matmuls, ``ab`` the
 adapters (their parameters, gradients and, in PEFT, their inputs), ``lb`` the dtype the LoRA product runs in.
-The transient items (activations, logits, gradient transients) are in :mod:`qtool.plan_activations`.
+The transient items (activations, logits, gradient transients) are in :mod:`qtool.plan.transient`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from qtool.units import MiB
 
 if TYPE_CHECKING:
     from qtool.arch import Shape
-    from qtool.plan import Settings
+    from qtool.plan.planner import Settings
 
 # --- Measured constants ------------------------------------------------------------------------------------------
 # Numbers that cannot be derived from code, each read off data/memory/h200-2026-11-29.json (NVIDIA H200, torch 2.11 +

@@ -3,10 +3,10 @@
 The pipeline streams one tensor at a time: the input shards are memory-mapped, a background thread asks the kernel
 to read up to 2 GiB ahead (from the start, so the disk works while transformers is imported), and processed pages
 are dropped, so resident memory stays near the largest tensor whatever the model size. Each output shard is laid
-out before any data is written (:class:`qtool.safetensors_io.ShardWriter`), so quantised tensors go straight to
+out before any data is written (:class:`qtool.format.safetensors.ShardWriter`), so quantised tensors go straight to
 their final place on disk; it is written back in the background as it grows, and fsynced and hashed in the
 background once complete. Every quantised tensor is dequantised again as the loaders will and compared with its
-source (:mod:`qtool.verify`).
+source (:mod:`qtool.convert.verify`).
 The output folder is built under a temporary name and renamed only when complete and verified.
 """
 from __future__ import annotations
@@ -26,13 +26,17 @@ from typing import Callable
 
 import torch
 
-from qtool import __version__, layout, nf4
-from qtool.atomic import staging_dir, write_text
+from qtool import __version__
+
+from qtool.format import bnb_nf4 as layout
+
+from qtool.nf4 import codec as nf4
+from qtool.format.atomic import staging_dir, write_text
 from qtool.errors import InputError, OutputError, VerificationError
-from qtool.safetensors_io import Readahead, ShardWriter, Slot
-from qtool.selection import Selection, SelectionInChild
-from qtool.source import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
-from qtool.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
+from qtool.format.safetensors import Readahead, ShardWriter, Slot
+from qtool.convert.selection import Selection, SelectionInChild
+from qtool.format.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
+from qtool.convert.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
 
 DEFAULT_MAX_SHARD = 50 * 10**9  # transformers 5 `save_pretrained` default ("50GB")
 FLUSH_BYTES = 256 * 2**20  # output written between background fsyncs of the shard being written
@@ -137,7 +141,7 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
             max_rel_error: float | None = None, progress: ProgressFn | None = None) -> ConvertResult:
     """Convert checkpoint ``src`` (folder or cached hub id) into folder ``out``. See the module docstring.
 
-    ``target`` picks which bitsandbytes backend's bytes to reproduce ('cuda' or 'cpu', see :mod:`qtool.nf4`);
+    ``target`` picks which bitsandbytes backend's bytes to reproduce ('cuda' or 'cpu', see :mod:`qtool.nf4.codec`);
     ``device`` is where the 4-bit quantisation runs ('cpu' or 'cuda'), which does not change the bytes.
     Raises InputError/OutputError/VerificationError; on any error ``out`` is left as it was.
     """

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from qtool.errors import InputError
-from qtool.nf4 import NESTED_BLOCKSIZE, NF4_CODE, QuantizedWeight, dynamic_map_signed
-from qtool.safetensors_io import Slot
+from qtool.nf4.codec import NESTED_BLOCKSIZE, NF4_CODE, QuantizedWeight, dynamic_map_signed
+from qtool.format.safetensors import Slot
 
 FORMAT_VERSION = 1  # of qtool's report and layout choices; bitsandbytes' own format has no version field
 BLOB_SUFFIX = "quant_state.bitsandbytes__nf4"

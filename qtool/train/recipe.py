@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from qtool.errors import InputError, QtoolError, UsageError
-from qtool.measure import MemoryMonitor, compare_with_plan, plan_settings
+from qtool.train.measure import MemoryMonitor, compare_with_plan, plan_settings
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 
@@ -71,7 +71,7 @@ class TrainResult:
     tokens_per_step: int
     paged_state_bytes: int = 0  # optimizer state in CUDA managed memory (bitsandbytes' paged optimizers)
     cuda_graph: str = "off"  # "on", "off", or why the capture failed (the run then continued eagerly)
-    plan_comparison: list[dict] = field(default_factory=list)  # measured vs `qtool plan`, see qtool.measure
+    plan_comparison: list[dict] = field(default_factory=list)  # measured vs `qtool plan`, see qtool.train.measure
     memory: list[dict] = field(default_factory=list)  # MemorySample rows, per phase
     peaks: dict = field(default_factory=dict)  # measured after the warm-up steps
     settings: dict = field(default_factory=dict)
@@ -142,7 +142,7 @@ class _GraphedMicroStep:
 
 def train(model, blocks, st: TrainSettings, *, device: torch.device,
           progress: Callable[[int, float, float], None] | None = None) -> TrainResult:
-    """Train the LoRA factors of ``model`` (a :class:`qtool.model.Decoder` already on ``device``) on ``blocks``."""
+    """Train the LoRA factors of ``model`` (a :class:`qtool.train.model.Decoder` already on ``device``) on ``blocks``."""
     # --- setup
     torch.manual_seed(st.seed)
     model.train()
@@ -235,9 +235,9 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
     """The whole job of ``qtool train``: validate, load, pack the data, train, write the PEFT adapter atomically."""
     from transformers import AutoTokenizer
 
-    from qtool.atomic import check_destination
-    from qtool.data import pack
-    from qtool.model import DecoderConfig, load_decoder, parse_targets
+    from qtool.format.atomic import check_destination
+    from qtool.train.data import pack
+    from qtool.train.model import DecoderConfig, load_decoder, parse_targets
 
     problems = st.problems()
     model_dir = Path(model_dir)
@@ -273,7 +273,7 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
         raise oom_error(raw_config, st, torch.cuda.get_device_properties(device).total_memory, model_dir) from exc
     result.plan_comparison = compare_with_plan(raw_config, st, result.memory, result.peaks)
     if out is not None:
-        from qtool import adapter as adapter_io
+        from qtool.format import peft_adapter as adapter_io
 
         factors = {name: (m.lora_a.detach().float().cpu(), m.lora_b.detach().float().cpu())
                    for name, m in model.lora_modules().items()}
@@ -288,7 +288,7 @@ def oom_error(config: dict, st: TrainSettings, capacity: int, model_dir) -> Qtoo
     """What ran out, by the plan: the largest line item at the peak, and the largest --seq-len and --batch-size
     that the planner says fit this GPU with the other settings unchanged."""
     from qtool.arch import shape_from_config
-    from qtool.plan import largest_fitting, plan
+    from qtool.plan.planner import largest_fitting, plan
 
     shape, settings = shape_from_config(config), plan_settings(st)
     p = plan(shape, settings)

@@ -1,6 +1,6 @@
 """NF4 with double-quantised block constants (QLoRA), bit-identical to bitsandbytes 0.50.2 ``quantize_4bit``.
 
-No file I/O here. The on-disk key names live in :mod:`qtool.layout`.
+No file I/O here. The on-disk key names live in :mod:`qtool.format.bnb_nf4`.
 
 Format of one quantised tensor of ``n`` elements, blocksize ``B`` (default 64):
 
@@ -126,7 +126,7 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Resident bytes of the tensors (code tables excluded; see qtool.layout for the on-disk extras)."""
+        """Resident bytes of the tensors (code tables excluded; see qtool.format.bnb_nf4 for the on-disk extras)."""
         extra = self.nested_absmax.nbytes if self.nested_absmax is not None else 0
         return self.packed.nbytes + self.absmax.nbytes + extra
 
@@ -237,7 +237,7 @@ def _quantize_cpu(w: torch.Tensor, blocksize: int, double_quant: bool, target: s
     double quantisation here, which need all of them; (2) the 4-bit codes and, with ``measure``, the reconstruction
     error against the stored constants. Returns (QuantizedWeight or None, error dict or None, number of NaN/Inf);
     with NaN/Inf in ``w`` the work stops after pass 1 (None) when it would double-quantise NaN constants."""
-    from qtool import _nf4_cpu as k
+    from qtool.nf4 import _cpu as k
 
     bits, kind = _input_bits(w)
     n = w.numel()
@@ -330,7 +330,7 @@ def _quantize_4bit_torch(w: torch.Tensor, blocksize: int, target: str, chunk_blo
 
 def quantize_absmax(absmax: torch.Tensor, target: str = "cuda") -> tuple[torch.Tensor, torch.Tensor, float]:
     """Double quantisation of a CPU fp32 absmax vector: returns (uint8 codes, fp32 nested absmax, offset)."""
-    from qtool import _nf4_cpu as k
+    from qtool.nf4 import _cpu as k
 
     offset = absmax.mean()  # fp32 torch.mean, as bitsandbytes (its last bit follows torch's reduction order)
     y = (absmax - offset).numpy()
@@ -364,7 +364,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.T
         blocks = torch.arange(n, device=q.device) // qw.blocksize
         out = code[q] * absmax[blocks]
     else:
-        from qtool import _nf4_cpu as k
+        from qtool.nf4 import _cpu as k
 
         out_np = np.empty(n, np.float32)
         k.dequantize_blocks(qw.packed.reshape(-1).numpy(), absmax.contiguous().numpy(), code.numpy(),
@@ -383,7 +383,7 @@ def reconstruction_error(w: torch.Tensor, qw: QuantizedWeight) -> dict:
 
     Reads ``qw`` as stored, independently of how it was made; :func:`quantize_with_error` gives the same numbers while
     quantising."""
-    from qtool import _nf4_cpu as k
+    from qtool.nf4 import _cpu as k
 
     bits, kind = _input_bits(w.cpu())
     stored, tol, sums, counts = _measure_inputs(qw)
@@ -401,7 +401,7 @@ def _measure_inputs(qw: QuantizedWeight):
     """The block constants as the loaders see them (fp32, per block), the tolerance of each group of 256 blocks for
     the damaged-constant test (fp64: one gap of the 8-bit code times the group's nested absmax; 0 without double
     quantisation), and the per-group result buffers of the measuring kernels."""
-    from qtool import _nf4_cpu as k
+    from qtool.nf4 import _cpu as k
 
     stored = absmax_fp32(qw).cpu().contiguous().numpy()
     if qw.double_quant:

@@ -23,9 +23,11 @@ from pathlib import Path
 
 import torch
 
-from qtool import layout, nf4
+from qtool.format import bnb_nf4 as layout
+
+from qtool.nf4 import codec as nf4
 from qtool.errors import InputError, VerificationError
-from qtool.safetensors_io import read_header
+from qtool.format.safetensors import read_header
 
 REPORT_NAME = "qtool_report.json"
 MISFIT_FACTOR = 1.5
@@ -115,7 +117,7 @@ def verify_folder(folder, source=None, max_rel_error: float | None = None) -> Ve
     """Re-check a converted folder: config and index against the shards, every quantised weight's tensors, the
     sha256 of each shard against the report, and — with ``source`` — every tensor against the original: quantised
     ones by reconstruction error, the others byte for byte. Problems are collected, not raised one by one."""
-    from qtool.source import INDEX_NAME, open_checkpoint
+    from qtool.format.checkpoint import INDEX_NAME, open_checkpoint
 
     folder = Path(folder)
     problems: list[str] = []

@@ -2,7 +2,7 @@
 
 Numerics follow transformers' implementation in the compute dtype (RMSNorm in fp32 then cast, RoPE tables in fp32
 then cast, SDPA attention), so logits match transformers' bitsandbytes-4bit model on the same folder — bit for bit
-on the CPU; on a GPU the fused kernels of :mod:`qtool.fused` round the same way in the forward. The loss is a
+on the CPU; on a GPU the fused kernels of :mod:`qtool.train.fused` round the same way in the forward. The loss is a
 chunked cross-entropy: the [tokens, vocab] fp32 logits are never materialised at once (see
 :func:`chunked_cross_entropy`).
 """
@@ -18,10 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qtool import fused, layout
+from qtool.train import fused
+
+from qtool.format import bnb_nf4 as layout
 from qtool.errors import InputError, UsageError
-from qtool.lora import LoRALinear
-from qtool.nf4 import QuantizedWeight
+from qtool.adapters.lora import LoRALinear
+from qtool.nf4.codec import QuantizedWeight
 
 SUPPORTED = ("llama", "mistral", "qwen2")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -227,7 +229,7 @@ def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tenso
 
 # ------------------------------------------------------------------------------------------------------- loading
 def _open_tensors(folder: Path):
-    from qtool.safetensors_io import read_header
+    from qtool.format.safetensors import read_header
 
     files = [read_header(p) for p in sorted(folder.glob("*.safetensors"))]
     index = {k: f for f in files for k in f.tensors}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from qtool.kernels import HAVE_TRITON
+from qtool.nf4.gpu import HAVE_TRITON
 
 if HAVE_TRITON:
     import triton

@@ -12,8 +12,8 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from qtool.errors import InputError
-from qtool.layout import is_prequantized, quantized_keys
-from qtool.safetensors_io import SafetensorsFile, read_header
+from qtool.format.bnb_nf4 import is_prequantized, quantized_keys
+from qtool.format.safetensors import SafetensorsFile, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"

@@ -6,7 +6,7 @@ For every adapted module ``W' = W0 + s · B A`` (:func:`merged_weight`, fp32, tr
 model that was trained, up to that one rounding. With a 16-bit base ``W0`` is the 16-bit weight: if the adapter was
 trained on the NF4 conversion of that folder, this adds the quantisation error back (reported, with its size).
 
-The pipeline streams like :mod:`qtool.convert`: one tensor at a time from memory-mapped shards into output shards
+The pipeline streams like :mod:`qtool.convert.pipeline`: one tensor at a time from memory-mapped shards into output shards
 laid out in advance, the next tensor prefetched and processed pages released; the folder is built under a temporary
 name and renamed only when complete and verified. ``requantize=True`` writes NF4 again (a separate, lossy, explicit
 step: :func:`requantize`) and reports how much of each update survived.
@@ -28,15 +28,19 @@ from typing import Callable
 
 import torch
 
-from qtool import __version__, layout, nf4
-from qtool.adapter import Adapter, LoraFactors, load_adapter
-from qtool.atomic import check_destination, staging_dir, write_text
-from qtool.convert import DEFAULT_MAX_SHARD, peak_rss_bytes, shard_name
+from qtool import __version__
+
+from qtool.format import bnb_nf4 as layout
+
+from qtool.nf4 import codec as nf4
+from qtool.format.peft_adapter import Adapter, LoraFactors, load_adapter
+from qtool.format.atomic import check_destination, staging_dir, write_text
+from qtool.convert.pipeline import DEFAULT_MAX_SHARD, peak_rss_bytes, shard_name
 from qtool.errors import InputError
-from qtool.safetensors_io import ShardWriter, Slot, read_header
-from qtool.source import INDEX_NAME, Checkpoint, shard_names, open_checkpoint, resolve
-from qtool.merge_verify import VERIFY_TOLERANCE, verify_merged  # noqa: F401 (VERIFY_TOLERANCE: public)
-from qtool.verify import REPORT_NAME as CONVERT_REPORT_NAME, sha256_file
+from qtool.format.safetensors import ShardWriter, Slot, read_header
+from qtool.format.checkpoint import INDEX_NAME, Checkpoint, shard_names, open_checkpoint, resolve
+from qtool.merge.verify import VERIFY_TOLERANCE, verify_merged  # noqa: F401 (VERIFY_TOLERANCE: public)
+from qtool.convert.verify import REPORT_NAME as CONVERT_REPORT_NAME, sha256_file
 
 REPORT_NAME = "qtool_merge_report.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -92,7 +96,7 @@ def requantize(w: torch.Tensor, *, blocksize: int = 64, double_quant: bool = Tru
 # ------------------------------------------------------------------------------------------------------- the base
 @dataclass
 class _Base:
-    """A base checkpoint: 16-bit (``qtool.source``) or qtool's NF4 folder. ``layout_t`` holds the quantised keys
+    """A base checkpoint: 16-bit (``qtool.format.checkpoint``) or qtool's NF4 folder. ``layout_t`` holds the quantised keys
     whose NF4 tensor is the transpose of the checkpoint layout (Conv1D: the converter quantises ``Wᵀ``)."""
 
     ck: Checkpoint
@@ -297,7 +301,7 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
     checkpoint ``out`` (see the module docstring). ``dtype``: 'bf16' | 'fp16' | 'fp32' (default: the config's).
     ``requantize_nf4``: write NF4 again (``target`` picks whose bytes, as in ``qtool convert``). Raises
     InputError/OutputError/VerificationError; on any error ``out`` is left as it was."""
-    from qtool.selection import meta_model, select
+    from qtool.convert.selection import meta_model, select
 
     t0 = time.perf_counter()
     ad = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from qtool.atomic import staging_dir, write_text
+from qtool.format.atomic import staging_dir, write_text
 from qtool.errors import InputError, VerificationError
-from qtool.safetensors_io import ShardWriter, Slot, read_header
+from qtool.format.safetensors import ShardWriter, Slot, read_header
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

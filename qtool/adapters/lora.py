@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtool import kernels
-from qtool.nf4 import QuantizedWeight
+from qtool.nf4 import gpu as kernels
+from qtool.nf4.codec import QuantizedWeight
 
 
 class NF4Weight(nn.Module):

@@ -1,7 +1,7 @@
 """The transient line items of a QLoRA training step: what autograd saves for backward and the working tensors of
 each moment (logits, gradient transients, dequantised weights), one small function each. Pure Python (no torch).
 
-Symbols as in :mod:`qtool.plan_items`. The formulas list the tensors autograd keeps, read from the code that runs:
+Symbols as in :mod:`qtool.plan.resident`. The formulas list the tensors autograd keeps, read from the code that runs:
 transformers 5.x ``models/llama/modeling_llama.py`` (RMSNorm up-casts to fp32; SwiGLU ``down(act(gate(x)) * up(x))``),
 ``integrations/sdpa_attention.py``, ``masking_utils.py``, ``loss/loss_utils.py`` (``logits.float()`` then
 ``cross_entropy``), PEFT 0.21 ``tuners/lora/bnb.py`` (``Linear4bit.forward`` casts x to the adapter dtype, clones the
@@ -16,11 +16,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from qtool.plan_items import DTYPE_BYTES, SDPA_EFFICIENT_SUPPORTS_GQA, alloc, fused
+from qtool.plan.resident import DTYPE_BYTES, SDPA_EFFICIENT_SUPPORTS_GQA, alloc, fused
 
 if TYPE_CHECKING:
     from qtool.arch import Linear, Shape
-    from qtool.plan import Settings
+    from qtool.plan.planner import Settings
 
 
 def widths(st: Settings) -> tuple[int, int, int, int]:
@@ -184,7 +184,7 @@ def position_bytes(shape: Shape, st: Settings) -> int:
 
 def loss_chunk_tokens(vocab: int) -> int:
     """Tokens per chunk of qtool's cross-entropy: the largest power of two whose fp32 logits fit 256 MiB, at least
-    64 (= qtool.model.loss_chunk_tokens; a test keeps them equal)."""
+    64 (= qtool.train.model.loss_chunk_tokens; a test keeps them equal)."""
     return max(64, 2 ** int(math.log2(2**26 / vocab)))
 
 
