@@ -61,6 +61,13 @@ class Shape:
     note: str = ""                 # an assumption the user should know about (e.g. the shape picked for --params)
     declared_params: int | None = None  # the count given with --params; the fp16 line is declared_params * 2
     sliding_window: int | None = None  # attention window of every layer (Mistral v0.1: 4096), None for full attention
+    rms_norm_eps: float = 1e-6
+    rope: tuple[tuple[str, object], ...] = (("rope_theta", 10000.0), ("rope_type", "default"))  # sorted (key, value)
+
+    @property
+    def rope_params(self) -> dict:
+        """RoPE parameters as transformers 5 names them (``rope_theta``, ``rope_type`` and the scaling's keys)."""
+        return dict(self.rope)
 
     @property
     def norm(self) -> str:
@@ -104,6 +111,19 @@ class Shape:
                 Linear("v_proj", h, kv, qkv_bias, "attn"), Linear("o_proj", q, h, o_bias, "attn"),
                 Linear("gate_proj", h, f, self.mlp_bias, "mlp"), Linear("up_proj", h, f, self.mlp_bias, "mlp"),
                 Linear("down_proj", f, h, self.mlp_bias, "mlp")]
+
+    def module_path(self, layer: int, name: str) -> str:
+        """The module path of Linear ``name`` of decoder layer ``layer`` in the transformers model (the names PEFT
+        and the checkpoint keys use, without ``.weight``). The one place these paths are built."""
+        if self.model_type == "gpt_neox":
+            return f"gpt_neox.layers.{layer}.{'attention' if self.group_of(name) == 'attn' else 'mlp'}.{name}"
+        return f"model.layers.{layer}.{'self_attn' if self.group_of(name) == 'attn' else 'mlp'}.{name}"
+
+    def group_of(self, name: str) -> str:
+        for lin in self.linears():
+            if lin.name == name:
+                return lin.group
+        raise KeyError(f"{self.model_type} layers have no Linear {name!r}")
 
     def n_norm_params(self) -> int:
         """Norm weights (and LayerNorm biases) of the whole model, final norm included."""
@@ -264,14 +284,30 @@ def shape_from_config(config: dict, name: str = "config") -> Shape:
         tied_embeddings=tied, max_positions=int(config.get("max_position_embeddings") or 4096),
         dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
         attention_bias=bool(config.get("attention_bias", False)), mlp_bias=bool(config.get("mlp_bias", False)),
-        source=f"config:{name}", sliding_window=_sliding_window(model_type, config))
+        source=f"config:{name}", sliding_window=_sliding_window(model_type, config),
+        rms_norm_eps=float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-6))), rope=_rope(config))
+
+
+def _rope(config: dict) -> tuple[tuple[str, object], ...]:
+    """RoPE parameters from transformers 5's ``rope_parameters`` or 4.x's ``rope_theta`` + ``rope_scaling``, as
+    sorted (key, value) pairs with ``rope_type`` (``type`` in old configs) and ``rope_theta`` always present."""
+    rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
+    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
 
 
 def _sliding_window(model_type: str, config: dict) -> int | None:
-    """The window every layer attends in, as transformers reads it: Mistral's ``sliding_window`` (4096 when the key is
-    absent, MistralConfig's default; null from v0.2 on). Qwen2/3 (``use_sliding_window``, off in released configs)
-    and Gemma 2/3 window only some of their layers, which is not modelled."""
-    window = config.get("sliding_window", 4096) if model_type == "mistral" else None
+    """The attention window, as transformers reads it: Mistral's ``sliding_window`` (4096 when the key is absent,
+    MistralConfig's default; null from v0.2 on) for every layer; Qwen2/3's only with ``use_sliding_window`` (off in
+    released configs; it then applies from layer ``max_window_layers`` on — taken here as every layer, which errs on
+    the safe side for a --seq-len check). Gemma 2/3 window alternate layers, which is not modelled."""
+    if model_type == "mistral":
+        window = config.get("sliding_window", 4096)
+    elif model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+        window = config.get("sliding_window")
+    else:
+        window = None
     return int(window) if window else None
 
 

@@ -1,9 +1,11 @@
-"""The NF4 linear layer and its LoRA bypass: ``y = x W0ᵀ (+ b) + (alpha / rank) · dropout(x) Aᵀ Bᵀ``.
+"""LoRA on a frozen NF4 Linear: ``y = x W0ᵀ (+ b) + s · dropout(x) Aᵀ Bᵀ`` with ``s = alpha / rank`` (rsLoRA:
+``alpha / sqrt(rank)``). A is ``(rank, in)`` and B is ``(out, rank)``, as PEFT stores them.
 
-W0 stays packed (4-bit) on its device. Each product dequantises it into a transient buffer in the compute dtype and
-drops it: once in the forward, once more in the backward for the input gradient (W0 gets no gradient, so nothing of
-the base product is saved for backward — QLoRA's point: only the 4-bit copy stays resident). A is ``(rank, in)``
-and B is ``(out, rank)`` as in PEFT; B starts at zero so the first step computes exactly the base model.
+With the ``symmetric`` initialisation the module also carries a frozen offset ``(A0, B0)`` — the initial factors —
+and computes ``s · (dropout(x) Aᵀ Bᵀ - dropout(x) A0ᵀ B0ᵀ)``. The two products are separate matmuls of bitwise
+identical operands at step 0, so their difference is exactly zero and the model is exactly the base model, while
+both A and B get gradients from the first step. PEFT sees the same function as a rank-2r LoRA
+``[B | -B0] @ [A ; A0]`` (:meth:`LoRALinear.peft_factors`).
 """
 from __future__ import annotations
 
@@ -13,89 +15,69 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qtool.nf4 import gpu as kernels
-from qtool.nf4.codec import QuantizedWeight
-
-
-class NF4Weight(nn.Module):
-    """A frozen NF4 weight held as buffers (they move with ``.to(device)``; none is a parameter)."""
-
-    def __init__(self, qw: QuantizedWeight):
-        super().__init__()
-        self.register_buffer("packed", qw.packed, persistent=False)
-        self.register_buffer("absmax", qw.absmax, persistent=False)
-        self.register_buffer("nested_absmax", qw.nested_absmax, persistent=False)
-        self.offset, self.shape, self.dtype, self.blocksize = qw.offset, qw.shape, qw.dtype, qw.blocksize
-
-    @property
-    def quantized(self) -> QuantizedWeight:
-        return QuantizedWeight(self.packed, self.absmax, self.nested_absmax, self.offset, self.shape, self.dtype,
-                               self.blocksize)
-
-    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
-        return kernels.dequantize_into(self.quantized, dtype)
-
-    def extra_repr(self) -> str:
-        return f"shape={tuple(self.shape)}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}"
-
-
-class _NF4Matmul(torch.autograd.Function):
-    """``x @ W0ᵀ`` with W0 dequantised for the product and freed; backward dequantises again for ``grad @ W0``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
-        ctx.weight = weight  # a module reference, not a saved activation
-        return F.linear(x, weight.dequantize(x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        w = ctx.weight.dequantize(grad_out.dtype)
-        return grad_out @ w, None
+from qtool.adapters.nf4_linear import NF4Linear
 
 
 class LoRALinear(nn.Module):
-    """A Linear whose frozen weight is NF4, with an optional trainable low-rank bypass (``rank=0``: none)."""
+    """A trainable low-rank bypass around a frozen :class:`NF4Linear` (``base``)."""
 
-    def __init__(self, weight: QuantizedWeight, bias: torch.Tensor | None = None, rank: int = 0, alpha: float = 16.0,
-                 dropout: float = 0.0, adapter_dtype: torch.dtype = torch.float32, use_rslora: bool = False):
+    def __init__(self, base: NF4Linear, a: torch.Tensor, b: torch.Tensor, *, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, offset: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        self.weight = NF4Weight(weight)
-        self.register_buffer("bias", bias, persistent=False)
-        self.set_adapter(rank, alpha, dropout, adapter_dtype, use_rslora)
-
-    def set_adapter(self, rank: int, alpha: float = 16.0, dropout: float = 0.0,
-                    adapter_dtype: torch.dtype = torch.float32, use_rslora: bool = False) -> None:
-        """Replace the bypass by a fresh one (``rank=0``: none): A ~ U(±1/sqrt(in)) as PEFT, B = 0."""
-        self.rank, self.alpha = rank, alpha
-        self.scale = (alpha / math.sqrt(rank) if use_rslora else alpha / rank) if rank else 0.0
+        rank = a.shape[0]
+        if a.shape != (rank, base.in_features) or b.shape != (base.out_features, rank):
+            raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a {base.out_features}x"
+                             f"{base.in_features} weight at rank {rank}")
+        self.base = base
+        self.rank, self.alpha, self.use_rslora = rank, float(alpha), use_rslora
+        self.scale = alpha / math.sqrt(rank) if use_rslora else alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_a = self.lora_b = None
-        if rank:
-            out_features, in_features = self.weight.shape
-            device = self.weight.packed.device
-            self.lora_a = nn.Parameter(torch.empty(rank, in_features, dtype=adapter_dtype, device=device))
-            self.lora_b = nn.Parameter(torch.zeros(out_features, rank, dtype=adapter_dtype, device=device))
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.lora_a = nn.Parameter(a)
+        self.lora_b = nn.Parameter(b)
+        # the frozen initial factors of the symmetric init (buffers: never trained, moved with the module)
+        self.register_buffer("offset_a", None if offset is None else offset[0], persistent=False)
+        self.register_buffer("offset_b", None if offset is None else offset[1], persistent=False)
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.base.in_features
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4Matmul.apply(x, self.weight)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        if self.rank:
-            # the adapter runs in the compute dtype; its fp32 master weights get fp32 gradients through the casts.
+        y = self.base(x)
+        x = self.dropout(x)
+        # the adapter runs in the compute dtype; its fp32 master weights get fp32 gradients through the casts
+        h = F.linear(x, self.lora_a.to(x.dtype)).reshape(-1, self.rank)
+        b = (self.lora_b * self.scale).to(x.dtype)
+        flat = y.reshape(-1, y.shape[-1])
+        if self.offset_a is None:
             # addmm adds the bypass inside the second product (no separate scale and add passes over y)
-            h = F.linear(self.dropout(x), self.lora_a.to(x.dtype))
-            b = (self.lora_b * self.scale).to(x.dtype)
-            y = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), b.t()).view(y.shape)
-        return y
+            return torch.addmm(flat, h, b.t()).view(y.shape)
+        h0 = F.linear(x, self.offset_a.to(x.dtype)).reshape(-1, self.rank)
+        b0 = (self.offset_b * self.scale).to(x.dtype)
+        return (flat + (h @ b.t() - h0 @ b0.t())).view(y.shape)  # the difference first: exactly 0 at step 0
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · (B A - B0 A0)`` in fp32, ``(out, in)``: what merging adds to W0."""
+        dw = self.lora_b.detach().float() @ self.lora_a.detach().float()
+        if self.offset_a is not None:
+            dw -= self.offset_b.float() @ self.offset_a.float()
+        return dw * self.scale
+
+    def peft_factors(self) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """``(A, B, rank, alpha)`` of the plain PEFT LoRA that computes this module's bypass: the factors themselves,
+        or for the symmetric init ``[A ; A0]``, ``[B | -B0]`` at rank 2r with alpha scaled so that ``s`` is kept
+        (PEFT's own conversion of mutated initialisations, ``subtract_mutated_init``)."""
+        a, b = self.lora_a.detach().float().cpu(), self.lora_b.detach().float().cpu()
+        if self.offset_a is None:
+            return a, b, self.rank, self.alpha
+        a = torch.cat([a, self.offset_a.float().cpu()], 0)
+        b = torch.cat([b, -self.offset_b.float().cpu()], 1)
+        alpha = self.alpha * (math.sqrt(2) if self.use_rslora else 2)
+        return a, b, 2 * self.rank, alpha
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, scale={self.scale:g}"
+        return f"rank={self.rank}, scale={self.scale:g}, offset={self.offset_a is not None}"

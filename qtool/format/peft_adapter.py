@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from qtool.format.adapter_meta import INIT_ADAPTER_DIR, QTOOL_META_NAME, base_fingerprint  # noqa: F401 (public)
 from qtool.format.atomic import staging_dir, write_text
 from qtool.errors import InputError, VerificationError
 from qtool.format.safetensors import ShardWriter, Slot, read_header
@@ -258,6 +259,30 @@ def _check_save_inputs(config: dict, factors: dict, extra_files: dict) -> dict[s
                          hint="A is (rank, in_features) and B is (out_features, rank); the rank of a module is "
                               "rank_pattern's first matching key, else rank")
     return tensors
+
+
+def save_trained(out_dir, modules: dict, spec, *, base_dir, overwrite: bool = False,
+                 extra_files: dict[str, str] | None = None) -> Path:
+    """Write trained :class:`qtool.adapters.lora.LoRALinear` modules (module path -> module) as a PEFT LoRA adapter,
+    with ``qtool_adapter.json`` recording ``spec`` and the fingerprint of the base folder it was trained on (what
+    ``qtool merge`` checks). Per-module ranks and alphas go to ``rank_pattern``/``alpha_pattern`` keyed by module
+    name (q_proj, ...); the symmetric init is written as PEFT's rank-2r equivalent (see ``peft_factors``)."""
+    factors, ranks, alphas = {}, {}, {}
+    for path, m in modules.items():
+        a, b, rank, alpha = m.peft_factors()
+        factors[path] = (a, b)
+        name = path.rsplit(".", 1)[-1]
+        ranks.setdefault(name, rank)
+        alphas.setdefault(name, alpha)
+    rank = max(set(ranks.values()), key=list(ranks.values()).count)
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    meta = {"spec": spec.to_json(), "base": base_fingerprint(base_dir),
+            "peft_export": "rank-2r [B | -B0] @ [A ; A0]" if spec.init == "symmetric" else "factors as trained"}
+    return save_adapter(out_dir, factors, rank=rank, alpha=alpha, target_modules=sorted(ranks),
+                        rank_pattern={n: r for n, r in ranks.items() if r != rank},
+                        alpha_pattern={n: a for n, a in alphas.items() if a != alpha}, use_rslora=spec.use_rslora,
+                        dropout=spec.dropout, base_model_name_or_path=str(base_dir), overwrite=overwrite,
+                        extra_files={QTOOL_META_NAME: json.dumps(meta, indent=1), **(extra_files or {})})
 
 
 # ------------------------------------------------------------------------------------------------------------- read

@@ -6,15 +6,21 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from qtool.errors import InputError
+
+
+def check_data_file(path) -> None:
+    """The cheap checks, before any tokenizer is loaded: the file exists and holds something."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--data {path}: no such file")
+    if path.stat().st_size == 0 or not path.read_bytes()[:1 << 20].strip():
+        raise InputError(f"--data {path}: the file is empty", hint="give a text file, or JSONL with a 'text' field")
 
 
 def read_documents(path) -> list[str]:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--data {path}: no such file")
+    check_data_file(path)
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix in (".jsonl", ".json"):
         docs = []
@@ -38,14 +44,16 @@ def read_documents(path) -> list[str]:
 
 @dataclass(frozen=True)
 class Blocks:
-    train: torch.Tensor  # int64 [n_train, seq_len]
-    eval: torch.Tensor  # int64 [n_eval, seq_len]
+    train: "torch.Tensor"  # int64 [n_train, seq_len]
+    eval: "torch.Tensor"  # int64 [n_eval, seq_len]
     n_tokens: int
 
 
 def pack(path, tokenizer, seq_len: int, eval_fraction: float = 0.05, max_eval_blocks: int = 32) -> Blocks:
     """Tokenise and pack; the last ``eval_fraction`` of the blocks (at least one, at most ``max_eval_blocks``) is
     held out for evaluation."""
+    import torch
+
     ids: list[int] = []
     eos = tokenizer.eos_token_id
     for doc in read_documents(path):

@@ -90,13 +90,12 @@ def plan_settings(st, n_micro_tokens: int | None = None):
                     optimizer=optimizer)
 
 
-def compare_with_plan(config: dict, st, memory: list[dict], peaks: dict) -> list[dict]:
-    """Measured counters beside ``qtool plan`` for the same model and settings: rows of
+def compare_with_plan(shape, st, memory: list[dict], peaks: dict) -> list[dict]:
+    """Measured counters beside ``qtool plan`` for the same model shape and settings: rows of
     ``{"name", "planned_bytes", "measured_bytes", "error_pct"}`` (measured None on the CPU)."""
-    from qtool.arch import shape_from_config
     from qtool.plan.planner import plan
 
-    p = plan(shape_from_config(config), plan_settings(st))
+    p = plan(shape, plan_settings(st))
     after_load = next((m for m in memory if m["phase"] == "after_load"), {})
     rows = [("after load (allocated)", p.after_load_allocated_bytes, after_load.get("allocated_bytes") or None),
             ("peak allocated", p.peak_allocated_bytes, peaks.get("peak_allocated_bytes") or None),

@@ -11,52 +11,11 @@ from typing import Callable
 
 import torch
 
-from qtool.errors import InputError, QtoolError, UsageError
+from qtool.adapters.spec import CONVERTER_INITS
+from qtool.errors import QtoolError, UsageError
+from qtool.train.settings import TrainSettings, check_inputs
 from qtool.train.measure import MemoryMonitor, compare_with_plan, plan_settings
 
-OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
-
-
-@dataclass
-class TrainSettings:
-    steps: int = 100
-    seq_len: int = 512
-    batch_size: int = 1
-    grad_accum: int = 1
-    rank: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.0
-    targets: str = "qkvo"
-    lr: float = 2e-4
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 0.3  # QLoRA's setting
-    optimizer: str = "auto"  # paged_adamw_32bit on CUDA, adamw_torch on the CPU
-    grad_checkpointing: bool = True
-    cuda_graphs: bool = True  # replay each micro-batch's forward+backward as one CUDA graph (CUDA, no dropout)
-    use_rslora: bool = False
-    seed: int = 0
-    eval_fraction: float = 0.05
-    eval_blocks: int = 32  # at most this many held-out blocks
-    device: str = "auto"
-    measure_after: int = 2  # steps before memory peaks are reset (optimizer state appears at the first step)
-
-    def problems(self) -> list[str]:
-        p = []
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "rank"):
-            if getattr(self, name) < 1:
-                p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
-        if self.seq_len < 2 <= self.seq_len + 1:
-            p.append("--seq-len must be at least 2")
-        if not self.lr > 0:
-            p.append(f"--lr must be positive (got {self.lr})")
-        if not 0 <= self.dropout < 1:
-            p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
-        if self.optimizer not in OPTIMIZERS + ("auto",):
-            p.append(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if not 0 < self.eval_fraction < 1:
-            p.append(f"eval fraction must be in (0, 1) (got {self.eval_fraction})")
-        return p
 
 
 @dataclass
@@ -65,10 +24,12 @@ class TrainResult:
     device: str
     optimizer: str
     trainable_params: int
-    losses: list[float]
+    losses: list[float]  # per optimizer step: the mean loss of that step's micro-batches (noisy: one batch)
     step_seconds: list[float]
-    eval_loss: float
+    eval_loss: float  # mean loss over the held-out blocks after training
     tokens_per_step: int
+    eval_loss_before: float | None = None  # the same held-out blocks before the first step
+    compute_dtype: str = ""  # what the products ran in, and why
     paged_state_bytes: int = 0  # optimizer state in CUDA managed memory (bitsandbytes' paged optimizers)
     cuda_graph: str = "off"  # "on", "off", or why the capture failed (the run then continued eagerly)
     plan_comparison: list[dict] = field(default_factory=list)  # measured vs `qtool plan`, see qtool.train.measure
@@ -140,10 +101,33 @@ class _GraphedMicroStep:
         return self.loss.detach().clone()
 
 
+def evaluate(model, rows: torch.Tensor, batch_size: int, device: torch.device,
+             progress: Callable[[int, int], None] | None = None) -> float:
+    """Mean loss over ``rows`` (held-out blocks), in eval mode and without gradients."""
+    training = model.training
+    model.eval()
+    losses = []
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            losses.append(float(model.loss(rows[i:i + batch_size].to(device))))
+            if progress:
+                progress(min(i + batch_size, len(rows)), len(rows))
+    model.train(training)
+    return sum(losses) / len(losses)
+
+
 def train(model, blocks, st: TrainSettings, *, device: torch.device,
-          progress: Callable[[int, float, float], None] | None = None) -> TrainResult:
-    """Train the LoRA factors of ``model`` (a :class:`qtool.train.model.Decoder` already on ``device``) on ``blocks``."""
+          progress: Callable[[int, float, float], None] | None = None,
+          eval_progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
+    """Train the adapter factors of ``model`` (a :class:`qtool.train.model.Decoder` already on ``device``) on
+    ``blocks``; the held-out loss is measured before the first step and after the last (``eval_progress(phase,
+    done, total)`` reports it, phase "before"/"after")."""
     # --- setup
+    def held_out(phase: str) -> float:
+        return evaluate(model, blocks.eval, st.batch_size, device,
+                        (lambda d, n: eval_progress(phase, d, n)) if eval_progress else None)
+
+    eval_before = held_out("before")
     torch.manual_seed(st.seed)
     model.train()
     model.grad_checkpointing = st.grad_checkpointing
@@ -217,80 +201,56 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
             progress(step, total, step_seconds[-1])
 
     # --- result
-    model.eval()
-    with torch.no_grad():
-        ev = [float(model.loss(blocks.eval[i:i + st.batch_size].to(device)))
-              for i in range(0, len(blocks.eval), st.batch_size)]
+    eval_after = held_out("after")
     paged = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
                 if torch.is_tensor(t) and getattr(t, "is_paged", False))
     return TrainResult(adapter=None, device=str(device), optimizer=opt_name,
                        trainable_params=sum(p.numel() for p in params), losses=losses, step_seconds=step_seconds,
-                       eval_loss=sum(ev) / len(ev), tokens_per_step=st.batch_size * st.seq_len * st.grad_accum,
+                       eval_loss=eval_after, eval_loss_before=eval_before, tokens_per_step=st.batch_size * st.seq_len * st.grad_accum,
                        paged_state_bytes=paged, cuda_graph=graph_note, memory=[s.to_json() for s in monitor.samples],
                        peaks=monitor.peaks(measured_from or 0), settings=asdict(st))
 
 
 def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
-        progress: Callable[[int, float, float], None] | None = None) -> TrainResult:
+        progress: Callable[[int, float, float], None] | None = None,
+        eval_progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
     """The whole job of ``qtool train``: validate, load, pack the data, train, write the PEFT adapter atomically."""
+    shape = check_inputs(model_dir, data, out, st, overwrite=overwrite)
     from transformers import AutoTokenizer
 
-    from qtool.format.atomic import check_destination
+    from qtool.format import peft_adapter as adapter_io
     from qtool.train.data import pack
-    from qtool.train.model import DecoderConfig, load_decoder, parse_targets
+    from qtool.train.load import compute_dtype_for, load_decoder
 
-    problems = st.problems()
     model_dir = Path(model_dir)
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise InputError(f"{model_dir}: no config.json", hint="pass a folder written by qtool convert")
-    raw_config = json.loads(cfg_path.read_text())
-    cfg = DecoderConfig.from_dict(raw_config, str(cfg_path))
-    if st.seq_len > cfg.max_positions:
-        problems.append(f"--seq-len {st.seq_len} is beyond the model's {cfg.max_positions} positions")
-    if cfg.sliding_window and st.seq_len > cfg.sliding_window:
-        problems.append(f"--seq-len {st.seq_len} is beyond the model's sliding attention window "
-                        f"({cfg.sliding_window}); qtool's attention is full causal, so use --seq-len <= "
-                        f"{cfg.sliding_window}")
-    try:
-        targets = parse_targets(st.targets)
-    except UsageError as exc:
-        problems += exc.problems
-        targets = ()
-    if problems:
-        raise UsageError(problems)
-    if out is not None:
-        check_destination(Path(out), overwrite, inputs=(model_dir,))
     device = resolve_device(st.device)
+    compute_dtype, why = compute_dtype_for(st.compute_dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = pack(data, tokenizer, st.seq_len, st.eval_fraction, st.eval_blocks)
-    model = load_decoder(model_dir, targets=targets, rank=st.rank, alpha=st.alpha, dropout=st.dropout, device=device,
-                         use_rslora=st.use_rslora, seed=st.seed)
+    initial = None
+    if st.init in CONVERTER_INITS:
+        initial = {m: (f.a, f.b) for m, f in adapter_io.load_adapter(model_dir / adapter_io.INIT_ADAPTER_DIR).modules.items()}
+    model = load_decoder(model_dir, st.spec, device=device, compute_dtype=compute_dtype, seed=st.seed, initial=initial)
     try:
-        result = train(model, blocks, st, device=device, progress=progress)
+        result = train(model, blocks, st, device=device, progress=progress, eval_progress=eval_progress)
     except torch.cuda.OutOfMemoryError as exc:
         del model
-        raise oom_error(raw_config, st, torch.cuda.get_device_properties(device).total_memory, model_dir) from exc
-    result.plan_comparison = compare_with_plan(raw_config, st, result.memory, result.peaks)
+        raise oom_error(shape, st, torch.cuda.get_device_properties(device).total_memory, model_dir) from exc
+    result.compute_dtype = f"{str(compute_dtype).removeprefix('torch.')} ({why})"
+    result.plan_comparison = compare_with_plan(shape, st, result.memory, result.peaks)
     if out is not None:
-        from qtool.format import peft_adapter as adapter_io
-
-        factors = {name: (m.lora_a.detach().float().cpu(), m.lora_b.detach().float().cpu())
-                   for name, m in model.lora_modules().items()}
-        result.adapter = adapter_io.save_adapter(
-            out, factors, rank=st.rank, alpha=st.alpha, target_modules=list(targets), use_rslora=st.use_rslora,
-            dropout=st.dropout, base_model_name_or_path=str(model_dir), overwrite=overwrite,
+        result.adapter = adapter_io.save_trained(
+            out, model.lora_modules(), st.spec, base_dir=model_dir, overwrite=overwrite,
             extra_files={"qtool_train_log.json": json.dumps(result.to_json(), indent=1)})
     return result
 
 
-def oom_error(config: dict, st: TrainSettings, capacity: int, model_dir) -> QtoolError:
+def oom_error(shape, st: TrainSettings, capacity: int, model_dir) -> QtoolError:
     """What ran out, by the plan: the largest line item at the peak, and the largest --seq-len and --batch-size
     that the planner says fit this GPU with the other settings unchanged."""
-    from qtool.arch import shape_from_config
     from qtool.plan.planner import largest_fitting, plan
 
-    shape, settings = shape_from_config(config), plan_settings(st)
+    settings = plan_settings(st)
     p = plan(shape, settings)
     big = max((r for r in p.rows if r.where == "device"), key=lambda r: r.bytes)
     seq = largest_fitting(shape, settings, capacity, "seq_len").value

@@ -1,0 +1,147 @@
+"""Building the decoder: from a converted folder (tensor by tensor, every checkpoint tensor accounted for), or with
+random NF4 weights of any shape for measurements; and the compute dtype the device runs fast."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qtool.adapters.nf4_linear import NF4Linear
+from qtool.adapters.spec import AdapterSpec
+from qtool.arch import Shape
+from qtool.errors import InputError
+from qtool.format import bnb_nf4 as layout
+from qtool.nf4.codec import QuantizedWeight
+from qtool.train.model import Decoder, DecoderLayer
+from qtool.train.settings import read_shape
+
+# Checkpoint tensors transformers itself ignores on load (old Llama checkpoints saved the RoPE table as a buffer).
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX-BF16; Linux flags). Without them
+    PyTorch converts in software: a [127x1536]@[1536x576] bf16 product took 0.41 s against 0.025 s in fp32 on an AVX2
+    CPU (issue 13)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def compute_dtype_for(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """``(dtype, why)`` for ``--compute-dtype`` (``auto``, ``bfloat16``, ``float16``, ``float32``). ``auto`` is
+    bfloat16 on CUDA and on CPUs with bf16 matrix instructions, float32 on other CPUs."""
+    if name != "auto":
+        return getattr(torch, name), "as asked"
+    if device.type == "cuda":
+        return torch.bfloat16, "auto: CUDA"
+    if cpu_has_fast_bf16():
+        return torch.bfloat16, "auto: this CPU has bf16 matrix instructions"
+    return torch.float32, "auto: this CPU has no bf16 matrix instructions (bf16 would run ~15x slower)"
+
+
+def build_decoder(shape: Shape, quantized, dense, *, device="cpu", compute_dtype: torch.dtype = torch.bfloat16,
+                  spec: AdapterSpec | None = None, adapter_dtype: torch.dtype = torch.float32, seed: int = 0,
+                  initial: dict | None = None) -> Decoder:
+    """Assemble the decoder from ``quantized(key, shape) -> QuantizedWeight`` and ``dense(key, shape) -> Tensor``
+    (each called once per tensor, so a weight can be produced, moved and dropped one at a time), then attach the
+    adapters of ``spec`` (none when None; see :func:`qtool.adapters.attach.attach_adapters`)."""
+    def dense_on(key, shape_):
+        return dense(key, shape_).to(device=device, dtype=compute_dtype)
+
+    layers = []
+    for i in range(shape.n_layers):
+        linears = {}
+        for lin in shape.linears():
+            prefix = shape.module_path(i, lin.name)
+            qw = quantized(f"{prefix}.weight", (lin.n_out, lin.n_in)).to(device)
+            if qw.shape != (lin.n_out, lin.n_in):
+                raise InputError(f"{prefix}.weight has shape {qw.shape}, config.json implies {(lin.n_out, lin.n_in)}")
+            bias = dense_on(f"{prefix}.bias", (lin.n_out,)) if lin.bias else None
+            linears[lin.name] = NF4Linear(qw, bias)
+        norms = {n: dense_on(f"model.layers.{i}.{n}.weight", (shape.hidden,))
+                 for n in ("input_layernorm", "post_attention_layernorm")}
+        layers.append(DecoderLayer(shape, linears, norms))
+    embed = dense_on("model.embed_tokens.weight", (shape.vocab, shape.hidden))
+    head = None if shape.tied_embeddings else dense_on("lm_head.weight", (shape.vocab, shape.hidden))
+    model = Decoder(shape, layers, embed, dense_on("model.norm.weight", (shape.hidden,)), head, compute_dtype)
+    if spec is not None:
+        from qtool.adapters.attach import attach_adapters
+
+        attach_adapters(model, spec, seed=seed, adapter_dtype=adapter_dtype, initial=initial)
+    return model
+
+
+def load_decoder(folder, spec: AdapterSpec | None = None, **kwargs) -> Decoder:
+    """The decoder of a folder written by ``qtool convert`` (or any bitsandbytes-4bit NF4 checkpoint of a supported
+    architecture); keyword arguments as :func:`build_decoder`. Every tensor of the checkpoint must be used: one the
+    model has no place for is an error naming it (nothing is dropped silently)."""
+    from qtool.format.safetensors import read_header
+
+    folder = Path(folder)
+    shape = read_shape(folder)
+    files = [read_header(p) for p in sorted(folder.glob("*.safetensors"))]
+    index = {k: f for f in files for k in f.tensors}
+    if not layout.quantized_keys(index):
+        raise InputError(f"{folder} is not a 4-bit checkpoint (no bitsandbytes NF4 weights)",
+                         hint=f"convert it first: qtool convert {folder} {folder}-nf4")
+    used: set[str] = set()
+
+    def get(name):
+        if name not in index:
+            raise KeyError(name)
+        used.add(name)
+        return index[name].tensor(name)
+
+    def quantized(key, shape_):
+        if key not in index:
+            raise InputError(f"{folder}: tensor {key!r} is missing")
+        qw = layout.read_weight(key, get, where=str(folder))
+        used.update(k for k in index if k.startswith(key + ".") and layout.is_aux_key(k))
+        return qw
+
+    def dense(key, shape_):
+        try:
+            return get(key)
+        except KeyError:
+            raise InputError(f"{folder}: tensor {key!r} is missing") from None
+
+    model = build_decoder(shape, quantized, dense, spec=spec, **kwargs)
+    unused = sorted(k for k in index if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+                    and not (shape.tied_embeddings and k == "lm_head.weight"))
+    if unused:
+        raise InputError(f"{folder}: {len(unused)} tensor(s) the {shape.model_type} model has no place for, e.g. "
+                         f"{', '.join(unused[:3])}",
+                         hint="qtool train would silently ignore them; check config.json (e.g. attention_bias, "
+                              "mlp_bias) or train with transformers + PEFT, which load this folder as it is")
+    return model
+
+
+def random_quantized(shape: tuple[int, int], device, generator: torch.Generator, blocksize: int = 64,
+                     dtype: torch.dtype = torch.bfloat16) -> QuantizedWeight:
+    """A random NF4 weight made directly in its packed form on ``device`` (no 16-bit copy ever exists): for memory
+    and speed measurements of real shapes, e.g. a 65B model on one GPU. Values look like N(0, ~0.02) weights."""
+    n = shape[0] * shape[1]
+    n_blocks = -(-n // blocksize)
+    packed = torch.randint(0, 256, ((n + 1) // 2, 1), dtype=torch.uint8, device=device, generator=generator)
+    codes = torch.randint(100, 156, (n_blocks,), dtype=torch.uint8, device=device, generator=generator)
+    nested = torch.full((-(-n_blocks // 256),), 0.02, dtype=torch.float32, device=device)
+    return QuantizedWeight(packed, codes, nested, 0.05, tuple(shape), dtype, blocksize)
+
+
+def random_decoder(shape: Shape, device, seed: int = 0, **kwargs) -> Decoder:
+    """A decoder of ``shape`` with random NF4 weights and random 16-bit embeddings/norms, built layer by layer on
+    ``device``; keyword arguments as :func:`build_decoder`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def quantized(key, shape_):
+        return random_quantized(shape_, device, gen)
+
+    def dense(key, shape_):
+        if key.endswith("norm.weight") or "layernorm" in key:
+            return torch.ones(shape_, device=device)
+        return torch.randn(shape_, device=device, generator=gen) * 0.02
+
+    return build_decoder(shape, quantized, dense, device=device, seed=seed, **kwargs)

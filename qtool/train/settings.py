@@ -1,0 +1,142 @@
+"""What a training run is asked to do, and every check of it that needs no torch, no tokenizer and no weights —
+so that a wrong flag or path is reported in a fraction of a second, before anything heavy is imported."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from qtool.adapters.spec import CONVERTER_INITS, AdapterSpec
+from qtool.errors import InputError, UsageError
+
+OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
+COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
+SUPPORTED = ("llama", "mistral", "qwen2")
+ROPE_TYPES = ("default", "llama3")
+
+
+@dataclass
+class TrainSettings:
+    steps: int = 100
+    seq_len: int = 512
+    batch_size: int = 1
+    grad_accum: int = 1
+    rank: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.0
+    targets: str = "qkvo"  # presets and names, each optionally =RANK (see qtool.adapters.spec)
+    init: str = "zero"  # zero | symmetric | pissa | loftq (the last two: made by `qtool convert --lora-init`)
+    compute_dtype: str = "auto"  # bf16 on CUDA and on CPUs with bf16 instructions, else fp32
+    lr: float = 2e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 0.3  # QLoRA's setting
+    optimizer: str = "auto"  # paged_adamw_32bit on CUDA, adamw_torch on the CPU
+    grad_checkpointing: bool = True
+    cuda_graphs: bool = True  # replay each micro-batch's forward+backward as one CUDA graph (CUDA, no dropout)
+    use_rslora: bool = False
+    seed: int = 0
+    eval_fraction: float = 0.05
+    eval_blocks: int = 32  # at most this many held-out blocks
+    device: str = "auto"
+    measure_after: int = 2  # steps before memory peaks are reset (optimizer state appears at the first step)
+
+    @property
+    def spec(self) -> AdapterSpec:
+        """The adapter these settings train (shared with the planner and the adapter writer)."""
+        return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha, init=self.init,
+                           dropout=self.dropout, use_rslora=self.use_rslora)
+
+    def problems(self) -> list[str]:
+        p = []
+        for name in ("steps", "seq_len", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if self.seq_len == 1:
+            p.append("--seq-len must be at least 2 (each position predicts the next token)")
+        if not self.lr > 0:
+            p.append(f"--lr must be positive (got {self.lr})")
+        if self.optimizer not in OPTIMIZERS + ("auto",):
+            p.append(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            p.append(f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        if not 0 < self.eval_fraction < 1:
+            p.append(f"eval fraction must be in (0, 1) (got {self.eval_fraction})")
+        return p + self.spec.problems()
+
+
+def decoder_shape(config: dict, where: str = "config.json"):
+    """The shape of a config the trainer can build (:mod:`qtool.arch` reads it), or InputError saying why not and
+    what still works."""
+    from qtool.arch import shape_from_config
+
+    mt = config.get("model_type")
+    if mt not in SUPPORTED:
+        raise InputError(f"{where}: model_type {mt!r} is not supported by qtool train",
+                         hint=f"supported: {', '.join(SUPPORTED)} (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2); the "
+                              "converted folder still loads in transformers, PEFT and TRL as it is")
+    shape = shape_from_config(config, where)
+    rope_type = shape.rope_params["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        raise InputError(f"{where}: RoPE type {rope_type!r} is not supported", hint=f"supported: {', '.join(ROPE_TYPES)}")
+    return shape
+
+
+def read_shape(folder):
+    """The shape of a model folder's config.json, checked for the trainer."""
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"{folder}: no config.json", hint="pass a folder written by qtool convert")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(f"{cfg_path}: cannot read ({exc})") from exc
+    return decoder_shape(config, str(cfg_path))
+
+
+def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False):
+    """Every check that needs no torch, no tokenizer and no weights, collected and raised together (UsageError or
+    InputError) before anything heavy starts. Returns the model's shape."""
+    from qtool.format.atomic import check_destination
+    from qtool.train.data import check_data_file
+
+    problems = st.problems()
+    model_dir = Path(model_dir)
+    shape = read_shape(model_dir)
+    if st.seq_len > shape.max_positions:
+        problems.append(f"--seq-len {st.seq_len} is beyond the model's {shape.max_positions} positions")
+    if shape.sliding_window and st.seq_len > shape.sliding_window:
+        problems.append(f"--seq-len {st.seq_len} is beyond the model's sliding attention window "
+                        f"({shape.sliding_window}); qtool's attention is full causal, so use --seq-len <= "
+                        f"{shape.sliding_window}")
+    problems += [p for p in st.spec.problems(shape) if p not in problems]
+    if st.init in CONVERTER_INITS and not problems:
+        problems += _init_adapter_problems(model_dir, st, shape)
+    if problems:
+        raise UsageError(problems)
+    check_data_file(data)
+    if out is not None:
+        check_destination(Path(out), overwrite, inputs=(model_dir,))
+    return shape
+
+
+def _init_adapter_problems(model_dir: Path, st: TrainSettings, shape) -> list[str]:
+    """pissa/loftq: the folder must hold the initial adapter the converter wrote, for the same rank and targets."""
+    from qtool.format.adapter_meta import INIT_ADAPTER_DIR, read_qtool_meta
+
+    meta = read_qtool_meta(model_dir / INIT_ADAPTER_DIR)
+    if meta is None or meta["spec"]["init"] != st.init:
+        return [f"--init {st.init} needs the 16-bit weights: {model_dir} holds no {st.init} initial adapter "
+                f"({INIT_ADAPTER_DIR}/); convert the 16-bit model with it: qtool convert SRC {model_dir} "
+                f"--lora-init {st.init} --rank {st.rank} --targets {st.targets} --alpha {st.alpha:g}"]
+    made = AdapterSpec.from_json(meta["spec"])
+    want = st.spec
+    diffs = [f"--{k} {getattr(want, k)} (the folder was converted with {getattr(made, k)})"
+             for k in ("rank", "alpha", "use_rslora") if getattr(made, k) != getattr(want, k)]
+    if made.module_ranks(shape) != want.module_ranks(shape):
+        diffs.append(f"--targets {want.targets} (the folder was converted with --targets {made.targets})")
+    return [f"--init {st.init}: {d}; the base holds the residual of exactly that adapter, so train with the same "
+            "settings" for d in diffs]
+
+
