@@ -15,7 +15,7 @@ from qtool.plan import resident as items
 from qtool.arch import known_shape, resolve_model, shape_for_params, shape_from_config
 from qtool.errors import UsageError
 from qtool.plan.planner import (BLOCKSIZES, GPUS, PROFILES, Settings, capacity_bytes, carried_allocated_bytes, fits,
-                        largest_fitting, plan, plan_for_record)
+                                knob_limit, largest_fitting, plan, plan_for_record)
 
 from test_arch import tiny_config
 
@@ -343,11 +343,28 @@ def test_validation_reports_every_problem_at_once():
 
 @pytest.mark.parametrize("knob", ["seq_len", "batch_size", "rank"])
 def test_largest_fitting_is_the_boundary(knob):
-    shape, st = known_shape("llama-2-7b"), Settings(targets="all-linear", seq_len=1024)
+    shape, st = known_shape("llama-3.1-8b"), Settings(targets="all-linear", seq_len=1024)
     _, capacity = capacity_bytes("24GB")
     fit = largest_fitting(shape, st, capacity, knob)
-    assert fit.value and fits(fit.plan, capacity) and not fit.limited
+    assert fit.value and fits(fit.plan, capacity) and not fit.limited and fit.value < fit.limit
     assert not fits(plan(shape, replace(st, **{knob: fit.value + 1})), capacity)
+    assert (fit.limit, fit.limit_reason) == knob_limit(shape, st, knob) == {
+        "seq_len": (131072, "max_position_embeddings of llama-3.1-8b"), "batch_size": (65536, "search bound"),
+        "rank": (1024, "min(in, out) of k_proj")}[knob]  # GQA: k_proj is 4096 -> 8 x 128
+
+
+@pytest.mark.parametrize("name,profile,limit,reason", [
+    ("smollm2-135m", "qtool", 8192, "max_position_embeddings of smollm2-135m"),
+    ("llama-2-7b", "hf", 4096, "max_position_embeddings of llama-2-7b"),
+    ("mistral-7b", "qtool", 4096, "sliding window of mistral-7b, which the qtool trainer does not apply"),
+    ("mistral-7b", "hf", 32768, "max_position_embeddings of mistral-7b")])
+def test_seq_len_search_stops_at_the_model_limit(name, profile, limit, reason):
+    """No seq-len beyond the positions a model has (an H200 has memory for far more of these short-context
+    models); the qtool trainer attends over the whole sequence, so for it a sliding window is the limit too."""
+    shape, st = known_shape(name), Settings(profile=profile)
+    fit = largest_fitting(shape, st, GPUS["H200"] * 2**20, "seq_len")
+    assert (fit.value, fit.limited, fit.limit) == (limit, True, limit) and reason in fit.limit_reason
+    assert fits(fit.plan, GPUS["H200"] * 2**20) and fit.plan.settings.seq_len == limit
 
 
 def test_peak_grows_with_each_knob():
@@ -360,7 +377,10 @@ def test_peak_grows_with_each_knob():
 
 def test_gpu_names_and_sizes():
     assert capacity_bytes("h200") == ("H200", 143771 * 2**20)
-    assert capacity_bytes("24GB") == ("24GB", 24 * 10**9)
+    assert capacity_bytes("RTX-4090") == ("RTX 4090", 24564 * 2**20)
+    assert capacity_bytes("24GB") == ("24GB", 24 * 10**9) and capacity_bytes("24 gb")[1] == 24 * 10**9
+    assert capacity_bytes("24GiB")[1] == capacity_bytes("24Gi")[1] == capacity_bytes("24gib")[1] == 24 * 2**30
+    assert capacity_bytes("1.5TiB")[1] == 3 * 2**39 and capacity_bytes("512Mi")[1] == 512 * 2**20
     with pytest.raises(UsageError, match="did you mean"):
         capacity_bytes("A100-40")
 

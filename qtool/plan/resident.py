@@ -17,7 +17,7 @@ from qtool.units import MiB
 
 if TYPE_CHECKING:
     from qtool.arch import Shape
-    from qtool.plan.planner import Settings
+    from qtool.plan.settings import Settings
 
 # --- Measured constants ------------------------------------------------------------------------------------------
 # Numbers that cannot be derived from code, each read off data/memory/h200-2026-11-29.json (NVIDIA H200, torch 2.11 +

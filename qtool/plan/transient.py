@@ -20,7 +20,7 @@ from qtool.plan.resident import DTYPE_BYTES, SDPA_EFFICIENT_SUPPORTS_GQA, alloc,
 
 if TYPE_CHECKING:
     from qtool.arch import Linear, Shape
-    from qtool.plan.planner import Settings
+    from qtool.plan.settings import Settings
 
 
 def widths(st: Settings) -> tuple[int, int, int, int]:
