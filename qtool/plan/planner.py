@@ -78,7 +78,7 @@ def plan(shape: Shape, settings: Settings) -> Plan:
     rounding = items.resident_rounding_bytes(shape, st)
     numels = items.lora_tensors(shape, st)
     param_bytes = items.DTYPE_BYTES[st.adapter_dtype]
-    lora = sum(items.alloc(n * param_bytes) for n in numels)
+    lora = items.tensors_alloc(numels, param_bytes)
     opt_device, opt_paged = items.optimizer_state_bytes(numels, st.optimizer, param_bytes)
     frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
     n_workspaces = items.cublas_workspaces(st)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from qtool.units import MiB
@@ -77,6 +78,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def alloc(n_bytes: int) -> int:
     """What the caching allocator books for one tensor of ``n_bytes`` (rounded up to 512)."""
     return -(-n_bytes // ALLOC_ROUND_BYTES) * ALLOC_ROUND_BYTES
+
+
+def tensors_alloc(numels: list[int], element_bytes: int) -> int:
+    """What the caching allocator books for one tensor of each of ``numels`` elements (sizes repeat per layer)."""
+    return sum(count * alloc(n * element_bytes) for n, count in Counter(numels).items())
 
 
 def booked(sizes: list[int]) -> int:
@@ -247,18 +253,18 @@ def optimizer_state_bytes(numels: list[int], optimizer: str, param_bytes: int = 
     if optimizer == "sgd":
         return 0, 0
     if optimizer == "adamw_torch":
-        return sum(2 * alloc(n * param_bytes) for n in numels), 0
+        return 2 * tensors_alloc(numels, param_bytes), 0
     paged_ok = optimizer.startswith("paged_")
     device = paged = 0
-    for n in numels:
+    for n, count in Counter(numels).items():  # every layer repeats the same few sizes
         eight_bit = optimizer.endswith("8bit") and n >= MIN_8BIT_NUMEL
         buffer = n if eight_bit else 4 * n
         if paged_ok and n >= PAGED_MIN_NUMEL:
-            paged += 2 * -(-buffer // PAGED_GRANULARITY_BYTES) * PAGED_GRANULARITY_BYTES
+            paged += count * 2 * -(-buffer // PAGED_GRANULARITY_BYTES) * PAGED_GRANULARITY_BYTES
         else:
-            device += 2 * alloc(buffer)
+            device += count * 2 * alloc(buffer)
         if eight_bit:
-            device += 2 * alloc(4 * -(-n // OPTIM_8BIT_BLOCK))
+            device += count * 2 * alloc(4 * -(-n // OPTIM_8BIT_BLOCK))
     if optimizer.endswith("8bit"):
         device += 2 * alloc(256 * 4)  # the signed and unsigned dynamic maps (name2qmap), once per device
     return device, paged
@@ -267,7 +273,7 @@ def optimizer_state_bytes(numels: list[int], optimizer: str, param_bytes: int = 
 def optimizer_step_bytes(numels: list[int], optimizer: str, param_bytes: int = 4) -> int:
     """Temporaries of one optimizer step: torch's foreach AdamW makes ``sqrt(exp_avg_sq)`` for every tensor
     (torch/optim/adamw.py _multi_tensor_adamw); bitsandbytes' fused kernels and plain SGD make none."""
-    return sum(alloc(n * param_bytes) for n in numels) if optimizer == "adamw_torch" else 0
+    return tensors_alloc(numels, param_bytes) if optimizer == "adamw_torch" else 0
 
 
 def gradients_persist(st: Settings) -> bool:

@@ -47,7 +47,7 @@ class Settings:
 
     def module_ranks(self, shape: Shape) -> dict[str, int]:
         """Targeted Linear name -> rank, for this shape's module names."""
-        return dict(_module_ranks(self.targets, self.rank, tuple((lin.name, lin.group) for lin in shape.linears())))
+        return dict(_module_ranks(self.targets, self.rank, shape))
 
     def check(self, shape: Shape) -> Settings:
         """Normalised settings, or UsageError listing every problem (the shape's included)."""
@@ -83,9 +83,11 @@ class Settings:
 
 
 @functools.lru_cache(maxsize=256)
-def _module_ranks(targets: str, rank: int, linears: tuple[tuple[str, str], ...]) -> tuple[tuple[str, int], ...]:
-    """Presets (qkvo, mlp, all-linear) and names, comma-separated, each optionally ``=rank``; later items win."""
+def _module_ranks(targets: str, rank: int, shape: Shape) -> tuple[tuple[str, int], ...]:
+    """Presets (qkvo, mlp, all-linear) and names, comma-separated, each optionally ``=rank``; later items win.
+    Cached: a plan asks for them many times, and a fit search plans the same shape dozens of times."""
     groups = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
+    linears = [(lin.name, lin.group) for lin in shape.linears()]
     ranks: dict[str, int] = {}
     for item in filter(None, (t.strip() for t in targets.split(","))):
         name, _, r = (part.strip() for part in item.partition("="))
