@@ -13,6 +13,8 @@ off the records.
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from qtool.arch import Shape, shape_from_config
@@ -20,7 +22,7 @@ from qtool.errors import UsageError
 from qtool.plan import resident as items
 from qtool.plan import transient as acts
 from qtool.plan.settings import (ATTENTIONS, BLOCKSIZES, DEVICES, DTYPES, LOSSES, OPTIMIZERS, PROFILES,  # noqa: F401
-                                 TARGET_PRESETS, Settings)
+                                 TARGET_PRESETS, Settings, layer_linears)
 from qtool.units import MiB, parse_size
 
 KNOBS = ("seq_len", "batch_size", "rank")
@@ -233,7 +235,7 @@ def knob_limit(shape: Shape, settings: Settings, knob: str) -> tuple[int, str]:
     the window). A rank stops at min(in, out) of the smallest targeted module; a batch at the search bound."""
     st = settings.check(shape)
     if knob == "rank":
-        lins = {lin.name: lin for lin in shape.linears()}
+        lins = {lin.name: lin for lin in layer_linears(shape)}
         name = min(st.module_ranks(shape), key=lambda n: min(lins[n].n_in, lins[n].n_out))
         return min(lins[name].n_in, lins[name].n_out), f"min(in, out) of {name}"
     if knob == "seq_len":
@@ -266,11 +268,19 @@ def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str =
     if knob not in KNOBS:
         raise UsageError(f"cannot solve for {knob!r}; choose one of {', '.join(KNOBS)}")
     st = settings.check(shape)
-    limit, why = knob_limit(shape, st, knob)
+    return _search(_plans_along(shape, st, knob), capacity, knob, *knob_limit(shape, st, knob))
 
+
+def _plans_along(shape: Shape, st: Settings, knob: str) -> Callable[[int], Plan]:
+    """value -> the plan with ``knob`` set to it, memoised: a fit table searches the same values for every GPU."""
+    @functools.cache
     def at(value: int) -> Plan:
         return plan(shape, replace(st, **{knob: value}, alpha=None if knob == "rank" else st.alpha))
 
+    return at
+
+
+def _search(at: Callable[[int], Plan], capacity: int, knob: str, limit: int, why: str) -> Fit:
     if not fits(at(1), capacity):
         return Fit(knob, capacity, None, None, limit=limit, limit_reason=why)
     lo = 1
@@ -286,11 +296,12 @@ def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str =
 def fit_table(shape: Shape, settings: Settings, gpus: tuple[str, ...] = FIT_TABLE_GPUS) -> list[dict]:
     """Per GPU: does this plan fit, with what headroom, and the largest seq-len that fits at this batch size
     (``max_seq_len_limited``: it is :func:`knob_limit`'s bound, not the memory's)."""
-    p = plan(shape, settings)
+    st = settings.check(shape)
+    p, at, limit = plan(shape, st), _plans_along(shape, st, "seq_len"), knob_limit(shape, st, "seq_len")
     table = []
     for name in gpus:
         capacity = GPUS[name] * MiB
-        best = largest_fitting(shape, settings, capacity, "seq_len")
+        best = _search(at, capacity, "seq_len", *limit)
         table.append({"gpu": name, "memory_bytes": capacity, "fits": fits(p, capacity),
                       "headroom_bytes": capacity - p.peak_nvml_bytes, "max_seq_len": best.value,
                       "max_seq_len_limited": best.limited})

@@ -14,6 +14,7 @@ import functools
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from qtool.plan.settings import layer_linears
 from qtool.units import MiB
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ def quantised_weights(shape: Shape, st: Settings) -> tuple[int, int, int]:
     """(packed, metadata, allocated) bytes of every decoder-layer Linear weight, quantised as the converter does:
     packed and metadata as stored on disk (bitsandbytes' layout), allocated as the profile keeps them on the GPU."""
     packed = meta = allocated = 0
-    for lin in shape.linears():
+    for lin in layer_linears(shape):
         p, m = nf4_tensor_bytes(lin.n_in * lin.n_out, st.block_size, st.double_quant)
         packed += p * shape.n_layers
         meta += m * shape.n_layers
@@ -187,7 +188,7 @@ def norm_and_bias_bytes(shape: Shape, st: Settings) -> int:
     transformers keeps a second, original copy). bnb ``Linear4bit.forward`` casts a bias to the compute dtype on
     first use (nn/modules.py), so biases end in the compute dtype in both profiles."""
     per_layer, final = _norm_parts(shape, frozen_bytes_per_param(st))
-    biases = [lin.n_out * DTYPE_BYTES[st.compute_dtype] for lin in shape.linears() if lin.bias]
+    biases = [lin.n_out * DTYPE_BYTES[st.compute_dtype] for lin in layer_linears(shape) if lin.bias]
     rotary = (2 if st.profile == "hf" else 1) * alloc(4 * shape.head_dim // 2)
     return shape.n_layers * sum(alloc(b) for b in per_layer + biases) + sum(alloc(b) for b in final) + rotary
 
@@ -210,11 +211,11 @@ def _rounding(shape: Shape, code_tables: bool, block_size: int, double_quant: bo
     rank_of = dict(ranks)
     per_layer, final = _norm_parts(shape, fb)
     layer: list[int] = []
-    for lin in shape.linears():
+    for lin in layer_linears(shape):
         layer += nf4_tensor_parts(lin.n_in * lin.n_out, block_size, double_quant, code_tables=code_tables)
         layer += [lin.n_out * cb] if lin.bias else []
     embeddings = [shape.vocab * shape.hidden * fb] * (1 if shape.tied_embeddings else 2)
-    lora = [n for lin in shape.linears() if lin.name in rank_of
+    lora = [n for lin in layer_linears(shape) if lin.name in rank_of
             for n in (rank_of[lin.name] * lin.n_in * ab, lin.n_out * rank_of[lin.name] * ab)]
     sizes = (layer + per_layer) * shape.n_layers + embeddings + final + lora * shape.n_layers
     return booked(sizes) - sum(alloc(n) for n in sizes)
@@ -236,7 +237,7 @@ def lora_tensors(shape: Shape, st: Settings) -> list[int]:
     """Element counts of every LoRA tensor: A (r x in) and B (out x r) per targeted Linear per layer.
     Their sum equals PEFT's trainable-parameter count for the same LoraConfig (tests/test_plan.py)."""
     ranks = st.module_ranks(shape)
-    one_layer = [n for lin in shape.linears() if lin.name in ranks
+    one_layer = [n for lin in layer_linears(shape) if lin.name in ranks
                  for n in (ranks[lin.name] * lin.n_in, lin.n_out * ranks[lin.name])]
     return one_layer * shape.n_layers
 

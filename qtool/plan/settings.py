@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from qtool.errors import UsageError
 
 if TYPE_CHECKING:
-    from qtool.arch import Shape
+    from qtool.arch import Linear, Shape
 
 PROFILES = ("qtool", "hf")
 OPTIMIZERS = ("paged_adamw_32bit", "adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "sgd")
@@ -22,6 +22,12 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # = qtool.nf4.codec.BLOC
 # Other spellings accepted for the values above (the CLI's choices accept them too).
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "adamw": "adamw_32bit",
            "paged_adamw": "paged_adamw_32bit", "flash_attention_2": "flash", "all": "all-linear", "attn": "qkvo"}
+
+
+@functools.lru_cache(maxsize=64)
+def layer_linears(shape: Shape) -> tuple[Linear, ...]:
+    """``shape.linears()``, built once per shape: a plan reads them a dozen times, a fit search plans dozens of times."""
+    return tuple(shape.linears())
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def _module_ranks(targets: str, rank: int, shape: Shape) -> tuple[tuple[str, int
     """Presets (qkvo, mlp, all-linear) and names, comma-separated, each optionally ``=rank``; later items win.
     Cached: a plan asks for them many times, and a fit search plans the same shape dozens of times."""
     groups = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
-    linears = [(lin.name, lin.group) for lin in shape.linears()]
+    linears = [(lin.name, lin.group) for lin in layer_linears(shape)]
     ranks: dict[str, int] = {}
     for item in filter(None, (t.strip() for t in targets.split(","))):
         name, _, r = (part.strip() for part in item.partition("="))
@@ -99,7 +105,7 @@ def _module_ranks(targets: str, rank: int, shape: Shape) -> tuple[tuple[str, int
 
 def _target_problems(st: Settings, shape: Shape) -> list[str]:
     problems = []
-    linears = {lin.name: lin for lin in shape.linears()}
+    linears = {lin.name: lin for lin in layer_linears(shape)}
     for name, r in st.module_ranks(shape).items():
         if name not in linears:
             from difflib import get_close_matches  # an error path: not paid at start-up
