@@ -77,8 +77,8 @@ def test_help_and_model_list():
     assert "llama-2-70b" in run("--list-models").output.split()
 
 
-# Each of these started a `qtool plan` that must not import them (bench/cli_startup.py times the start-up; tabulate
-# alone, through importlib.metadata, costs a third of it).
+# What `qtool -h` and `qtool plan` must not import. Their start-up time is measured by bench/cli_startup.py, not
+# here; tabulate is listed because its import (importlib.metadata, email, zipfile, ...) was a third of it.
 HEAVY = ("torch", "numpy", "transformers", "huggingface_hub", "safetensors", "tabulate", "tqdm")
 
 
@@ -158,7 +158,8 @@ def test_every_option_has_help():
 def test_fixed_value_options_list_their_values_and_take_aliases():
     text = " ".join(run("-h").stdout.split())
     for flag, values in [("--profile", "qtool|hf"), ("--attention", "sdpa|flash|eager"), ("--loss", "chunked|full"),
-                         ("--compute-dtype", "bfloat16|float16|float32"), ("--adapter-dtype", "bfloat16|float16|float32"),
+                         ("--compute-dtype", "bfloat16|float16|float32"),
+                         ("--adapter-dtype", "bfloat16|float16|float32"),
                          ("--optimizer", "paged_adamw_32bit|adamw_32bit|paged_adamw_8bit|adamw_8bit|adamw_torch|sgd"),
                          ("--solve", "seq-len|batch-size|rank")]:
         assert f"{flag} [{values}]" in text, flag

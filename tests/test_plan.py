@@ -316,9 +316,10 @@ def test_qtool_transient_matches_allocation_trace(one_thread, gc, targets, seq_l
                                                   hidden):
     """qtool's trainer (qtool.train.model) on the CPU: one chunk and several, the final-norm-dominated case (small
     vocabulary), GQA. The two-chunk case (70000 x 512 fp32 logits per chunk, which dominate its peak) uses hidden 64:
-    its cost is the head's bf16 matmuls, emulated on CPUs without bf16 instructions. The CPU takes the torch reference paths (qtool.train.fused *_ref, qtool.nf4.codec dequantisation, eager
-    steps with gradients freed), which ``device="cpu"`` plans; the GPU paths (Triton kernels, flash SDPA, CUDA
-    graph) are checked against the H200 records in test_replays_recorded_measurements."""
+    its cost is the head's bf16 matmuls, emulated on CPUs without bf16 instructions. The CPU takes the torch
+    reference paths (qtool.train.fused *_ref, qtool.nf4.codec dequantisation, eager steps with gradients freed), which
+    ``device="cpu"`` plans; the GPU paths (Triton kernels, flash SDPA, CUDA graph) are checked against the H200
+    records in test_replays_recorded_measurements."""
     import torch
     from qtool.train.model import DecoderConfig, random_decoder
 

@@ -26,7 +26,7 @@ ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "adamw": "a
 
 @functools.lru_cache(maxsize=64)
 def layer_linears(shape: Shape) -> tuple[Linear, ...]:
-    """``shape.linears()``, built once per shape: a plan reads them a dozen times, a fit search plans dozens of times."""
+    """``shape.linears()`` built once per shape: a plan reads them a dozen times, a fit search makes dozens of plans."""
     return tuple(shape.linears())
 
 
