@@ -15,7 +15,7 @@ from qtool.plan import resident as items
 from qtool.arch import known_shape, resolve_model, shape_for_params, shape_from_config
 from qtool.errors import UsageError
 from qtool.plan.planner import (BLOCKSIZES, GPUS, PROFILES, Settings, capacity_bytes, carried_allocated_bytes, fits,
-                        largest_fitting, plan, plan_for_record)
+                                knob_limit, largest_fitting, plan, plan_for_record)
 
 from test_arch import tiny_config
 
@@ -130,15 +130,38 @@ def test_paged_state_only_for_large_tensors():
 
 # --- activations against the real hf stack -----------------------------------------------------------------------
 
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test: what it traces is the same with one or two (checked for every trace
+    test here) and cannot depend on the machine's core count; on a shared 2-core machine two threads waiting for each
+    other made these tests 5-10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _traced_peak(step) -> int:
     """Peak of live CPU tensor bytes created during one call of ``step`` (after one warm-up call, so optimizer state
-    already exists, as in every later step), from the profiler's allocation events."""
+    already exists, as in every later step), from the profiler's allocation events.
+
+    Both calls run on one intra-op thread (see ``one_thread``; set again before each call: numba's first parallel
+    launch, in the qtool trainer's CPU dequantisation, resets OpenMP's thread count)."""
+    import torch
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    step()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
         step()
+        torch.set_num_threads(1)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        torch.set_num_threads(threads)
     events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while stack:
         event = stack.pop()
@@ -225,10 +248,9 @@ def test_resident_bytes_equal_the_qtool_trainer():
     assert p.after_load_allocated_bytes == _allocated(list(model.parameters()) + list(model.buffers()))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("gc,targets,seq_len,batch_size", [(False, "qkvo", 384, 1), (True, "qkvo", 384, 1),
                                                           (True, "all-linear", 200, 2)])
-def test_hf_transient_matches_allocation_trace(tiny_checkpoint, gc, targets, seq_len, batch_size):
+def test_hf_transient_matches_allocation_trace(one_thread, tiny_checkpoint, gc, targets, seq_len, batch_size):
     """transformers + PEFT + bitsandbytes, set up as bench/gpu_worker.py does, run on the CPU: the bytes created
     during a step (activations, logits, gradients, dequantised weights) must match the plan's transient rows for
     the CPU (``device="cpu"``: no cuBLAS workspaces). fp32 non-GQA attention runs efficient SDPA on CUDA and flash
@@ -254,9 +276,8 @@ def test_hf_transient_matches_allocation_trace(tiny_checkpoint, gc, targets, seq
     assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("gc", [False, True])
-def test_hf_math_attention_matches_allocation_trace(tmp_path_factory, gc):
+def test_hf_math_attention_matches_allocation_trace(one_thread, tmp_path_factory, gc):
     """GQA in fp32 (the hf profile on Llama 3, SmolLM2, Qwen2.5): transformers passes enable_gqa, and CUDA's only
     kernel for it is the math one, forced here on the CPU too. Its s^2 probabilities and repeated k, v are planned as
     traced; on CUDA the softmax backward adds one more s^2 tensor (grad * probs), which the H200 records show."""
@@ -287,21 +308,24 @@ def test_hf_math_attention_matches_allocation_trace(tmp_path_factory, gc):
     assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("gc,targets,seq_len,batch_size,vocab,kv_heads", [
-    (False, "qkvo", 384, 1, 2000, 4), (True, "all-linear", 300, 2, 2000, 4), (True, "qkvo", 1024, 1, 70000, 4),
-    (False, "all-linear", 512, 1, 300, 4), (False, "qkvo", 256, 2, 1000, 2)])
-def test_qtool_transient_matches_allocation_trace(gc, targets, seq_len, batch_size, vocab, kv_heads):
+@pytest.mark.parametrize("gc,targets,seq_len,batch_size,vocab,kv_heads,hidden", [
+    (False, "qkvo", 384, 1, 2000, 4, 256), (True, "all-linear", 300, 2, 2000, 4, 256),
+    (True, "qkvo", 1024, 1, 70000, 4, 64), (False, "all-linear", 512, 1, 300, 4, 256),
+    (False, "qkvo", 256, 2, 1000, 2, 256)])
+def test_qtool_transient_matches_allocation_trace(one_thread, gc, targets, seq_len, batch_size, vocab, kv_heads,
+                                                  hidden):
     """qtool's trainer (qtool.train.model) on the CPU: one chunk and several, the final-norm-dominated case (small
-    vocabulary), GQA. The CPU takes the torch reference paths (qtool.train.fused *_ref, qtool.nf4.codec dequantisation, eager
-    steps with gradients freed), which ``device="cpu"`` plans; the GPU paths (Triton kernels, flash SDPA, CUDA
-    graph) are checked against the H200 records in test_replays_recorded_measurements."""
+    vocabulary), GQA. The two-chunk case (70000 x 512 fp32 logits per chunk, which dominate its peak) uses hidden 64:
+    its cost is the head's bf16 matmuls, emulated on CPUs without bf16 instructions. The CPU takes the torch
+    reference paths (qtool.train.fused *_ref, qtool.nf4.codec dequantisation, eager steps with gradients freed), which
+    ``device="cpu"`` plans; the GPU paths (Triton kernels, flash SDPA, CUDA graph) are checked against the H200
+    records in test_replays_recorded_measurements."""
     import torch
     from qtool.train.model import DecoderConfig, random_decoder
 
     warnings.filterwarnings("ignore")
-    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
-              "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": vocab}
+    config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 11 // 4,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": vocab}
     shape = shape_from_config(config)
     names = tuple(lin.name for lin in shape.linears() if targets == "all-linear" or lin.group == "attn")
     model = random_decoder(DecoderConfig.from_dict(config), "cpu", targets=names, rank=16)
@@ -343,11 +367,28 @@ def test_validation_reports_every_problem_at_once():
 
 @pytest.mark.parametrize("knob", ["seq_len", "batch_size", "rank"])
 def test_largest_fitting_is_the_boundary(knob):
-    shape, st = known_shape("llama-2-7b"), Settings(targets="all-linear", seq_len=1024)
+    shape, st = known_shape("llama-3.1-8b"), Settings(targets="all-linear", seq_len=1024)
     _, capacity = capacity_bytes("24GB")
     fit = largest_fitting(shape, st, capacity, knob)
-    assert fit.value and fits(fit.plan, capacity) and not fit.limited
+    assert fit.value and fits(fit.plan, capacity) and not fit.limited and fit.value < fit.limit
     assert not fits(plan(shape, replace(st, **{knob: fit.value + 1})), capacity)
+    assert (fit.limit, fit.limit_reason) == knob_limit(shape, st, knob) == {
+        "seq_len": (131072, "max_position_embeddings of llama-3.1-8b"), "batch_size": (65536, "search bound"),
+        "rank": (1024, "min(in, out) of k_proj")}[knob]  # GQA: k_proj is 4096 -> 8 x 128
+
+
+@pytest.mark.parametrize("name,profile,limit,reason", [
+    ("smollm2-135m", "qtool", 8192, "max_position_embeddings of smollm2-135m"),
+    ("llama-2-7b", "hf", 4096, "max_position_embeddings of llama-2-7b"),
+    ("mistral-7b", "qtool", 4096, "sliding window of mistral-7b, which the qtool trainer does not apply"),
+    ("mistral-7b", "hf", 32768, "max_position_embeddings of mistral-7b")])
+def test_seq_len_search_stops_at_the_model_limit(name, profile, limit, reason):
+    """No seq-len beyond the positions a model has (an H200 has memory for far more of these short-context
+    models); the qtool trainer attends over the whole sequence, so for it a sliding window is the limit too."""
+    shape, st = known_shape(name), Settings(profile=profile)
+    fit = largest_fitting(shape, st, GPUS["H200"] * 2**20, "seq_len")
+    assert (fit.value, fit.limited, fit.limit) == (limit, True, limit) and reason in fit.limit_reason
+    assert fits(fit.plan, GPUS["H200"] * 2**20) and fit.plan.settings.seq_len == limit
 
 
 def test_peak_grows_with_each_knob():
@@ -360,7 +401,10 @@ def test_peak_grows_with_each_knob():
 
 def test_gpu_names_and_sizes():
     assert capacity_bytes("h200") == ("H200", 143771 * 2**20)
-    assert capacity_bytes("24GB") == ("24GB", 24 * 10**9)
+    assert capacity_bytes("RTX-4090") == ("RTX 4090", 24564 * 2**20)
+    assert capacity_bytes("24GB") == ("24GB", 24 * 10**9) and capacity_bytes("24 gb")[1] == 24 * 10**9
+    assert capacity_bytes("24GiB")[1] == capacity_bytes("24Gi")[1] == capacity_bytes("24gib")[1] == 24 * 2**30
+    assert capacity_bytes("1.5TiB")[1] == 3 * 2**39 and capacity_bytes("512Mi")[1] == 512 * 2**20
     with pytest.raises(UsageError, match="did you mean"):
         capacity_bytes("A100-40")
 

@@ -1,22 +1,39 @@
-"""``qtool plan``: parse -> :func:`qtool.plan.planner.plan` -> a table or JSON. Imports no torch (it must start in < 0.5 s)."""
+"""``qtool plan``: parse -> :func:`qtool.plan.planner.plan` -> a table or JSON. Imports no torch and no numpy; the
+planner itself is imported when the command runs, so that ``qtool -h`` does not pay for it."""
 from __future__ import annotations
 
-import json
-
 import click
-from tabulate import tabulate
 
-from qtool.plan import planner
-from qtool.arch import known_names, parse_param_count, resolve_model, shape_for_params
+from qtool.cli import CONTEXT_SETTINGS, table
 from qtool.errors import UsageError
-from qtool.units import fmt_bytes
+from qtool.plan.settings import ALIASES, ATTENTIONS, BLOCKSIZES, DTYPES, LOSSES, OPTIMIZERS, PROFILES
+from qtool.units import fmt_bytes, fmt_both
+
+UNITS = "GB = 10^9 bytes, GiB = 2^30 bytes"
 
 
-def _both(n_bytes: int) -> tuple[str, str]:
-    return f"{n_bytes / 1e9:,.2f}", f"{n_bytes / 2**30:,.2f}"
+class _SettingChoice(click.Choice):
+    """The values of a planner setting: ``-h`` lists them; case and the planner's aliases (bf16, fp32, adamw, ...)
+    are accepted and mapped to the listed value. Any other value is passed on unchanged, so that the planner's
+    validation reports it together with every other problem of the command line (one run names them all)."""
+
+    def __init__(self, choices: tuple[str, ...]):
+        super().__init__(choices, case_sensitive=False)
+
+    def convert(self, value, param, ctx):
+        key = str(value).strip().lower()
+        key = ALIASES.get(key, key)
+        return key if key in self.choices else value
+
+
+def _aliases(choices: tuple[str, ...]) -> str:
+    names = [alias for alias, target in ALIASES.items() if target in choices]
+    return f" Also accepted: {', '.join(names)}." if names else ""
 
 
 def _shape(model: str | None, params: str | None):
+    from qtool.arch import parse_param_count, resolve_model, shape_for_params
+
     if (model is None) == (params is None):
         raise UsageError("give exactly one of --model (a name, config.json, folder or hub id) and --params",
                          hint="example: qtool plan --params 65e9 --rank 16")
@@ -25,69 +42,109 @@ def _shape(model: str | None, params: str | None):
     try:
         return shape_for_params(parse_param_count(params))
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(f"--params: {exc}") from None
 
 
-def _render(p: planner.Plan, table: list[dict], fit: planner.Fit | None, fit_label: str) -> str:
+def _gb_gib(n_bytes: int, digits: int = 2) -> tuple[str, str]:
+    return f"{n_bytes / 1e9:,.{digits}f}", f"{n_bytes / 2**30:,.{digits}f}"
+
+
+def _max_seq(row: dict) -> str:
+    if row["max_seq_len"] is None:
+        return "-"
+    return f"{row['max_seq_len']:,}" + (" (capped)" if row["max_seq_len_limited"] else "")
+
+
+def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str) -> str:
     st, shape = p.settings, p.shape
     ranks = sorted(set(st.module_ranks(shape).values()))
     head = (f"{shape.name} ({shape.model_type}, {shape.n_params():,} params) - profile {st.profile}; "
             f"LoRA rank {'/'.join(map(str, ranks))} on {st.targets} ({p.n_trainable:,} trainable); "
             f"seq {st.seq_len} x batch {st.batch_size}; checkpointing {'on' if st.grad_checkpointing else 'off'}; "
             f"{st.optimizer}; {st.attention} attention; {st.loss} loss")
-    rows = [(r.name, *_both(r.bytes), r.where, r.counter) for r in p.rows]
-    lines = [head, "", tabulate(rows, headers=("item", "GB", "GiB", "where", "counted from"),
-                                 colalign=("left", "right", "right", "left", "left"), disable_numparse=True), ""]
+    rows = [(r.name, *_gb_gib(r.bytes), r.where, r.counter) for r in p.rows]
+    lines = [head, "", table(rows, ("item", "GB", "GiB", "where", "counted from"), "lrrll"), ""]
     unquantised = p.weights_4bit_total_bytes - p.nf4_weights_bytes
     lines.append(f"weights: fp16 {fmt_bytes(p.fp16_weights_bytes)} ({fmt_bytes(p.fp16_weights_bytes, 'GiB')}) -> "
                  f"4-bit {fmt_bytes(p.weights_4bit_total_bytes)} = NF4 packed + constants "
                  f"{fmt_bytes(p.nf4_weights_bytes)} + unquantised embeddings/head/norms {fmt_bytes(unquantised)}")
     lines.append(f"peak (during {p.peak_phase}): allocated {fmt_bytes(p.peak_allocated_bytes)}, "
-                 f"reserved {fmt_bytes(p.peak_reserved_bytes)}, NVML used {fmt_bytes(p.peak_nvml_bytes)} "
-                 f"({fmt_bytes(p.peak_nvml_bytes, 'GiB')})")
-    gpu_rows = [(g["gpu"], fmt_bytes(g["memory_bytes"], "GiB", 1), "yes" if g["fits"] else "no",
-                 fmt_bytes(g["headroom_bytes"], "GiB", 1), str(g["max_seq_len"] or "-")) for g in table]
-    lines += ["", tabulate(gpu_rows, headers=("GPU", "memory", "fits", "headroom",
-                                              f"max seq-len (batch {st.batch_size})"),
-                           colalign=("left", "right", "left", "right", "right"), disable_numparse=True)]
+                 f"reserved {fmt_bytes(p.peak_reserved_bytes)}, NVML used {fmt_both(p.peak_nvml_bytes)}")
+    gpu_rows = [(g["gpu"], *_gb_gib(g["memory_bytes"]), "yes" if g["fits"] else "no",
+                 *_gb_gib(g["headroom_bytes"]), _max_seq(g)) for g in gpus]
+    lines += ["", table(gpu_rows, ("GPU", "memory GB", "memory GiB", "fits", "headroom GB", "headroom GiB",
+                                   f"max seq-len (batch {st.batch_size})"), "lrrlrrr")]
+    if any(g["max_seq_len_limited"] for g in gpus):
+        lines.append(f"(capped): {seq_limit[0]:,} fits, and the search stops there, at the {seq_limit[1]}")
     if fit is not None:
         knob = fit.knob.replace("_", "-")
+        target = f"--fit {fit_label} ({fmt_both(fit.capacity_bytes)})"
         if fit.value is None:
-            lines += ["", f"--fit {fit_label}: nothing fits, not even --{knob} 1"]
+            lines += ["", f"{target}: nothing fits, not even --{knob} 1"]
         else:
-            bound = " (the search bound)" if fit.limited else f"; at {fit.value + 1} it does not"
-            lines += ["", f"--fit {fit_label} ({fmt_bytes(fit.capacity_bytes)}): largest --{knob} that fits is "
-                      f"{fit.value} (NVML used {fmt_bytes(fit.plan.peak_nvml_bytes)}{bound})"]
+            bound = (f"; the search stops there, at the {fit.limit_reason}" if fit.limited
+                     else f"; at {fit.value + 1:,} it does not fit")
+            lines += ["", f"{target}: largest --{knob} that fits is {fit.value:,} "
+                      f"(NVML used {fmt_both(fit.plan.peak_nvml_bytes)}){bound}"]
     if p.notes:
         lines += ["", "notes:"] + [f"- {note}" for note in p.notes]
+    lines += ["", f"units: {UNITS}; --fit takes either (24GB, 24GiB) or a GPU name"]
     return "\n".join(lines)
 
 
-@click.command("plan", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def _list_models(as_json: bool) -> str:
+    from dataclasses import asdict
+
+    from qtool.arch import known_names, known_shape
+
+    shapes = [known_shape(name) for name in known_names()]
+    if as_json:
+        import json
+
+        return json.dumps({"models": [{**asdict(s), "n_params": s.n_params()} for s in shapes]}, indent=1)
+    rows = [(s.name, s.model_type, f"{s.n_params() / 1e9:.2f}B", f"{s.max_positions:,}",
+             f"{s.sliding_window:,}" if s.sliding_window else "-") for s in shapes]
+    return table(rows, ("name", "type", "params", "max positions", "sliding window"), "llrrr")
+
+
+@click.command("plan", context_settings=CONTEXT_SETTINGS)
 @click.argument("model_arg", metavar="[MODEL]", required=False)
-@click.option("--model", "-m", help="Known name (llama-2-7b, qwen2.5-7b, ...), config.json, model folder or hub id "
-              "(local cache only). Same as the MODEL argument.")
+@click.option("--model", "-m", help="Known name (llama-2-7b, qwen2.5-7b, ...; see --list-models), config.json, model "
+              "folder or hub id (local cache only). Same as the MODEL argument.")
 @click.option("--params", help="A bare parameter count (65e9, 7B); the closest known shape is assumed.")
-@click.option("--profile", default="qtool", show_default=True, help="qtool (our trainer) or hf (transformers + PEFT).")
-@click.option("--rank", "-r", type=int, default=16, show_default=True)
-@click.option("--alpha", type=float, help="LoRA alpha (no effect on memory) [default: 2 x rank]")
+@click.option("--profile", type=_SettingChoice(PROFILES), default="qtool", show_default=True,
+              help="Whose training step: qtool (qtool train) or hf (transformers + PEFT + bitsandbytes).")
+@click.option("--rank", "-r", type=int, default=16, show_default=True,
+              help="LoRA rank of every targeted module (--targets can set one per module).")
+@click.option("--alpha", type=float, help="LoRA alpha (no effect on memory)  [default: 2 x rank]")
 @click.option("--targets", default="qkvo", show_default=True,
               help="qkvo, mlp, all-linear and/or module names, each with an optional rank: qkvo,down_proj=32")
-@click.option("--seq-len", type=int, default=2048, show_default=True)
-@click.option("--batch-size", type=int, default=1, show_default=True)
+@click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
+@click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--grad-checkpointing/--no-grad-checkpointing", default=True, show_default=True)
-@click.option("--optimizer", default="paged_adamw_32bit", show_default=True, help=", ".join(planner.OPTIMIZERS))
-@click.option("--adapter-dtype", default="float32", show_default=True)
-@click.option("--compute-dtype", default="bfloat16", show_default=True)
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=True, show_default=True,
+              help="Recompute each layer's activations in the backward instead of keeping them.")
+@click.option("--optimizer", type=_SettingChoice(OPTIMIZERS), default="paged_adamw_32bit", show_default=True,
+              help="bitsandbytes (paged_*, *_8bit), torch AdamW or SGD." + _aliases(OPTIMIZERS))
+@click.option("--adapter-dtype", type=_SettingChoice(DTYPES), default="float32", show_default=True,
+              help="dtype of the LoRA weights, their gradients and optimizer inputs." + _aliases(DTYPES))
+@click.option("--compute-dtype", type=_SettingChoice(DTYPES), default="bfloat16", show_default=True,
+              help="dtype the NF4 weights are dequantised to for the matmuls." + _aliases(DTYPES))
 @click.option("--no-double-quant", is_flag=True, help="fp32 absmax per block instead of 8-bit + nested absmax.")
-@click.option("--block-size", type=int, default=64, show_default=True)
-@click.option("--attention", default="sdpa", show_default=True, help="sdpa (flash/efficient when possible) or eager.")
-@click.option("--loss", help="chunked (qtool default) or full (fp32 logits; hf always).")
-@click.option("--fit", "fit_to", help="A memory size (24GB, 80GiB) or GPU name: solve for the largest --solve value.")
-@click.option("--solve", type=click.Choice(["seq-len", "batch-size", "rank"]), default="seq-len", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-@click.option("--list-models", is_flag=True, help="List the known model names and exit.")
+@click.option("--block-size", type=int, default=64, show_default=True,
+              help=f"NF4 block size, one of {', '.join(map(str, BLOCKSIZES))}.")
+@click.option("--attention", type=_SettingChoice(ATTENTIONS), default="sdpa", show_default=True,
+              help="sdpa (flash/efficient kernels when possible), flash (flash_attention_2) or eager."
+              + _aliases(ATTENTIONS))
+@click.option("--loss", type=_SettingChoice(LOSSES),
+              help="chunked (fp32 logits a chunk at a time) or full (all fp32 logits).  "
+              "[default: chunked for qtool; hf is always full]")
+@click.option("--fit", "fit_to", help="A GPU name (\"RTX 4090\", H200) or a memory size: 24GB is 24 x 10^9 bytes, "
+              "24GiB (or 24Gi) 24 x 2^30 bytes. With it, solve for the largest --solve value that fits.")
+@click.option("--solve", type=click.Choice(["seq-len", "batch-size", "rank"]),
+              help="What --fit solves for, the other settings fixed.  [default: seq-len]")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (with --list-models too).")
+@click.option("--list-models", is_flag=True, help="List the known model names with their shapes and exit.")
 def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, list_models, **options):
     """Plan the GPU memory of QLoRA training: every byte on a named row, the peak, and what fits.
 
@@ -98,27 +155,37 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
       qtool plan ./llama2-7b-nf4 --fit "RTX 4090" --solve batch-size --json
     """
     if list_models:
-        click.echo("\n".join(known_names()))
+        click.echo(_list_models(as_json))
         return
+    if solve is not None and fit_to is None:
+        raise UsageError(f"--solve {solve} needs --fit: it solves for the largest --{solve} that fits a GPU",
+                         hint=f"add --fit with a GPU name or a size, e.g. --fit 24GiB --solve {solve}")
     if model_arg and model:
         raise UsageError("give the model once: as the MODEL argument or with --model")
+    from qtool.plan import planner
+
     shape = _shape(model_arg or model, params)
     settings = planner.Settings(double_quant=not no_double_quant, **options)
     p = planner.plan(shape, settings)
-    table = planner.fit_table(shape, settings)
+    gpus = planner.fit_table(shape, settings)
+    seq_limit = planner.knob_limit(shape, settings, "seq_len")
     fit, fit_label = None, ""
     if fit_to:
         fit_label, capacity = planner.capacity_bytes(fit_to)
-        fit = planner.largest_fitting(shape, settings, capacity, solve.replace("-", "_"))
-    if as_json:
-        out = p.to_dict()
-        out["fit_table"] = table
-        if fit is not None:
-            out["fit"] = {"target": fit_label, "capacity_bytes": fit.capacity_bytes, "knob": fit.knob,
-                          "value": fit.value, "limited": fit.limited,
-                          "peak_nvml_bytes": fit.plan.peak_nvml_bytes if fit.plan else None}
-        click.echo(json.dumps(out, indent=1))
-        for note in p.notes:
-            click.echo(f"note: {note}", err=True)
+        fit = planner.largest_fitting(shape, settings, capacity, (solve or "seq-len").replace("-", "_"))
+    if not as_json:
+        click.echo(_render(p, gpus, seq_limit, fit, fit_label))
         return
-    click.echo(_render(p, table, fit, fit_label))
+    import json
+
+    out = p.to_dict()
+    out["fit_table"] = gpus
+    out["seq_len_limit"] = {"value": seq_limit[0], "reason": seq_limit[1]}
+    if fit is not None:
+        out["fit"] = {"target": fit_label, "capacity_bytes": fit.capacity_bytes, "knob": fit.knob,
+                      "value": fit.value, "limited": fit.limited, "limit": fit.limit,
+                      "limit_reason": fit.limit_reason,
+                      "peak_nvml_bytes": fit.plan.peak_nvml_bytes if fit.plan else None}
+    click.echo(json.dumps(out, indent=1))
+    for note in p.notes:
+        click.echo(f"note: {note}", err=True)

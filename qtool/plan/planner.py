@@ -13,122 +13,25 @@ off the records.
 """
 from __future__ import annotations
 
-import difflib
 import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from qtool.plan import transient as acts
-from qtool.plan import resident as items
-from qtool.arch import Shape, shape_from_config, shape_problems
+from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
+from qtool.plan import resident as items
+from qtool.plan import transient as acts
+from qtool.plan.settings import (ATTENTIONS, BLOCKSIZES, DEVICES, DTYPES, LOSSES, OPTIMIZERS, PROFILES,  # noqa: F401
+                                 TARGET_PRESETS, Settings, layer_linears)
 from qtool.units import MiB, parse_size
 
-PROFILES = ("qtool", "hf")
-OPTIMIZERS = ("paged_adamw_32bit", "adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "sgd")
-DTYPES = ("bfloat16", "float16", "float32")
-ATTENTIONS = ("sdpa", "flash", "eager")
-LOSSES = ("chunked", "full")
-DEVICES = ("cuda", "cpu")
-TARGET_PRESETS = ("qkvo", "mlp", "all-linear")
 KNOBS = ("seq_len", "batch_size", "rank")
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # = qtool.nf4.codec.BLOCKSIZES (a test keeps them equal)
-_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "adamw": "adamw_32bit",
-            "paged_adamw": "paged_adamw_32bit", "flash_attention_2": "flash", "all": "all-linear", "attn": "qkvo"}
 _LIMITS = {"seq_len": 1 << 22, "batch_size": 1 << 16}
 
 # NVML total memory of common GPUs (nvidia-smi "Total", MiB). The fit table shows the first six.
 GPUS = {"RTX 4090": 24564, "A100-40GB": 40960, "L40S": 46068, "A100-80GB": 81920, "H100-80GB": 81559,
         "H200": 143771, "RTX 3090": 24576, "L4": 23034, "A10": 23028, "RTX A6000": 49140, "T4": 15360}
 FIT_TABLE_GPUS = ("RTX 4090", "A100-40GB", "L40S", "A100-80GB", "H100-80GB", "H200")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """What is being trained and how. ``check`` validates against a shape and fills profile defaults."""
-
-    profile: str = "qtool"
-    rank: int = 16
-    alpha: float | None = None  # LoRA scale numerator; changes no byte (default 2 * rank)
-    targets: str = "qkvo"       # qkvo | mlp | all-linear | module names, comma-separated, each optionally =rank
-    seq_len: int = 2048
-    batch_size: int = 1
-    grad_accum: int = 1         # micro-batches per optimizer step; > 1 keeps the LoRA gradients resident
-    grad_checkpointing: bool = True
-    optimizer: str = "paged_adamw_32bit"
-    adapter_dtype: str = "float32"
-    compute_dtype: str = "bfloat16"
-    double_quant: bool = True
-    block_size: int = 64
-    attention: str = "sdpa"     # sdpa | flash (transformers' flash_attention_2: 16-bit q, k, v) | eager
-    loss: str | None = None     # chunked (qtool's default) | full (fp32 logits; the only choice in hf)
-    device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
-
-    def module_ranks(self, shape: Shape) -> dict[str, int]:
-        """Targeted Linear name -> rank, for this shape's module names."""
-        return dict(_module_ranks(self.targets, self.rank, tuple((lin.name, lin.group) for lin in shape.linears())))
-
-    def check(self, shape: Shape) -> Settings:
-        """Normalised settings, or UsageError listing every problem (the shape's included)."""
-        st = replace(self, **{k: _ALIASES.get(getattr(self, k), getattr(self, k))
-                              for k in ("optimizer", "adapter_dtype", "compute_dtype", "attention", "targets")})
-        problems = shape_problems(shape)
-        choices = {"profile": PROFILES, "optimizer": OPTIMIZERS, "adapter_dtype": DTYPES, "compute_dtype": DTYPES,
-                   "attention": ATTENTIONS, "device": DEVICES}
-        problems += [f"--{k.replace('_', '-')} {getattr(st, k)!r} is not one of {', '.join(v)}"
-                     for k, v in choices.items() if getattr(st, k) not in v]
-        problems += [f"--{k.replace('_', '-')} must be at least 1, got {getattr(st, k)}"
-                     for k in ("rank", "seq_len", "batch_size", "grad_accum") if getattr(st, k) < 1]
-        if st.alpha is not None and st.alpha <= 0:
-            problems.append(f"--alpha must be positive, got {st.alpha}")
-        if st.block_size not in BLOCKSIZES:
-            problems.append(f"--block-size {st.block_size} is not one bitsandbytes accepts: {BLOCKSIZES}")
-        loss = st.loss or ("full" if st.profile == "hf" else "chunked")
-        if loss not in LOSSES:
-            problems.append(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
-        elif st.profile == "hf" and loss == "chunked":
-            problems.append("--loss chunked: the hf profile computes full fp32 logits (transformers ForCausalLMLoss); "
-                            "chunked loss is a qtool-profile option")
-        if st.profile == "hf" and shape.model_type == "gemma2" and st.attention == "sdpa":
-            problems.append("gemma2 uses attention logit soft-capping, which transformers' sdpa attention rejects; "
-                            "use --attention eager")
-        if not shape_problems(shape):
-            problems += _target_problems(st, shape)
-        if problems:
-            raise UsageError(problems)
-        return replace(st, loss=loss, alpha=st.alpha if st.alpha is not None else 2 * st.rank)
-
-
-@functools.lru_cache(maxsize=256)
-def _module_ranks(targets: str, rank: int, linears: tuple[tuple[str, str], ...]) -> tuple[tuple[str, int], ...]:
-    """Presets (qkvo, mlp, all-linear) and names, comma-separated, each optionally ``=rank``; later items win."""
-    groups = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
-    ranks: dict[str, int] = {}
-    for item in filter(None, (t.strip() for t in targets.split(","))):
-        name, _, r = (part.strip() for part in item.partition("="))
-        r_int = int(r) if r.isdigit() else (rank if not r else -1)
-        names = [n for n, group in linears if group in groups[name]] if name in groups else [name]
-        ranks.update(dict.fromkeys(names, r_int))
-    return tuple(ranks.items())
-
-
-def _target_problems(st: Settings, shape: Shape) -> list[str]:
-    problems = []
-    linears = {lin.name: lin for lin in shape.linears()}
-    for name, r in st.module_ranks(shape).items():
-        if name not in linears:
-            close = difflib.get_close_matches(name, linears, n=3)
-            problems.append(f"--targets: {shape.model_type} has no Linear {name!r}"
-                            + (f" (did you mean {', '.join(close)}?)" if close else
-                               f" (its Linears: {', '.join(linears)}; presets: {', '.join(TARGET_PRESETS)})"))
-        elif r < 1:
-            if r != st.rank:  # a bad --rank is reported once, by check()
-                problems.append(f"--targets: the rank of {name} must be a positive integer")
-        elif r > min(linears[name].n_in, linears[name].n_out):
-            problems.append(f"rank {r} of {name} exceeds min(in, out) = "
-                            f"{min(linears[name].n_in, linears[name].n_out)}; a LoRA of that rank is not low-rank")
-    if not st.module_ranks(shape):
-        problems.append("--targets selects no module")
-    return problems
 
 
 @dataclass(frozen=True)
@@ -177,7 +80,7 @@ def plan(shape: Shape, settings: Settings) -> Plan:
     rounding = items.resident_rounding_bytes(shape, st)
     numels = items.lora_tensors(shape, st)
     param_bytes = items.DTYPE_BYTES[st.adapter_dtype]
-    lora = sum(items.alloc(n * param_bytes) for n in numels)
+    lora = items.tensors_alloc(numels, param_bytes)
     opt_device, opt_paged = items.optimizer_state_bytes(numels, st.optimizer, param_bytes)
     frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
     n_workspaces = items.cublas_workspaces(st)
@@ -301,7 +204,8 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
 # --- fitting ---------------------------------------------------------------------------------------------------
 
 def capacity_bytes(text: str) -> tuple[str, int]:
-    """(label, bytes) for '24GB', '80GiB' or a GPU name from GPUS (case and punctuation ignored)."""
+    """(label, bytes) for a size or a GPU name from GPUS (case and punctuation ignored). Sizes say their unit:
+    '24GB' is 24 * 10**9 bytes, '24GiB' (or '24Gi') 24 * 2**30 bytes; a bare number is bytes."""
     key = "".join(c for c in text.lower() if c.isalnum())
     for name, mib in GPUS.items():
         if "".join(c for c in name.lower() if c.isalnum()) == key:
@@ -309,14 +213,39 @@ def capacity_bytes(text: str) -> tuple[str, int]:
     try:
         return text, parse_size(text)
     except ValueError:
-        close = difflib.get_close_matches(text, list(GPUS), n=3, cutoff=0.4)
-        raise UsageError(f"--fit {text!r} is neither a size (24GB, 80GiB) nor a known GPU"
-                         + (f"; did you mean {', '.join(close)}?" if close else f" ({', '.join(GPUS)})")) from None
+        from difflib import get_close_matches  # an error path: not paid at start-up
+
+        close = get_close_matches(text, list(GPUS), n=3, cutoff=0.4)
+        raise UsageError(f"--fit {text!r} is neither a size (24GB = 24e9 bytes, 24GiB = 24 x 2^30 bytes) nor a "
+                         "known GPU" + (f"; did you mean {', '.join(close)}?" if close else f" ({', '.join(GPUS)})")
+                         ) from None
 
 
 def fits(p: Plan, capacity: int) -> bool:
     """A plan fits when everything the GPU must hold (NVML-used at the peak) is within its memory."""
     return p.peak_nvml_bytes <= capacity
+
+
+def knob_limit(shape: Shape, settings: Settings, knob: str) -> tuple[int, str]:
+    """The largest value :func:`largest_fitting` considers for ``knob``, and why (a phrase that reads after "the").
+    A seq-len stops at the model's
+    position limit (config.json's max_position_embeddings: no more positions were trained, and absolute position
+    embeddings have no more rows) and, for the qtool trainer, at a sliding window (it attends over the whole
+    sequence, so beyond the window it no longer computes the model's attention; transformers, the hf profile, applies
+    the window). A rank stops at min(in, out) of the smallest targeted module; a batch at the search bound."""
+    st = settings.check(shape)
+    if knob == "rank":
+        lins = {lin.name: lin for lin in layer_linears(shape)}
+        name = min(st.module_ranks(shape), key=lambda n: min(lins[n].n_in, lins[n].n_out))
+        return min(lins[name].n_in, lins[name].n_out), f"min(in, out) of {name}"
+    if knob == "seq_len":
+        window = shape.sliding_window if st.profile == "qtool" else None
+        if window and window < min(shape.max_positions, _LIMITS[knob]):
+            return window, (f"{window:,}-token sliding window of {shape.name}, which the qtool trainer does not "
+                            "apply (--profile hf does)")
+        if shape.max_positions < _LIMITS[knob]:
+            return shape.max_positions, f"max_position_embeddings of {shape.name}"
+    return _LIMITS[knob], "search bound"
 
 
 @dataclass(frozen=True)
@@ -325,28 +254,35 @@ class Fit:
     capacity_bytes: int
     value: int | None      # the largest value that fits, None if even 1 does not
     plan: Plan | None      # the plan at that value
-    limited: bool = False  # the search stopped at its upper bound (seq 4M, batch 65536, rank min(in, out))
+    limited: bool = False  # the value is the search's upper bound (knob_limit): memory might allow more
+    limit: int = 0         # that bound ...
+    limit_reason: str = ""  # ... and why (knob_limit)
 
 
 def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str = "seq_len") -> Fit:
-    """The largest ``knob`` (seq_len, batch_size or rank) whose plan fits ``capacity``, others fixed.
+    """The largest ``knob`` (seq_len, batch_size or rank) whose plan fits ``capacity``, others fixed, up to
+    :func:`knob_limit` (a seq-len never beyond the model's position limit).
     Line items are non-decreasing in each knob, so an exponential then binary search is exact. (One exception: an hf
     Mistral's attention drops its s^2 term at the sliding window, where transformers switches kernels; the search
     still returns a value that fits while value + 1 does not, and memory grows again beyond the window.)"""
     if knob not in KNOBS:
         raise UsageError(f"cannot solve for {knob!r}; choose one of {', '.join(KNOBS)}")
     st = settings.check(shape)
-    if knob == "rank":
-        lins = {lin.name: lin for lin in shape.linears()}
-        limit = min(min(lins[n].n_in, lins[n].n_out) for n in st.module_ranks(shape))
-    else:
-        limit = _LIMITS[knob]
+    return _search(_plans_along(shape, st, knob), capacity, knob, *knob_limit(shape, st, knob))
 
+
+def _plans_along(shape: Shape, st: Settings, knob: str) -> Callable[[int], Plan]:
+    """value -> the plan with ``knob`` set to it, memoised: a fit table searches the same values for every GPU."""
+    @functools.cache
     def at(value: int) -> Plan:
         return plan(shape, replace(st, **{knob: value}, alpha=None if knob == "rank" else st.alpha))
 
+    return at
+
+
+def _search(at: Callable[[int], Plan], capacity: int, knob: str, limit: int, why: str) -> Fit:
     if not fits(at(1), capacity):
-        return Fit(knob, capacity, None, None)
+        return Fit(knob, capacity, None, None, limit=limit, limit_reason=why)
     lo = 1
     while lo < limit and fits(at(min(2 * lo, limit)), capacity):
         lo = min(2 * lo, limit)
@@ -354,18 +290,21 @@ def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str =
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(at(mid), capacity) else (lo, mid)
-    return Fit(knob, capacity, lo, at(lo), limited=lo == limit)
+    return Fit(knob, capacity, lo, at(lo), limited=lo == limit, limit=limit, limit_reason=why)
 
 
 def fit_table(shape: Shape, settings: Settings, gpus: tuple[str, ...] = FIT_TABLE_GPUS) -> list[dict]:
-    """Per GPU: does this plan fit, with what headroom, and the largest seq-len that fits at this batch size."""
-    p = plan(shape, settings)
+    """Per GPU: does this plan fit, with what headroom, and the largest seq-len that fits at this batch size
+    (``max_seq_len_limited``: it is :func:`knob_limit`'s bound, not the memory's)."""
+    st = settings.check(shape)
+    p, at, limit = plan(shape, st), _plans_along(shape, st, "seq_len"), knob_limit(shape, st, "seq_len")
     table = []
     for name in gpus:
         capacity = GPUS[name] * MiB
-        best = largest_fitting(shape, settings, capacity, "seq_len")
+        best = _search(at, capacity, "seq_len", *limit)
         table.append({"gpu": name, "memory_bytes": capacity, "fits": fits(p, capacity),
-                      "headroom_bytes": capacity - p.peak_nvml_bytes, "max_seq_len": best.value})
+                      "headroom_bytes": capacity - p.peak_nvml_bytes, "max_seq_len": best.value,
+                      "max_seq_len_limited": best.limited})
     return table
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import bisect
 import functools
+from collections import Counter
 from typing import TYPE_CHECKING
 
+from qtool.plan.settings import layer_linears
 from qtool.units import MiB
 
 if TYPE_CHECKING:
     from qtool.arch import Shape
-    from qtool.plan.planner import Settings
+    from qtool.plan.settings import Settings
 
 # --- Measured constants ------------------------------------------------------------------------------------------
 # Numbers that cannot be derived from code, each read off data/memory/h200-2026-11-29.json (NVIDIA H200, torch 2.11 +
@@ -77,6 +79,11 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 def alloc(n_bytes: int) -> int:
     """What the caching allocator books for one tensor of ``n_bytes`` (rounded up to 512)."""
     return -(-n_bytes // ALLOC_ROUND_BYTES) * ALLOC_ROUND_BYTES
+
+
+def tensors_alloc(numels: list[int], element_bytes: int) -> int:
+    """What the caching allocator books for one tensor of each of ``numels`` elements (sizes repeat per layer)."""
+    return sum(count * alloc(n * element_bytes) for n, count in Counter(numels).items())
 
 
 def booked(sizes: list[int]) -> int:
@@ -148,7 +155,7 @@ def quantised_weights(shape: Shape, st: Settings) -> tuple[int, int, int]:
     """(packed, metadata, allocated) bytes of every decoder-layer Linear weight, quantised as the converter does:
     packed and metadata as stored on disk (bitsandbytes' layout), allocated as the profile keeps them on the GPU."""
     packed = meta = allocated = 0
-    for lin in shape.linears():
+    for lin in layer_linears(shape):
         p, m = nf4_tensor_bytes(lin.n_in * lin.n_out, st.block_size, st.double_quant)
         packed += p * shape.n_layers
         meta += m * shape.n_layers
@@ -181,7 +188,7 @@ def norm_and_bias_bytes(shape: Shape, st: Settings) -> int:
     transformers keeps a second, original copy). bnb ``Linear4bit.forward`` casts a bias to the compute dtype on
     first use (nn/modules.py), so biases end in the compute dtype in both profiles."""
     per_layer, final = _norm_parts(shape, frozen_bytes_per_param(st))
-    biases = [lin.n_out * DTYPE_BYTES[st.compute_dtype] for lin in shape.linears() if lin.bias]
+    biases = [lin.n_out * DTYPE_BYTES[st.compute_dtype] for lin in layer_linears(shape) if lin.bias]
     rotary = (2 if st.profile == "hf" else 1) * alloc(4 * shape.head_dim // 2)
     return shape.n_layers * sum(alloc(b) for b in per_layer + biases) + sum(alloc(b) for b in final) + rotary
 
@@ -204,11 +211,11 @@ def _rounding(shape: Shape, code_tables: bool, block_size: int, double_quant: bo
     rank_of = dict(ranks)
     per_layer, final = _norm_parts(shape, fb)
     layer: list[int] = []
-    for lin in shape.linears():
+    for lin in layer_linears(shape):
         layer += nf4_tensor_parts(lin.n_in * lin.n_out, block_size, double_quant, code_tables=code_tables)
         layer += [lin.n_out * cb] if lin.bias else []
     embeddings = [shape.vocab * shape.hidden * fb] * (1 if shape.tied_embeddings else 2)
-    lora = [n for lin in shape.linears() if lin.name in rank_of
+    lora = [n for lin in layer_linears(shape) if lin.name in rank_of
             for n in (rank_of[lin.name] * lin.n_in * ab, lin.n_out * rank_of[lin.name] * ab)]
     sizes = (layer + per_layer) * shape.n_layers + embeddings + final + lora * shape.n_layers
     return booked(sizes) - sum(alloc(n) for n in sizes)
@@ -230,7 +237,7 @@ def lora_tensors(shape: Shape, st: Settings) -> list[int]:
     """Element counts of every LoRA tensor: A (r x in) and B (out x r) per targeted Linear per layer.
     Their sum equals PEFT's trainable-parameter count for the same LoraConfig (tests/test_plan.py)."""
     ranks = st.module_ranks(shape)
-    one_layer = [n for lin in shape.linears() if lin.name in ranks
+    one_layer = [n for lin in layer_linears(shape) if lin.name in ranks
                  for n in (ranks[lin.name] * lin.n_in, lin.n_out * ranks[lin.name])]
     return one_layer * shape.n_layers
 
@@ -247,18 +254,18 @@ def optimizer_state_bytes(numels: list[int], optimizer: str, param_bytes: int = 
     if optimizer == "sgd":
         return 0, 0
     if optimizer == "adamw_torch":
-        return sum(2 * alloc(n * param_bytes) for n in numels), 0
+        return 2 * tensors_alloc(numels, param_bytes), 0
     paged_ok = optimizer.startswith("paged_")
     device = paged = 0
-    for n in numels:
+    for n, count in Counter(numels).items():  # every layer repeats the same few sizes
         eight_bit = optimizer.endswith("8bit") and n >= MIN_8BIT_NUMEL
         buffer = n if eight_bit else 4 * n
         if paged_ok and n >= PAGED_MIN_NUMEL:
-            paged += 2 * -(-buffer // PAGED_GRANULARITY_BYTES) * PAGED_GRANULARITY_BYTES
+            paged += count * 2 * -(-buffer // PAGED_GRANULARITY_BYTES) * PAGED_GRANULARITY_BYTES
         else:
-            device += 2 * alloc(buffer)
+            device += count * 2 * alloc(buffer)
         if eight_bit:
-            device += 2 * alloc(4 * -(-n // OPTIM_8BIT_BLOCK))
+            device += count * 2 * alloc(4 * -(-n // OPTIM_8BIT_BLOCK))
     if optimizer.endswith("8bit"):
         device += 2 * alloc(256 * 4)  # the signed and unsigned dynamic maps (name2qmap), once per device
     return device, paged
@@ -267,7 +274,7 @@ def optimizer_state_bytes(numels: list[int], optimizer: str, param_bytes: int = 
 def optimizer_step_bytes(numels: list[int], optimizer: str, param_bytes: int = 4) -> int:
     """Temporaries of one optimizer step: torch's foreach AdamW makes ``sqrt(exp_avg_sq)`` for every tensor
     (torch/optim/adamw.py _multi_tensor_adamw); bitsandbytes' fused kernels and plain SGD make none."""
-    return sum(alloc(n * param_bytes) for n in numels) if optimizer == "adamw_torch" else 0
+    return tensors_alloc(numels, param_bytes) if optimizer == "adamw_torch" else 0
 
 
 def gradients_persist(st: Settings) -> bool:

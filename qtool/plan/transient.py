@@ -17,10 +17,11 @@ import math
 from typing import TYPE_CHECKING
 
 from qtool.plan.resident import DTYPE_BYTES, SDPA_EFFICIENT_SUPPORTS_GQA, alloc, fused
+from qtool.plan.settings import layer_linears
 
 if TYPE_CHECKING:
     from qtool.arch import Linear, Shape
-    from qtool.plan.planner import Settings
+    from qtool.plan.settings import Settings
 
 
 def widths(st: Settings) -> tuple[int, int, int, int]:
@@ -82,7 +83,7 @@ def _lora_copies(shape: Shape, st: Settings) -> int:
     """qtool: ``A.to(bf16)`` and ``(B * scale).to(bf16)`` of every adapted module, saved by the products using them."""
     ranks, lb = st.module_ranks(shape), widths(st)[3]
     return sum(alloc(lb * ranks[lin.name] * lin.n_in) + alloc(lb * lin.n_out * ranks[lin.name])
-               for lin in shape.linears() if lin.name in ranks)
+               for lin in layer_linears(shape) if lin.name in ranks)
 
 
 def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
@@ -103,7 +104,7 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
     T, s = st.batch_size * st.seq_len, st.seq_len
     rb, cb, _, lb = widths(st)
     ranks = st.module_ranks(shape)
-    names = [lin.name for lin in shape.linears()]
+    names = [lin.name for lin in layer_linears(shape)]
     attn_in, attn_out, mlp_in, mlp_out = _io_names(shape)
     per_norm = 4 * h + 4
     norms = shape.n_norms_per_layer * per_norm - (per_norm if first and st.profile == "qtool" else 0)
@@ -145,8 +146,8 @@ def _fused_layer_saved(shape: Shape, st: Settings, first: bool) -> int:
 
 def _io_names(shape: Shape) -> tuple[list[str], list[str], list[str], list[str]]:
     """Module names grouped by the input they share: attention input, attention output, MLP input, MLP output."""
-    attn = [lin.name for lin in shape.linears() if lin.group == "attn"]
-    mlp = [lin.name for lin in shape.linears() if lin.group == "mlp"]
+    attn = [lin.name for lin in layer_linears(shape) if lin.group == "attn"]
+    mlp = [lin.name for lin in layer_linears(shape) if lin.group == "mlp"]
     return attn[:-1], attn[-1:], mlp[:-1], mlp[-1:]
 
 
@@ -236,7 +237,7 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
     T, s = st.batch_size * st.seq_len, st.seq_len
     rb, cb, _, _ = widths(st)
     _, _, mlp_in, mlp_out = _io_names(shape)
-    down = next(lin for lin in shape.linears() if lin.name == mlp_out[0])
+    down = next(lin for lin in layer_linears(shape) if lin.name == mlp_out[0])
     m_saved = lora_input_bytes(shape, st, mlp_out, f, kept=False) * T
     mlp_saved = ((3 if shape.mlp == "gated" else 1) * rb * f + 4 * h + 4) * T + m_saved \
         + lora_input_bytes(shape, st, mlp_in, h, kept=False) * T
@@ -268,7 +269,7 @@ def _fused_layer_backward(shape: Shape, st: Settings) -> tuple[int, str]:
     T = st.batch_size * st.seq_len
     ranks = st.module_ranks(shape)
     _, _, mlp_in, mlp_out = _io_names(shape)
-    down = next(lin for lin in shape.linears() if lin.name == mlp_out[0])
+    down = next(lin for lin in layer_linears(shape) if lin.name == mlp_out[0])
     r_down = ranks.get(down.name, 0)
     down_saved = (2 * f + 2 * r_down) * T if r_down else 0
     mlp_saved = (2 * h + 4 + 4 * f + (2 * h if any(n in ranks for n in mlp_in) else 0)
@@ -289,7 +290,7 @@ def layer_grad_bytes(shape: Shape, st: Settings) -> int:
     back-propagated first; the attention adapters' grads come after that moment)."""
     ranks = st.module_ranks(shape)
     return sum(alloc(ranks[lin.name] * (lin.n_in + lin.n_out) * DTYPE_BYTES[st.adapter_dtype])
-               for lin in shape.linears() if lin.group == "mlp" and lin.name in ranks)
+               for lin in layer_linears(shape) if lin.group == "mlp" and lin.name in ranks)
 
 
 def checkpoint_bytes(shape: Shape, st: Settings) -> int:

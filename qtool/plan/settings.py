@@ -1,0 +1,125 @@
+"""What is being trained and how: :class:`Settings`, the values each setting takes, and their validation against a
+model shape. Pure Python; the CLI builds its option choices from the tuples here."""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from qtool.errors import UsageError
+
+if TYPE_CHECKING:
+    from qtool.arch import Linear, Shape
+
+PROFILES = ("qtool", "hf")
+OPTIMIZERS = ("paged_adamw_32bit", "adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "sgd")
+DTYPES = ("bfloat16", "float16", "float32")
+ATTENTIONS = ("sdpa", "flash", "eager")
+LOSSES = ("chunked", "full")
+DEVICES = ("cuda", "cpu")
+TARGET_PRESETS = ("qkvo", "mlp", "all-linear")
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # = qtool.nf4.codec.BLOCKSIZES (a test keeps them equal)
+# Other spellings accepted for the values above (the CLI's choices accept them too).
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "adamw": "adamw_32bit",
+           "paged_adamw": "paged_adamw_32bit", "flash_attention_2": "flash", "all": "all-linear", "attn": "qkvo"}
+
+
+@functools.lru_cache(maxsize=64)
+def layer_linears(shape: Shape) -> tuple[Linear, ...]:
+    """``shape.linears()`` built once per shape: a plan reads them a dozen times, a fit search makes dozens of plans."""
+    return tuple(shape.linears())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What is being trained and how. ``check`` validates against a shape and fills profile defaults."""
+
+    profile: str = "qtool"
+    rank: int = 16
+    alpha: float | None = None  # LoRA scale numerator; changes no byte (default 2 * rank)
+    targets: str = "qkvo"       # qkvo | mlp | all-linear | module names, comma-separated, each optionally =rank
+    seq_len: int = 2048
+    batch_size: int = 1
+    grad_accum: int = 1         # micro-batches per optimizer step; > 1 keeps the LoRA gradients resident
+    grad_checkpointing: bool = True
+    optimizer: str = "paged_adamw_32bit"
+    adapter_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    double_quant: bool = True
+    block_size: int = 64
+    attention: str = "sdpa"     # sdpa | flash (transformers' flash_attention_2: 16-bit q, k, v) | eager
+    loss: str | None = None     # chunked (qtool's default) | full (fp32 logits; the only choice in hf)
+    device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
+
+    def module_ranks(self, shape: Shape) -> dict[str, int]:
+        """Targeted Linear name -> rank, for this shape's module names."""
+        return dict(_module_ranks(self.targets, self.rank, shape))
+
+    def check(self, shape: Shape) -> Settings:
+        """Normalised settings, or UsageError listing every problem (the shape's included)."""
+        st = replace(self, **{k: ALIASES.get(getattr(self, k), getattr(self, k))
+                              for k in ("optimizer", "adapter_dtype", "compute_dtype", "attention", "targets")})
+        from qtool.arch import shape_problems  # here: the choices above load without the shape table
+
+        problems = shape_problems(shape)
+        choices = {"profile": PROFILES, "optimizer": OPTIMIZERS, "adapter_dtype": DTYPES, "compute_dtype": DTYPES,
+                   "attention": ATTENTIONS, "device": DEVICES}
+        problems += [f"--{k.replace('_', '-')} {getattr(st, k)!r} is not one of {', '.join(v)}"
+                     for k, v in choices.items() if getattr(st, k) not in v]
+        problems += [f"--{k.replace('_', '-')} must be at least 1, got {getattr(st, k)}"
+                     for k in ("rank", "seq_len", "batch_size", "grad_accum") if getattr(st, k) < 1]
+        if st.alpha is not None and st.alpha <= 0:
+            problems.append(f"--alpha must be positive, got {st.alpha}")
+        if st.block_size not in BLOCKSIZES:
+            problems.append(f"--block-size {st.block_size} is not one bitsandbytes accepts: {BLOCKSIZES}")
+        loss = st.loss or ("full" if st.profile == "hf" else "chunked")
+        if loss not in LOSSES:
+            problems.append(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
+        elif st.profile == "hf" and loss == "chunked":
+            problems.append("--loss chunked: the hf profile computes full fp32 logits (transformers ForCausalLMLoss); "
+                            "chunked loss is a qtool-profile option")
+        if st.profile == "hf" and shape.model_type == "gemma2" and st.attention == "sdpa":
+            problems.append("gemma2 uses attention logit soft-capping, which transformers' sdpa attention rejects; "
+                            "use --attention eager")
+        if not shape_problems(shape):
+            problems += _target_problems(st, shape)
+        if problems:
+            raise UsageError(problems)
+        return replace(st, loss=loss, alpha=st.alpha if st.alpha is not None else 2 * st.rank)
+
+
+@functools.lru_cache(maxsize=256)
+def _module_ranks(targets: str, rank: int, shape: Shape) -> tuple[tuple[str, int], ...]:
+    """Presets (qkvo, mlp, all-linear) and names, comma-separated, each optionally ``=rank``; later items win.
+    Cached: a plan asks for them many times, and a fit search plans the same shape dozens of times."""
+    groups = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
+    linears = [(lin.name, lin.group) for lin in layer_linears(shape)]
+    ranks: dict[str, int] = {}
+    for item in filter(None, (t.strip() for t in targets.split(","))):
+        name, _, r = (part.strip() for part in item.partition("="))
+        r_int = int(r) if r.isdigit() else (rank if not r else -1)
+        names = [n for n, group in linears if group in groups[name]] if name in groups else [name]
+        ranks.update(dict.fromkeys(names, r_int))
+    return tuple(ranks.items())
+
+
+def _target_problems(st: Settings, shape: Shape) -> list[str]:
+    problems = []
+    linears = {lin.name: lin for lin in layer_linears(shape)}
+    for name, r in st.module_ranks(shape).items():
+        if name not in linears:
+            from difflib import get_close_matches  # an error path: not paid at start-up
+
+            close = get_close_matches(name, linears, n=3)
+            problems.append(f"--targets: {shape.model_type} has no Linear {name!r}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else
+                               f" (its Linears: {', '.join(linears)}; presets: {', '.join(TARGET_PRESETS)})"))
+        elif r < 1:
+            if r != st.rank:  # a bad --rank is reported once, by check()
+                problems.append(f"--targets: the rank of {name} must be a positive integer")
+        elif r > min(linears[name].n_in, linears[name].n_out):
+            problems.append(f"rank {r} of {name} exceeds min(in, out) = "
+                            f"{min(linears[name].n_in, linears[name].n_out)}; a LoRA of that rank is not low-rank")
+    if not st.module_ranks(shape):
+        problems.append("--targets selects no module")
+    return problems
