@@ -9,7 +9,7 @@ import torch
 from qtool.nf4 import gpu as kernels
 
 from qtool.nf4 import codec as nf4
-from qtool.train.model import random_quantized
+from qtool.train.load import random_quantized
 
 
 def median_ms(fn, reps=50):

@@ -76,22 +76,25 @@ def paged_state_bytes(opt) -> int:
 # ----------------------------------------------------------------------------------------------------------- qtool
 def run_qtool(shape, configs, steps, warmup):
     from qtool.train.data import Blocks
-    from qtool.train.model import DecoderConfig, random_decoder
+    from qtool.adapters.attach import attach_adapters, detach_adapters
+    from qtool.adapters.spec import AdapterSpec
+    from qtool.train.load import random_decoder
+    from qtool.train.settings import decoder_shape
     from qtool.train.recipe import TrainSettings, train
 
     device = torch.device(DEVICE)
-    cfg = DecoderConfig.from_dict(hf_config_dict(shape))
+    cfg = decoder_shape(hf_config_dict(shape))
     t0 = time.perf_counter()
-    model = random_decoder(cfg, device, rank=0)
+    model = random_decoder(cfg, device)
     build_s = time.perf_counter() - t0
     leaked = 0
     for c in configs:
         cleanup()
-        model.attach_lora(TARGETS.get(c["targets"], c["targets"]), c["rank"], c.get("alpha", 2 * c["rank"]))
+        attach_adapters(model, AdapterSpec(c["targets"], rank=c["rank"], alpha=c.get("alpha", 2 * c["rank"])))
         gen = torch.Generator().manual_seed(0)
         n = c.get("batch_size", 1) * (steps + 1) + 1
-        blocks = Blocks(torch.randint(0, cfg.vocab_size, (n, c["seq_len"]), generator=gen),
-                        torch.randint(0, cfg.vocab_size, (1, c["seq_len"]), generator=gen), 0)
+        blocks = Blocks(torch.randint(0, cfg.vocab, (n, c["seq_len"]), generator=gen),
+                        torch.randint(0, cfg.vocab, (1, c["seq_len"]), generator=gen), 0)
         st = TrainSettings(steps=steps, seq_len=c["seq_len"], batch_size=c.get("batch_size", 1), rank=c["rank"],
                            alpha=c.get("alpha", 2 * c["rank"]), targets=c["targets"], grad_checkpointing=c["gc"],
                            optimizer=c.get("optimizer", "paged_adamw_32bit") if DEVICE == "cuda" else "adamw_torch", measure_after=warmup, max_grad_norm=0.3)
@@ -111,7 +114,7 @@ def run_qtool(shape, configs, steps, warmup):
         print(json.dumps(rec), flush=True)
         if os.environ.get("QTOOL_PROFILE") and res is not None:
             profile_step(lambda: model.loss(blocks.train[:st.batch_size].to(device)).backward(), f"qtool-{shape.name}")
-        model.attach_lora((), 0)
+        detach_adapters(model)
 
 
 def record(profile, shape, c, after_load, res, err, leaked, build_s, step_seconds=None, peaks=None, losses=None):
@@ -151,7 +154,7 @@ def build_hf(shape):
     from torch import nn
 
     from qtool.format import bnb_nf4 as layout
-    from qtool.train.model import random_quantized
+    from qtool.train.load import random_quantized
 
     config = transformers.AutoConfig.for_model(**hf_config_dict(shape))
     with torch.device("meta"):

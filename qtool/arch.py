@@ -294,7 +294,14 @@ def _rope(config: dict) -> tuple[tuple[str, object], ...]:
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
     rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rope.items()))
+    return _frozen(rope)
+
+
+def _frozen(value):
+    """A hashable copy of a JSON value (dicts as sorted (key, value) tuples, lists as tuples): Shape is a cache key."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _frozen(v)) for k, v in value.items()))
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
 def _sliding_window(model_type: str, config: dict) -> int | None:

@@ -43,7 +43,7 @@ def test_scale_follows_peft():
     assert AdapterSpec(alpha=32, use_rslora=True).scale_of("q_proj", 16) == 8.0
 
 
-@pytest.mark.parametrize("targets,needle", [("q_proj,nope", "no module 'nope'"), ("q_proj=0", "positive integer"),
+@pytest.mark.parametrize("targets,needle", [("q_proj,nope", "no module 'nope'"), ("q_prj", "did you mean q_proj"), ("q_proj=0", "positive integer"),
                                             ("q_proj=x", "positive integer")])
 def test_bad_targets_name_the_item(targets, needle):
     with pytest.raises(UsageError, match=needle):
@@ -54,7 +54,7 @@ def test_problems_are_collected():
     p = AdapterSpec("k_proj=300", init="nope", dropout=1.5).problems()
     assert any("--init 'nope'" in x for x in p) and any("--dropout" in x for x in p)
     p = AdapterSpec("k_proj=300").problems(SMOL)
-    assert p == ["rank 300 of k_proj is larger than the module allows: min(in, out) = min(576, 192) = 192"]
+    assert p == ["rank 300 of k_proj exceeds min(in, out) = min(576, 192) = 192; a LoRA of that rank is not low-rank"]
 
 
 def test_spec_json_round_trip():

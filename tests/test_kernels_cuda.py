@@ -36,14 +36,16 @@ def test_triton_dequant_matches_bitsandbytes_cuda():
 
 def test_trainer_on_cuda_learns_and_starts_at_the_base_model():
     from qtool.train.data import Blocks
-    from qtool.train.model import DecoderConfig, random_decoder
+    from qtool.adapters.spec import AdapterSpec
+    from qtool.train.load import random_decoder
+    from qtool.train.settings import decoder_shape
     from qtool.train.recipe import TrainSettings, train
 
-    cfg = DecoderConfig.from_dict({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
+    cfg = decoder_shape({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
                                    "vocab_size": 512, "tie_word_embeddings": False})
-    model = random_decoder(cfg, "cuda", rank=8)
-    base = random_decoder(cfg, "cuda", rank=0)
+    model = random_decoder(cfg, "cuda", spec=AdapterSpec(rank=8))
+    base = random_decoder(cfg, "cuda")
     ids = torch.randint(0, 512, (2, 64), device="cuda")
     with torch.no_grad():
         assert torch.equal(model(ids), base(ids))  # B = 0: step 0 is the base model exactly
@@ -57,17 +59,19 @@ def test_trainer_on_cuda_learns_and_starts_at_the_base_model():
 
 def test_cuda_graph_replay_trains_like_eager():
     from qtool.train.data import Blocks
-    from qtool.train.model import DecoderConfig, random_decoder
+    from qtool.adapters.spec import AdapterSpec
+    from qtool.train.load import random_decoder
+    from qtool.train.settings import decoder_shape
     from qtool.train.recipe import TrainSettings, train
 
-    cfg = DecoderConfig.from_dict({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
+    cfg = decoder_shape({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704,
                                    "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
                                    "vocab_size": 512})
     pattern = torch.arange(64).repeat(40, 1) % 13
     blocks = Blocks(pattern[:36], pattern[36:], 0)
     runs = {}
     for graphs in (False, True):
-        model = random_decoder(cfg, "cuda", rank=8)
+        model = random_decoder(cfg, "cuda", spec=AdapterSpec(rank=8))
         runs[graphs] = train(model, blocks, TrainSettings(steps=8, seq_len=64, batch_size=2, grad_accum=2, lr=3e-3,
                                                           measure_after=2, cuda_graphs=graphs),
                              device=torch.device("cuda"))

@@ -239,11 +239,13 @@ def test_resident_bytes_equal_the_hf_stack(tiny_checkpoint):
 
 
 def test_resident_bytes_equal_the_qtool_trainer():
-    from qtool.train.model import DecoderConfig, random_decoder
+    from qtool.adapters.spec import AdapterSpec
+    from qtool.train.load import random_decoder
+    from qtool.train.settings import decoder_shape
 
     config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1000}
-    model = random_decoder(DecoderConfig.from_dict(config), "cpu", targets=("q_proj", "down_proj"), rank=8)
+    model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec("q_proj,down_proj", rank=8))
     p = plan(shape_from_config(config), Settings(rank=8, targets="q_proj,down_proj"))
     assert p.after_load_allocated_bytes == _allocated(list(model.parameters()) + list(model.buffers()))
 
@@ -321,14 +323,16 @@ def test_qtool_transient_matches_allocation_trace(one_thread, gc, targets, seq_l
     ``device="cpu"`` plans; the GPU paths (Triton kernels, flash SDPA, CUDA graph) are checked against the H200
     records in test_replays_recorded_measurements."""
     import torch
-    from qtool.train.model import DecoderConfig, random_decoder
+    from qtool.adapters.spec import AdapterSpec
+    from qtool.train.load import random_decoder
+    from qtool.train.settings import decoder_shape
 
     warnings.filterwarnings("ignore")
     config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 11 // 4,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": vocab}
     shape = shape_from_config(config)
     names = tuple(lin.name for lin in shape.linears() if targets == "all-linear" or lin.group == "attn")
-    model = random_decoder(DecoderConfig.from_dict(config), "cpu", targets=names, rank=16)
+    model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec(",".join(names), rank=16))
     model.train()
     model.grad_checkpointing = gc
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -346,7 +350,7 @@ def test_qtool_transient_matches_allocation_trace(one_thread, gc, targets, seq_l
 
 
 def test_loss_chunk_rule_mirrors_the_trainer():
-    from qtool.train.model import loss_chunk_tokens
+    from qtool.train.loss import loss_chunk_tokens
 
     for vocab in (300, 32000, 49152, 128256, 151936, 262208):
         assert acts.loss_chunk_tokens(vocab) == loss_chunk_tokens(vocab)

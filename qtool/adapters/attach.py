@@ -16,10 +16,12 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
     """Wrap every Linear of ``model`` (a :class:`qtool.train.model.Decoder`) that ``spec`` targets in a
     :class:`LoRALinear`; returns ``{module path: module}``. Factors are drawn module by module in forward order
     from one generator seeded with ``seed`` (``zero``, ``symmetric``), or taken from ``initial`` (module path ->
-    ``(A, B)``) for the inits the converter made (``pissa``, ``loftq``: the base already holds the residual)."""
+    ``(A, B)``) for the inits the converter made (``pissa``, ``loftq``: the base already holds the residual).
+    Adapters attached before are removed first."""
     shape = model.shape
     spec.checked(shape)
     ranks = spec.module_ranks(shape)
+    detach_adapters(model)  # a fresh set: any earlier adapter is dropped
     gen = torch.Generator().manual_seed(seed)
     attached = {}
     for path, (holder, name) in model.linears().items():
@@ -44,3 +46,11 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
                                                    use_rslora=spec.use_rslora, offset=offset)
     model.uses_rng = spec.dropout > 0
     return attached
+
+
+def detach_adapters(model) -> None:
+    """Put every Linear of ``model`` back to its frozen NF4 base (the adapters and their parameters are dropped)."""
+    for holder, name in model.linears().values():
+        if isinstance(holder[name], LoRALinear):
+            holder[name] = holder[name].base
+    model.uses_rng = False

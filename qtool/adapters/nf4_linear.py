@@ -36,17 +36,18 @@ class NF4Weight(nn.Module):
 
 
 class _NF4Matmul(torch.autograd.Function):
-    """``x @ W0ᵀ`` with W0 dequantised for the product and freed; backward dequantises again for ``grad @ W0``."""
+    """``x @ W0ᵀ (+ b)`` with W0 dequantised for the product and freed; backward dequantises again for
+    ``grad @ W0``. The bias is added inside the product, as bitsandbytes' ``matmul_4bit`` does (one rounding)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: NF4Weight) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight  # a module reference, not a saved activation
-        return F.linear(x, weight.dequantize(x.dtype))
+        return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         w = ctx.weight.dequantize(grad_out.dtype)
-        return grad_out @ w, None
+        return grad_out @ w, None, None
 
 
 class NF4Linear(nn.Module):
@@ -74,8 +75,7 @@ class NF4Linear(nn.Module):
         return self.weight.dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _NF4Matmul.apply(x, self.weight)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
+        return _NF4Matmul.apply(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

@@ -22,6 +22,7 @@ Initialisations (``init``), and what the model is at step 0:
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -35,7 +36,9 @@ METHODS = ("lora",)
 INITS = ("zero", "symmetric", "pissa", "loftq")
 CONVERTER_INITS = ("pissa", "loftq")  # they need the 16-bit weights: made by `qtool convert --lora-init`
 PRESETS = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
+PRESET_ALIASES = {"all": "all-linear", "attn": "qkvo"}
 DEFAULT_TARGETS = "qkvo"
+_TARGETS_HINT = "use qkvo, mlp, all-linear or module names, each optionally =RANK (e.g. q_proj=8,v_proj=32)"
 
 
 @dataclass(frozen=True)
@@ -57,27 +60,22 @@ class AdapterSpec:
     # --- per module
     def module_ranks(self, shape: Shape) -> dict[str, int]:
         """``{module name within a layer: rank}`` for the adapted Linears of ``shape`` (names as in
-        :meth:`qtool.arch.Shape.linears`). Raises UsageError on an unknown name or a malformed rank."""
-        linears = shape.linears()
-        known = {lin.name for lin in linears}
-        ranks: dict[str, int] = {}
-        problems = []
-        for item in filter(None, (t.strip() for t in str(self.targets).split(","))):
-            name, _, r = (part.strip() for part in item.partition("="))
-            if r and not (r.isdigit() and int(r) > 0):
-                problems.append(f"--targets {item!r}: the rank after '=' must be a positive integer")
-                continue
-            rank = int(r) if r else self.rank
-            if name in PRESETS:
-                ranks.update({lin.name: rank for lin in linears if lin.group in PRESETS[name]})
-            elif name in known:
-                ranks[name] = rank
-            else:
-                problems.append(f"--targets: {shape.model_type} layers have no module {name!r}")
+        :meth:`qtool.arch.Shape.linears`), in forward order. Raises UsageError on an unknown name or a malformed
+        rank (:meth:`target_problems` lists them without raising)."""
+        ranks, problems = _parse_targets(self.targets, self.rank, shape)
         if problems:
-            raise UsageError(problems, hint=f"use {', '.join(PRESETS)} or names from {', '.join(sorted(known))}, "
-                                            "each optionally =RANK (e.g. q_proj=8,v_proj=32)")
-        return {lin.name: ranks[lin.name] for lin in linears if lin.name in ranks}  # forward order
+            raise UsageError(list(problems), hint=_TARGETS_HINT)
+        return dict(ranks)
+
+    def target_problems(self, shape: Shape) -> list[str]:
+        """What is wrong with ``targets`` for ``shape``: unknown names, malformed ranks, ranks beyond a module."""
+        ranks, problems = _parse_targets(self.targets, self.rank, shape)
+        if not ranks and not problems:
+            return [f"--targets {self.targets!r} selects no module"]
+        linears = {lin.name: lin for lin in shape.linears()}
+        return list(problems) + [f"rank {r} of {name} exceeds min(in, out) = min({linears[name].n_in}, {linears[name].n_out}) = "
+                f"{min(linears[name].n_in, linears[name].n_out)}; a LoRA of that rank is not low-rank"
+                for name, r in ranks if r > min(linears[name].n_in, linears[name].n_out)]
 
     def alpha_of(self, name: str) -> float:
         return dict(self.alpha_pattern).get(name, self.alpha)
@@ -112,19 +110,7 @@ class AdapterSpec:
             p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
         if self.loftq_iter < 1:
             p.append(f"--loftq-iter must be at least 1 (got {self.loftq_iter})")
-        if shape is None or p:
-            return p
-        try:
-            adapted = self.adapted(shape)
-        except UsageError as exc:
-            return p + exc.problems
-        if not adapted:
-            p.append(f"--targets {self.targets!r} selects no module")
-        for lin, r in adapted:
-            if r > min(lin.n_in, lin.n_out):
-                p.append(f"rank {r} of {lin.name} is larger than the module allows: min(in, out) = "
-                         f"min({lin.n_in}, {lin.n_out}) = {min(lin.n_in, lin.n_out)}")
-        return p
+        return p + (self.target_problems(shape) if shape is not None else [])
 
     def checked(self, shape: Shape | None = None) -> AdapterSpec:
         problems = self.problems(shape)
@@ -148,3 +134,32 @@ class AdapterSpec:
                    init=d.get("init", "zero"), dropout=float(d.get("dropout", 0.0)),
                    use_rslora=bool(d.get("use_rslora", False)), method=d.get("method", "lora"),
                    loftq_iter=int(d.get("loftq_iter", 1)))
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_targets(targets: str, rank: int, shape: Shape) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """``(((name, rank), ...) in forward order, (problem, ...))``. Cached: a plan asks many times, and a fit search
+    plans the same shape dozens of times."""
+    linears = shape.linears()
+    known = [lin.name for lin in linears]
+    ranks: dict[str, int] = {}
+    problems = []
+    for item in filter(None, (t.strip() for t in str(targets).split(","))):
+        name, _, r = (part.strip() for part in item.partition("="))
+        name = PRESET_ALIASES.get(name, name)
+        if r and not (r.isdigit() and int(r) > 0):
+            problems.append(f"--targets {item!r}: the rank after '=' must be a positive integer")
+            continue
+        value = int(r) if r else rank
+        if name in PRESETS:
+            ranks.update({lin.name: value for lin in linears if lin.group in PRESETS[name]})
+        elif name in known:
+            ranks[name] = value
+        else:
+            from difflib import get_close_matches  # an error path: not paid at start-up
+
+            close = get_close_matches(name, known, n=3)
+            problems.append(f"--targets: {shape.model_type} layers have no module {name!r}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else
+                               f" (its Linears: {', '.join(known)}; presets: {', '.join(PRESETS)})"))
+    return tuple((n, ranks[n]) for n in known if n in ranks), tuple(problems)

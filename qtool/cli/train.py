@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -39,6 +38,8 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=True, show_default=True,
               help="Keep only each layer's input and recompute it in the backward.")
 @click.option("--rslora", is_flag=True, help="Scale the bypass by alpha/sqrt(rank) instead of alpha/rank.")
+@click.option("--eval-blocks", default=32, show_default=True, type=int,
+              help="Held-out blocks for the loss before and after training (at most 5% of the data).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the init, the data order and dropout.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -56,21 +57,18 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
 
     st = TrainSettings(use_rslora=rslora, max_grad_norm=max_grad_norm or None, **kw)
     check_inputs(model_dir, data, out, st, overwrite=overwrite)  # flags and paths first: no torch imported yet
-    from tqdm import tqdm
-
+    from qtool.cli import progress_bar
     from qtool.train.recipe import run
 
     bars = {}
 
     def progress(step, loss, seconds):
-        bar = bars.get("train") or bars.setdefault("train", tqdm(total=st.steps, desc="training", file=sys.stderr,
-                                                                  disable=None, leave=False))
+        bar = bars.get("train") or bars.setdefault("train", progress_bar(st.steps, "training"))
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{st.batch_size * st.seq_len * st.grad_accum / seconds:,.0f}")
 
     def eval_progress(phase, done, total):
-        bar = bars.get(phase) or bars.setdefault(phase, tqdm(total=total, desc=f"held-out loss, {phase} training",
-                                                             file=sys.stderr, disable=None, leave=False))
+        bar = bars.get(phase) or bars.setdefault(phase, progress_bar(total, f"held-out loss {phase} training"))
         bar.update(done - bar.n)
 
     try:

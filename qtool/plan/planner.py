@@ -96,6 +96,8 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         *([Row(f"lm_head ({frozen})", head)] if head else []),
         Row(f"norms and biases ({frozen})", norms),
         Row(f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        *([Row("LoRA initial factors, frozen (symmetric init: the offset -s·B0·A0)", lora)]
+          if st.init == "symmetric" else []),
         *([Row("allocator rounding of the resident tensors (unsplit large blocks)", rounding)] if rounding else []),
         Row(f"optimizer state ({st.optimizer}) on device", opt_device),
         *([Row("optimizer state, paged (managed memory)", opt_paged, "paged", "nvml")] if opt_paged else []),

@@ -196,8 +196,8 @@ def norm_and_bias_bytes(shape: Shape, st: Settings) -> int:
 def resident_rounding_bytes(shape: Shape, st: Settings) -> int:
     """What the caching allocator books for the resident tensors beyond their 512-rounded sizes: large blocks whose
     segment is not split (see :func:`booked`). Tensors in load order: per layer each Linear's NF4 tensors and bias,
-    then the layer's norms; embeddings, head and final norm; then the LoRA factors, A before B (qtool/model.py
-    build_decoder and attach_lora; PEFT's update_layer). 48 MiB for Llama-2-7B (3 x 32 packed MLP weights of 21.5 MiB
+    then the layer's norms; embeddings, head and final norm; then the LoRA factors, A before B (qtool/train/load.py
+    build_decoder and qtool/adapters/attach.py; PEFT's update_layer). 48 MiB for Llama-2-7B (3 x 32 packed MLP weights of 21.5 MiB
     in 22 MiB segments). None on the CPU."""
     if st.device != "cuda":
         return 0

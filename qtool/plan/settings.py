@@ -6,6 +6,7 @@ import functools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from qtool.adapters.spec import INITS, AdapterSpec
 from qtool.errors import UsageError
 
 if TYPE_CHECKING:
@@ -51,9 +52,16 @@ class Settings:
     loss: str | None = None     # chunked (qtool's default) | full (fp32 logits; the only choice in hf)
     device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
 
+    init: str = "zero"          # the symmetric init keeps its initial factors, frozen, beside the trained ones
+
+    @property
+    def spec(self) -> AdapterSpec:
+        """The adapter being trained, as the trainer and the adapter writer describe it."""
+        return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha or 2 * self.rank, init=self.init)
+
     def module_ranks(self, shape: Shape) -> dict[str, int]:
         """Targeted Linear name -> rank, for this shape's module names."""
-        return dict(_module_ranks(self.targets, self.rank, shape))
+        return self.spec.module_ranks(shape)
 
     def check(self, shape: Shape) -> Settings:
         """Normalised settings, or UsageError listing every problem (the shape's included)."""
@@ -81,45 +89,10 @@ class Settings:
         if st.profile == "hf" and shape.model_type == "gemma2" and st.attention == "sdpa":
             problems.append("gemma2 uses attention logit soft-capping, which transformers' sdpa attention rejects; "
                             "use --attention eager")
+        if st.init not in INITS:
+            problems.append(f"--init {st.init!r} is not one of {', '.join(INITS)}")
         if not shape_problems(shape):
-            problems += _target_problems(st, shape)
+            problems += st.spec.target_problems(shape)
         if problems:
             raise UsageError(problems)
         return replace(st, loss=loss, alpha=st.alpha if st.alpha is not None else 2 * st.rank)
-
-
-@functools.lru_cache(maxsize=256)
-def _module_ranks(targets: str, rank: int, shape: Shape) -> tuple[tuple[str, int], ...]:
-    """Presets (qkvo, mlp, all-linear) and names, comma-separated, each optionally ``=rank``; later items win.
-    Cached: a plan asks for them many times, and a fit search plans the same shape dozens of times."""
-    groups = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
-    linears = [(lin.name, lin.group) for lin in layer_linears(shape)]
-    ranks: dict[str, int] = {}
-    for item in filter(None, (t.strip() for t in targets.split(","))):
-        name, _, r = (part.strip() for part in item.partition("="))
-        r_int = int(r) if r.isdigit() else (rank if not r else -1)
-        names = [n for n, group in linears if group in groups[name]] if name in groups else [name]
-        ranks.update(dict.fromkeys(names, r_int))
-    return tuple(ranks.items())
-
-
-def _target_problems(st: Settings, shape: Shape) -> list[str]:
-    problems = []
-    linears = {lin.name: lin for lin in layer_linears(shape)}
-    for name, r in st.module_ranks(shape).items():
-        if name not in linears:
-            from difflib import get_close_matches  # an error path: not paid at start-up
-
-            close = get_close_matches(name, linears, n=3)
-            problems.append(f"--targets: {shape.model_type} has no Linear {name!r}"
-                            + (f" (did you mean {', '.join(close)}?)" if close else
-                               f" (its Linears: {', '.join(linears)}; presets: {', '.join(TARGET_PRESETS)})"))
-        elif r < 1:
-            if r != st.rank:  # a bad --rank is reported once, by check()
-                problems.append(f"--targets: the rank of {name} must be a positive integer")
-        elif r > min(linears[name].n_in, linears[name].n_out):
-            problems.append(f"rank {r} of {name} exceeds min(in, out) = "
-                            f"{min(linears[name].n_in, linears[name].n_out)}; a LoRA of that rank is not low-rank")
-    if not st.module_ranks(shape):
-        problems.append("--targets selects no module")
-    return problems

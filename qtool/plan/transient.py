@@ -6,7 +6,7 @@ transformers 5.x ``models/llama/modeling_llama.py`` (RMSNorm up-casts to fp32; S
 ``integrations/sdpa_attention.py``, ``masking_utils.py``, ``loss/loss_utils.py`` (``logits.float()`` then
 ``cross_entropy``), PEFT 0.21 ``tuners/lora/bnb.py`` (``Linear4bit.forward`` casts x to the adapter dtype, clones the
 base result), bitsandbytes 0.50.2 ``autograd/_functions.py`` (``MatMul4Bit`` saves only the packed weight and
-dequantises it again in backward), and for the qtool profile qtool/model.py and qtool/lora.py with, on a GPU
+dequantises it again in backward), and for the qtool profile qtool/train/model.py and qtool/adapters/{nf4_linear,lora}.py with, on a GPU
 (:func:`qtool.plan_items.fused`), the Triton kernels of qtool/fused.py and the bf16 flash SDPA; ``device="cpu"``
 plans the torch reference paths the same modules take on the CPU. The CPU paths are checked against allocation
 traces of the real code (tests/test_plan.py), the GPU paths against the H200 records in data/memory/.
@@ -128,7 +128,7 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
 
 
 def _fused_layer_saved(shape: Shape, st: Settings, first: bool) -> int:
-    """qtool on the GPU (qtool/fused.py, qtool/lora.py, qtool/model.py DecoderLayer), per token: each RMSNorm its
+    """qtool on the GPU (qtool/train/fused.py, qtool/adapters/lora.py, qtool/train/model.py DecoderLayer), per token: each RMSNorm its
     bf16 input and fp32 rstd (2h + 4; the first norm's input is the layer input, not saved in layer 0, whose input
     needs no gradient); RoPE nothing (it keeps only cos and sin); flash SDPA q, k, v as they are (GQA not expanded),
     out and the fp32 logsumexp (2(2q + 2kv) + 4nh), out doubling as o_proj's input; SwiGLU gate and up (2 x 2f).
@@ -154,7 +154,7 @@ def _io_names(shape: Shape) -> tuple[list[str], list[str], list[str], list[str]]
 def head_saved_bytes(shape: Shape, st: Settings) -> int:
     """The final norm's saved tensors; the lm_head is frozen, so hf keeps nothing more. qtool's chunked
     cross-entropy saves the normed hidden states and the fp32 log-sum-exp of the b (s - 1) predicting positions
-    (qtool/model.py _ChunkedCrossEntropy); on the GPU the normed states are the norm's own output for batch 1 (a
+    (qtool/train/loss.py _ChunkedCrossEntropy); on the GPU the normed states are the norm's own output for batch 1 (a
     view) and a copy of its first s - 1 positions otherwise."""
     n = _loss_tokens(st)
     if st.loss != "chunked":
@@ -198,7 +198,7 @@ def loss_bytes(shape: Shape, st: Settings) -> int:
     """Transient of the loss at its backward, the largest moment of the head: the saved fp32 log-softmax, the fp32
     gradient from nll_loss and the fp32 gradient of log_softmax coexist: 12 bytes per token per vocabulary entry
     (transformers loss_utils.py ForCausalLMLoss; the logits are gone by then), plus the int64 shifted labels.
-    Chunked (qtool/model.py): a chunk's bf16 logits, their fp32 copy and the fp32 softmax (10 bytes per token per
+    Chunked (qtool/train/loss.py): a chunk's bf16 logits, their fp32 copy and the fp32 softmax (10 bytes per token per
     entry), plus the previous chunk's softmax while the next is computed (12 with more than one chunk), and the
     gradient of the hidden states, allocated whole."""
     n = _loss_tokens(st)
@@ -301,7 +301,7 @@ def checkpoint_bytes(shape: Shape, st: Settings) -> int:
 def recompute_bytes(shape: Shape, st: Settings) -> int:
     """Under checkpointing, the layer being back-propagated is recomputed and its saved tensors live again, less the
     norm input when that is the checkpointed input itself (hf: the fp32 input; qtool's fused norm: the bf16 input).
-    Both profiles checkpoint non-reentrantly (qtool/model.py passes use_reentrant=False; transformers'
+    Both profiles checkpoint non-reentrantly (qtool/train/model.py passes use_reentrant=False; transformers'
     gradient_checkpointing_enable() defaults to it), which stops recomputing once the last saved tensor is back, so
     the layer output is not rebuilt."""
     rb, T = widths(st)[0], st.batch_size * st.seq_len

@@ -85,7 +85,7 @@ def plan_settings(st, n_micro_tokens: int | None = None):
     from qtool.plan.planner import Settings
 
     optimizer = st.optimizer if st.optimizer != "auto" else "paged_adamw_32bit"
-    return Settings(profile="qtool", rank=st.rank, alpha=st.alpha, targets=st.targets, seq_len=st.seq_len,
+    return Settings(profile="qtool", rank=st.rank, alpha=st.alpha, targets=st.targets, init=st.init, seq_len=st.seq_len,
                     batch_size=st.batch_size, grad_accum=st.grad_accum, grad_checkpointing=st.grad_checkpointing,
                     optimizer=optimizer)
 

@@ -49,7 +49,7 @@ class TrainSettings:
 
     def problems(self) -> list[str]:
         p = []
-        for name in ("steps", "seq_len", "batch_size", "grad_accum"):
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_blocks"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if self.seq_len == 1:
