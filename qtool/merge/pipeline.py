@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,12 +34,13 @@ from qtool.format import bnb_nf4 as layout
 from qtool.nf4 import codec as nf4
 from qtool.format.peft_adapter import Adapter, LoraFactors, load_adapter
 from qtool.format.atomic import check_destination, staging_dir, write_text
-from qtool.convert.pipeline import DEFAULT_MAX_SHARD, peak_rss_bytes, shard_name
+from qtool.convert.pipeline import peak_rss_bytes
 from qtool.errors import InputError
 from qtool.format.safetensors import ShardWriter, Slot, read_header
-from qtool.format.checkpoint import INDEX_NAME, Checkpoint, shard_names, open_checkpoint, resolve
+from qtool.format.checkpoint import (DEFAULT_MAX_SHARD, Checkpoint, open_checkpoint, other_files, plan_shards,
+                                     resolve, shard_name, shard_names, write_metadata)
 from qtool.merge.verify import VERIFY_TOLERANCE, verify_merged  # noqa: F401 (VERIFY_TOLERANCE: public)
-from qtool.convert.verify import REPORT_NAME as CONVERT_REPORT_NAME, sha256_file
+from qtool.convert.verify import sha256_file
 
 REPORT_NAME = "qtool_merge_report.json"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -159,7 +159,7 @@ def open_base(spec) -> _Base:
                          hint="pass the NF4 folder the adapter was trained on, or the original 16-bit folder")
     shards = [read_header(folder / name) for name in shard_names(folder)]
     key_shard = {k: s for s in shards for k in s.tensors}
-    ck = Checkpoint(folder, config, shards, key_shard, _other_files(folder))
+    ck = Checkpoint(folder, config, shards, key_shard, other_files(folder))
     get = lambda n: key_shard[n].tensor(n)  # noqa: E731
     qws = {k: layout.read_weight(k, get, where=key_shard[k].path.name) for k in layout.quantized_keys(key_shard)}
     aux: dict[str, list[str]] = {}
@@ -168,14 +168,6 @@ def open_base(spec) -> _Base:
             owner = next((name[: -len(s) - 1] for s in layout.AUX_SUFFIXES if name.endswith("." + s)), None)
             aux.setdefault(owner, []).append(name)
     return _Base(ck, qws, aux)
-
-
-def _other_files(folder: Path) -> list[Path]:
-    """Files to copy beside the weights (tokenizer, generation config, licence...), not qtool's reports."""
-    skip = {"config.json", INDEX_NAME, CONVERT_REPORT_NAME, REPORT_NAME}
-    return [p.relative_to(folder) for p in sorted(folder.rglob("*"))
-            if p.is_file() and not p.relative_to(folder).parts[0].startswith(".") and p.name not in skip
-            and p.suffix not in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")]
 
 
 # ------------------------------------------------------------------------------------------ adapter -> checkpoint
@@ -352,7 +344,7 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
                     raise
             shards = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
                       for p in sorted(stage.glob("*.safetensors"))}
-            _write_metadata(b, stage, out_dtype, requantize_nf4, sel, weight_map, shards)
+            write_metadata(stage, _config(b, out_dtype, requantize_nf4, sel), weight_map, b.ck)
             qerr = _quantisation_note(qstats, rows, notes, requantize_nf4) if qstats else None
             result = MergeResult(Path(out), "nf4" if b.is_nf4 else "16-bit", rows, None, shards, 0.0,
                                  sum(s["bytes"] for s in shards.values()), 0, settings, notes, qerr)
@@ -368,8 +360,7 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
 
 def _plan(b: _Base, requant: dict[str, bool], out_dtype, max_shard_bytes: int) -> list[list[tuple[str, list[Slot]]]]:
     """Output slots per base key, in file order, cut into shards of at most ``max_shard_bytes`` (as convert does)."""
-    shards: list[list] = [[]]
-    size = 0
+    groups = []
     for key in b.keys:
         if key in requant:
             qw = b.nf4.get(key)
@@ -380,12 +371,8 @@ def _plan(b: _Base, requant: dict[str, bool], out_dtype, max_shard_bytes: int) -
             dt = b.dtype(key)
             slots = [Slot(key, out_dtype if dt.is_floating_point else dt, tuple(b.shape(key)))]
             nbytes = slots[0].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((key, slots))
-        size += nbytes
-    return shards
+        groups.append(((key, slots), nbytes))
+    return plan_shards(groups, max_shard_bytes)
 
 
 def _finite_or_raise(t: torch.Tensor, what: str, dtype) -> None:
@@ -453,7 +440,8 @@ def _merge_one(b: _Base, key: str, targets: dict, bias_keys: dict, out_dtype, re
     return layout.weight_entries(key, qw), row
 
 
-def _write_metadata(b: _Base, stage: Path, out_dtype, requantized: bool, sel, weight_map: dict, shards: dict) -> None:
+def _config(b: _Base, out_dtype, requantized: bool, sel) -> dict:
+    """The base's config for the output: the output dtype, and a quantization_config only when writing NF4."""
     config = dict(b.ck.config)
     qc = config.pop("quantization_config", None)
     name = str(out_dtype).removeprefix("torch.")
@@ -463,15 +451,7 @@ def _write_metadata(b: _Base, stage: Path, out_dtype, requantized: bool, sel, we
     if requantized:
         config["quantization_config"] = qc if qc else layout.quantization_config(out_dtype, True,
                                                                                   sel.skip_modules_config)
-    write_text(stage / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(s["bytes"] for s in shards.values())},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        write_text(stage / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-    for rel in _other_files(b.ck.folder):
-        dest = stage / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(b.ck.folder / rel, dest)
+    return config
 
 
 def _quantisation_note(qstats: dict, rows: list[dict], notes: list[str], requantized: bool) -> dict:
