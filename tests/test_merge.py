@@ -400,3 +400,20 @@ def test_rounding_that_erases_the_update_warns(tiny_llama_template, tmp_path):
     assert res.warnings == [] and all(r["dw_rel_error"] < 1e-2 and abs(r["dw_kept"] - 1) < 1e-2 for r in res.modules)
     res = merge(tiny_llama_template, tiny_adapter(tmp_path / "big", b_std=2e-3), tmp_path / "big-bf16")
     assert res.warnings == [] and max(r["dw_rel_error"] for r in res.modules) < ROUNDING_WARNING_ERROR
+
+
+def test_cli_explains_the_columns_and_prints_the_warning(tiny_llama_template, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["merge", "-h"])
+    text = " ".join(r.output.split())  # click wraps the help to the terminal's width
+    assert r.exit_code == 0 and '"dW kept" (the share of dW that the written weights carry' in text
+    assert '"dW error" (|e - dW|/|dW|' in text and "suggests --dtype fp32 or fp16" in text
+    small = tiny_adapter(tmp_path / "small", b_std=4e-6)
+    r = runner.invoke(main, ["merge", str(tiny_llama_template), str(small), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "warning: bf16 rounding erases most of the adapter's update" in r.stderr
+    assert "dW kept: the share of dW that the written weights carry" in r.stdout
+    assert "dW error: |e - dW|/|dW|" in r.stdout and "largest updates (4 of 4)" in r.stdout
+    r = runner.invoke(main, ["merge", str(tiny_llama_template), str(small), str(tmp_path / "out32"), "--dtype",
+                             "fp32"])
+    assert r.exit_code == 0 and "warning" not in r.stderr
