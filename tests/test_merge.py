@@ -20,6 +20,7 @@ bnb = pytest.importorskip("bitsandbytes")
 from click.testing import CliRunner  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel  # noqa: E402
+from transformers.initialization import no_init_weights  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -30,8 +31,8 @@ from qtool.format.peft_adapter import load_adapter, save_adapter  # noqa: E402
 from qtool.cli import main  # noqa: E402
 from qtool.convert.pipeline import convert  # noqa: E402
 from qtool.errors import InputError, OutputError  # noqa: E402
-from qtool.merge.pipeline import (REPORT_NAME, VERIFY_TOLERANCE, delta_weight, merge, merged_weight,  # noqa: E402
-                         update_kept)
+from qtool.merge.math import delta_weight, merge_rounded, merged_weight, update_kept  # noqa: E402
+from qtool.merge.pipeline import REPORT_NAME, ROUNDING_WARNING_ERROR, VERIFY_TOLERANCE, merge  # noqa: E402
 from qtool.format.safetensors import read_header  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -62,8 +63,8 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def nf4_dir(smollm2, work):
-    return convert(smollm2, work / "nf4", target="cpu").out
+def nf4_dir(smollm2_nf4_cpu):
+    return smollm2_nf4_cpu  # the session's conversion (conftest), shared with the other test files
 
 
 def tokens(vocab: int, seed: int = 0):
@@ -85,7 +86,8 @@ def bnb_dequantised_model(nf4_dir):
             state[key] = t.float()
     config = copy.deepcopy(q.config)
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with no_init_weights():  # every weight is loaded below: skip 135M random numbers (half this helper's time)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     model.tie_weights()
@@ -101,6 +103,7 @@ def trained(nf4_dir, smollm2, work):
         base_logits = base(ids).logits
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0, task_type="CAUSAL_LM",
                      rank_pattern={"down_proj": 4}, alpha_pattern={r"layers\.0\.self_attn\.q_proj": 32})
+    torch.manual_seed(0)  # peft draws lora_A from torch's global generator
     model = get_peft_model(base, cfg)
     tok = AutoTokenizer.from_pretrained(smollm2)
     text = fixtures.shakespeare().read_text()[20000:60000]
@@ -119,10 +122,11 @@ def trained(nf4_dir, smollm2, work):
     model.save_pretrained(adapter)
     with torch.no_grad():
         bypass_logits = model(ids).logits
+    v7 = model.base_model.model.model.layers[7].self_attn.v_proj.base_layer.weight.detach().clone()
     merged = model.merge_and_unload()  # peft's own merge, on the fp32 dequantised base
     weights = {k: v.detach().clone() for k, v in merged.state_dict().items()}
     return {"adapter": adapter, "ids": ids, "base_logits": base_logits, "bypass_logits": bypass_logits,
-            "peft_merged": weights, "losses": losses}
+            "peft_merged": weights, "losses": losses, "bnb_base_v7": v7}
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +251,7 @@ def test_requantize_keeps_little_of_the_update(nf4_dir, trained, work):
     qs = copy.copy(mod.weight.quant_state)
     qs.dtype = torch.float32
     back = bnb.functional.dequantize_4bit(mod.weight.data, qs)
-    base = bnb_dequantised_model(nf4_dir).model.layers[7].self_attn.v_proj.weight.detach()
+    base = trained["bnb_base_v7"]  # layer 7's v_proj as bitsandbytes dequantises the base (fp32)
     f = load_adapter(trained["adapter"]).modules["model.layers.7.self_attn.v_proj"]
     expect = update_kept(back, base, delta_weight(f.a, f.b, f.scale))
     row = next(r for r in res.modules if r["module"] == "model.layers.7.self_attn.v_proj")
@@ -258,7 +262,7 @@ def test_requantize_keeps_little_of_the_update(nf4_dir, trained, work):
             assert torch.equal(st.tensor(k), src.tensor(k))
 
 
-def test_cli_json_sharded_fp16(nf4_dir, trained, work):
+def test_cli_json_sharded_fp16(nf4_dir, trained, work, smollm2):
     out = work / "merged-cli"
     r = CliRunner().invoke(main, ["merge", str(nf4_dir), str(trained["adapter"]), str(out), "--dtype", "fp16",
                                   "--max-shard-size", "100MB", "--no-verify", "--json"])
@@ -269,6 +273,9 @@ def test_cli_json_sharded_fp16(nf4_dir, trained, work):
     assert len(shards) == 3 and shards[0] == "model-00001-of-00003.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
+    # total_size counts tensor bytes, as transformers does: the source's, since bf16 -> fp16 keeps every size
+    with read_header(smollm2 / "model.safetensors") as src:
+        assert index["metadata"]["total_size"] == sum(info.nbytes for info in src.tensors.values())
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.float16
     with torch.no_grad():
@@ -331,15 +338,82 @@ def test_gpt2_conv1d_through_nf4(tmp_path):
         torch.testing.assert_close(got, w0 + layer.get_delta_weight("default"), rtol=0, atol=1e-6)
 
 
-def test_verification_catches_a_wrong_merge(nf4_dir, trained, tmp_path, monkeypatch):
+def test_verification_catches_a_wrong_merge(tiny_llama_template, tmp_path, monkeypatch):
     """The built-in check can fail: with the update dropped, the merged model is the bare base, whose logits are
     the adapter's whole effect away from base + adapter — far beyond fp32 rounding. Nothing is written."""
     import qtool.merge.pipeline as m
-
-    monkeypatch.setattr(m, "delta_weight",
-                        lambda a, b, scale, fan_in_fan_out=False: torch.zeros(b.shape[0], a.shape[1]))
     from qtool.errors import VerificationError
 
+    adapter = tiny_adapter(tmp_path / "ad", b_std=0.05)
+    ok = merge(tiny_llama_template, adapter, tmp_path / "right", dtype="fp32")  # the same merge, unpatched, passes
+    assert ok.verification["adapter_effect"]["rel"] > 100 * ok.verification["tolerance_rel"]
+    monkeypatch.setattr(m, "delta_weight",
+                        lambda a, b, scale, fan_in_fan_out=False: torch.zeros(b.shape[0], a.shape[1]))
     with pytest.raises(VerificationError, match="merged logits differ from base \\+ adapter"):
-        merge(nf4_dir, trained["adapter"], tmp_path / "wrong", dtype="fp32")
-    assert list(tmp_path.iterdir()) == []
+        merge(tiny_llama_template, adapter, tmp_path / "wrong", dtype="fp32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad", "right"]
+
+
+# ------------------------------------------------------------------------------- tiny model: rounding and its report
+def tiny_adapter(folder: Path, b_std: float, seed: int = 0) -> Path:
+    """LoRA r=4, alpha 8 on q_proj and v_proj of the tiny Llama (conftest: hidden 64, kv 32, 2 layers), with B drawn
+    at ``b_std``: |dW|/|W0| is about 25 · b_std (W0 ~ N(0, 0.02) from transformers' init)."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {f"model.layers.{i}.self_attn.{n}": (torch.randn(4, 64, generator=g) / 8,
+                                                   torch.randn(out, 4, generator=g) * b_std)
+               for i in range(2) for n, out in (("q_proj", 64), ("v_proj", 32))}
+    return save_adapter(folder, factors, rank=4, alpha=8, target_modules=["q_proj", "v_proj"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_merge_rounded_matches_the_definitions(dtype, conv1d):
+    """The merge's one-pass numbers equal merged_weight + update_kept and plain norms; nothing is modified."""
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(96, 64, generator=g) * 0.02
+    a, b = torch.randn(4, 96 if conv1d else 64, generator=g), torch.randn(64 if conv1d else 96, 4, generator=g) * 1e-4
+    dw = delta_weight(a, b, 2.0, fan_in_fan_out=conv1d)
+    w0_before, dw_before = w0.clone(), dw.clone()
+    out, row = merge_rounded(w0, dw, dtype, "m")
+    assert torch.equal(w0, w0_before) and torch.equal(dw, dw_before)
+    assert out.dtype == dtype and torch.equal(out, merged_weight(w0, a, b, 2.0, conv1d).to(dtype))
+    ref = update_kept(out, w0.to(dtype), dw)
+    assert row["dw_kept"] == pytest.approx(ref["kept"], rel=1e-5)
+    assert row["dw_rel_error"] == pytest.approx(ref["rel_error"], rel=1e-5)
+    assert row["w0_norm"] == pytest.approx(float(w0.double().norm()), rel=1e-6)
+    assert row["dw_norm"] == pytest.approx(float(dw.double().norm()), rel=1e-6)
+    assert row["dw_max_abs"] == float(dw.abs().max())
+    assert row["dw_rel"] == pytest.approx(row["dw_norm"] / row["w0_norm"])
+
+
+def test_rounding_that_erases_the_update_warns(tiny_llama_template, tmp_path):
+    """An update far below bf16's resolution of the weights (|dW|/|W0| ~ 1e-4, bf16 rounds by up to 4e-3) is mostly
+    rounded away: 'dW error' near 1, a warning that suggests --dtype fp32; in fp32 it is kept and nothing warns."""
+    small = tiny_adapter(tmp_path / "small", b_std=4e-6)
+    res = merge(tiny_llama_template, small, tmp_path / "bf16")  # the model's dtype: bf16
+    errors = sorted(r["dw_rel_error"] for r in res.modules)
+    assert res.settings["dtype"] == "bfloat16" and errors[len(errors) // 2] > 0.9
+    assert len(res.warnings) == 1 and "bf16 rounding erases most of the adapter's update" in res.warnings[0]
+    assert "--dtype fp32" in res.warnings[0] and "--dtype fp16" in res.warnings[0]
+    assert json.loads((res.out / REPORT_NAME).read_text())["warnings"] == res.warnings
+    res = merge(tiny_llama_template, small, tmp_path / "fp32", dtype="fp32")
+    assert res.warnings == [] and all(r["dw_rel_error"] < 1e-2 and abs(r["dw_kept"] - 1) < 1e-2 for r in res.modules)
+    res = merge(tiny_llama_template, tiny_adapter(tmp_path / "big", b_std=2e-3), tmp_path / "big-bf16")
+    assert res.warnings == [] and max(r["dw_rel_error"] for r in res.modules) < ROUNDING_WARNING_ERROR
+
+
+def test_cli_explains_the_columns_and_prints_the_warning(tiny_llama_template, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(main, ["merge", "-h"])
+    text = " ".join(r.output.split())  # click wraps the help to the terminal's width
+    assert r.exit_code == 0 and '"dW kept" (the share of dW that the written weights carry' in text
+    assert '"dW error" (|e - dW|/|dW|' in text and "suggests --dtype fp32 or fp16" in text
+    small = tiny_adapter(tmp_path / "small", b_std=4e-6)
+    r = runner.invoke(main, ["merge", str(tiny_llama_template), str(small), str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "warning: bf16 rounding erases most of the adapter's update" in r.stderr
+    assert "dW kept: the share of dW that the written weights carry" in r.stdout
+    assert "dW error: |e - dW|/|dW|" in r.stdout and "largest updates (4 of 4)" in r.stdout
+    r = runner.invoke(main, ["merge", str(tiny_llama_template), str(small), str(tmp_path / "out32"), "--dtype",
+                             "fp32"])
+    assert r.exit_code == 0 and "warning" not in r.stderr

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import click
 
@@ -20,14 +22,20 @@ def _fmt(x, spec=".3g"):
     return "-" if x is None else format(x, spec)
 
 
+# What the table's columns mean, printed under it and in -h (definitions: qtool.merge.math).
+COLUMNS_FOOTNOTE = ("dW = scale·B·A, the adapter's update of W0. dW kept: the share of dW that the written weights "
+                    "carry (<e, dW>/|dW|², e = written W' - W0 rounded alike; 1 = all). dW error: |e - dW|/|dW|, what "
+                    "rounding to the output dtype did to the update (0 = exact, 1 = as if dW were dropped).")
+
+
 def _modules_table(rows: list[dict], n: int = 8) -> str:
     from tabulate import tabulate
 
     top = sorted(rows, key=lambda r: -(r["dw_rel"] or 0))[:n]
     body = [[r["module"], r["rank"], _fmt(r["scale"]), _fmt(r["dw_rel"], ".2e"), _fmt(r["dw_max_abs"], ".2e"),
              _fmt(r.get("dw_kept"), ".3f"), _fmt(r.get("dw_rel_error"), ".2e")] for r in top]
-    return tabulate(body, headers=["largest updates", "rank", "scale", "|dW|/|W0|", "max |dW|", "dW kept",
-                                   "dW error"], tablefmt="simple", disable_numparse=True)
+    return tabulate(body, headers=[f"largest updates ({len(top)} of {len(rows)})", "rank", "scale", "|dW|/|W0|",
+                                   "max |dW|", "dW kept", "dW error"], tablefmt="simple", disable_numparse=True)
 
 
 def _verification_table(v: dict) -> str:
@@ -59,7 +67,7 @@ def _verification_table(v: dict) -> str:
               help="With --requantize: whose NF4 bytes to reproduce, as in qtool convert.")
 @click.option("--max-shard-size", default="50GB", show_default=True, callback=_size, help="Largest output shard.")
 @click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Compare logits of the merged model with base + adapter (needs two fp32 copies in RAM).")
+              help="Compare logits of the merged model with base + adapter (holds an fp32 copy of the model in RAM).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def merge_cmd(base_dir, adapter_dir, out, dtype, requantize, target, max_shard_size, verify, overwrite, as_json):
@@ -69,6 +77,12 @@ def merge_cmd(base_dir, adapter_dir, out, dtype, requantize, target, max_shard_s
     BASE_DIR is the NF4 folder the adapter was trained on (recommended: W0 is its dequantised weight, so the merged
     model is the trained model) or the original 16-bit folder (a note says how much quantisation error that adds back).
 
+    The summary lists the largest updates dW = scale·B·A: |dW|/|W0|, max |dW|, "dW kept" (the share of dW that the
+    written weights carry, 1 = all) and "dW error" (|e - dW|/|dW|, e = written W' minus W0 rounded alike: what
+    rounding to the output dtype did to the update; 1 = as if dW were dropped). A warning on stderr says when bf16
+    rounding erases most of the update (small updates on large weights) and suggests --dtype fp32 or fp16. Then the
+    logits check: merged vs base + adapter, against the adapter's own effect and the limit that rounding explains.
+
     \b
     Examples:
       qtool merge ./llama2-7b-nf4 ./adapter ./llama2-7b-merged
@@ -76,6 +90,13 @@ def merge_cmd(base_dir, adapter_dir, out, dtype, requantize, target, max_shard_s
       qtool merge ./llama2-7b-nf4 ./adapter ./merged-nf4 --requantize
     then: AutoModelForCausalLM.from_pretrained("./llama2-7b-merged")
     """
+    # A merge is thousands of short parallel regions (passes over each tensor, a forward on 64 tokens). With
+    # OpenMP's default waiting, a thread that reaches a barrier first spins while its partner waits for a core; on a
+    # shared 2-core machine (load 4-6) that made the merge 2-3.5x slower (bench/merge_speed.py --wait-policy both).
+    # Passive waiting sleeps instead. libgomp reads the variable when torch loads it, so only a process that has not
+    # imported torch yet is concerned (the `qtool` command imports it lazily); a value in the environment wins.
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from qtool.merge.pipeline import REPORT_NAME, merge
 
     with byte_progress("merging") as progress:
@@ -83,12 +104,15 @@ def merge_cmd(base_dir, adapter_dir, out, dtype, requantize, target, max_shard_s
                        max_shard_bytes=max_shard_size, overwrite=overwrite, verify=verify, progress=progress)
     for note in result.notes:
         click.echo(f"note: {note}", err=True)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
     summary = result.to_json()
     if as_json:
         summary["modules"] = sorted(summary["modules"], key=lambda r: -(r["dw_rel"] or 0))[:10]
         click.echo(json.dumps(summary, indent=1))
         return
     click.echo(_modules_table(result.modules))
+    click.echo(COLUMNS_FOOTNOTE)
     if result.verification:
         click.echo("")
         click.echo(_verification_table(result.verification))

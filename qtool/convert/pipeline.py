@@ -15,7 +15,6 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import sys
 import time
 from collections import deque
@@ -35,10 +34,10 @@ from qtool.format.atomic import staging_dir, write_text
 from qtool.errors import InputError, OutputError, VerificationError
 from qtool.format.safetensors import Readahead, ShardWriter, Slot
 from qtool.convert.selection import Selection, SelectionInChild
-from qtool.format.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
+from qtool.format.checkpoint import (DEFAULT_MAX_SHARD, Checkpoint, open_checkpoint, plan_shards, shard_name,
+                                     write_metadata)
 from qtool.convert.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
 
-DEFAULT_MAX_SHARD = 50 * 10**9  # transformers 5 `save_pretrained` default ("50GB")
 FLUSH_BYTES = 256 * 2**20  # output written between background fsyncs of the shard being written
 N_WORKERS = 2  # tensors converted at once, one thread each (see _in_order)
 # Test hook: seconds to sleep after each tensor and once before the final rename, so that crash tests can SIGKILL
@@ -84,10 +83,9 @@ class _Group:
 
 def _plan_shards(ck: Checkpoint, quantize: dict[str, bool], blocksize: int, double_quant: bool,
                  max_shard_bytes: int) -> list[list[_Group]]:
-    """Assign tensors (a quantised weight and its five companions together) to shards in file order, opening a new
-    shard when the next group would pass ``max_shard_bytes`` (as huggingface_hub's sharding does)."""
-    shards: list[list[_Group]] = [[]]
-    size = 0
+    """Assign tensors (a quantised weight and its five companions together) to shards in file order
+    (:func:`qtool.format.checkpoint.plan_shards`; a quantised group counts its quant-state blob at its largest)."""
+    groups = []
     for key in ck.keys:
         info = ck.info(key)
         if key in quantize:
@@ -95,17 +93,8 @@ def _plan_shards(ck: Checkpoint, quantize: dict[str, bool], blocksize: int, doub
             group = _Group(key, layout.weight_slots(key, tuple(shape), blocksize, double_quant), True, quantize[key])
         else:
             group = _Group(key, [Slot(key, info.dtype, info.shape)], False, False)
-        nbytes = sum(s.nbytes for s in group.slots) + (layout.MAX_BLOB_BYTES if group.quantized else 0)
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(group)
-        size += nbytes
-    return shards
-
-
-def shard_name(i: int, n: int) -> str:
-    return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        groups.append((group, sum(s.nbytes for s in group.slots) + (layout.MAX_BLOB_BYTES if group.quantized else 0)))
+    return plan_shards(groups, max_shard_bytes)
 
 
 def peak_rss_bytes() -> int:
@@ -302,19 +291,8 @@ def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, doub
 
 
 def _write_metadata(ck: Checkpoint, stage: Path, sel, weight_map: dict, shards: dict, double_quant: bool, plan) -> None:
+    """config.json with the quantization_config, the index and the source's other files (shared with merge)."""
     config = dict(ck.config)
     config["quantization_config"] = layout.quantization_config(_compute_dtype(ck.config, sel.quantize, ck),
                                                                double_quant, sel.skip_modules_config)
-    write_text(stage / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if len(plan) > 1:
-        total_size = sum(s["bytes"] for s in shards.values())
-        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
-        write_text(stage / INDEX_NAME, json.dumps(index, indent=2) + "\n")
-    for rel in ck.other_files:
-        dest = stage / rel
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(ck.folder / rel, dest)
-        except OSError as exc:
-            raise OutputError(f"cannot copy {rel} to {stage}: {exc.strerror}",
-                              hint="free disk space and run again" if exc.errno == errno.ENOSPC else None) from exc
+    write_metadata(stage, config, weight_map, ck)

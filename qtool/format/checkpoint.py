@@ -1,22 +1,37 @@
-"""Resolve and validate a Hugging Face checkpoint folder (local, or a hub id in the local cache) before any work.
+"""Hugging Face checkpoint folders, read and written: the one place that knows their layout.
 
-Nothing here unpickles: ``.bin``/``.pt`` checkpoints are refused, and only safetensors headers are parsed.
+Reading: resolve and validate a folder (local, or a hub id in the local cache) before any work. Nothing here
+unpickles: ``.bin``/``.pt`` checkpoints are refused, and only safetensors headers are parsed.
+
+Writing (``qtool convert`` and ``qtool merge``): tensors are cut into shards in file order under a size limit
+(:func:`plan_shards`, named by :func:`shard_name`), and :func:`write_metadata` writes ``config.json``, the index
+``model.safetensors.index.json`` when there is more than one shard, and copies :func:`other_files` (tokenizer,
+generation config, licence, chat template...) from the source folder. The rules follow transformers 5
+``save_pretrained`` (huggingface_hub ``split_torch_state_dict_into_shards``) so that outputs look like its own.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Iterable, TypeVar
 
 import torch
 
-from qtool.errors import InputError
+from qtool.errors import InputError, OutputError
+from qtool.format.atomic import write_text
 from qtool.format.bnb_nf4 import is_prequantized, quantized_keys
 from qtool.format.safetensors import SafetensorsFile, read_header
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+DEFAULT_MAX_SHARD = 50 * 10**9  # transformers 5 `save_pretrained` default ("50GB")
+# qtool's reports about a folder (`qtool convert`: qtool_report.json, `qtool merge`: qtool_merge_report.json) are
+# named qtool_*.json: they describe that folder's shards, so they are never copied into another one.
+REPORT_PREFIX, REPORT_SUFFIX = "qtool_", ".json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".h5", ".msgpack", ".onnx", ".pb") + PICKLE_SUFFIXES
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -130,12 +145,73 @@ def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     if prequant:
         raise InputError(f"{folder} holds bitsandbytes 4-bit tensors (e.g. {prequant[0]!r}); it is already quantised",
                          hint="convert the original 16/32-bit checkpoint instead")
-    others = []
+    return Checkpoint(folder, config, shards, key_shard, other_files(folder))
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+def other_files(folder: Path) -> list[Path]:
+    """The files of ``folder`` (relative paths, sorted, subfolders included) that a derived checkpoint copies: all
+    but the weights (any of WEIGHT_SUFFIXES, anywhere), hidden top-level entries (``.git``, ``.cache``...) and, at
+    the top level, ``config.json`` and the index (written anew for the new weights) and qtool's reports
+    (``qtool_*.json``: they describe the source's shards). A subfolder's ``config.json`` (e.g. a sentence-transformers
+    module's) is copied."""
+    folder = Path(folder)
+    out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder)
-        if p.is_dir() or rel.parts[0].startswith(".") or p.name == "config.json" or p.name == INDEX_NAME:
+        if p.is_dir() or rel.parts[0].startswith(".") or p.suffix in WEIGHT_SUFFIXES:
             continue
-        if p.suffix in WEIGHT_SUFFIXES:
+        if len(rel.parts) == 1 and (p.name in ("config.json", INDEX_NAME)
+                                    or (p.name.startswith(REPORT_PREFIX) and p.name.endswith(REPORT_SUFFIX))):
             continue
-        others.append(rel)
-    return Checkpoint(folder, config, shards, key_shard, others)
+        out.append(rel)
+    return out
+
+
+T = TypeVar("T")
+
+
+def plan_shards(groups: Iterable[tuple[T, int]], max_shard_bytes: int) -> list[list[T]]:
+    """Cut ``(group, nbytes)`` pairs, in order, into shards: a new shard opens when the next group would take the
+    current one past ``max_shard_bytes``, so a group larger than the limit gets a shard of its own (as huggingface_hub
+    ``split_torch_state_dict_into_shards`` does, except that shards keep file order). A group is what must share a
+    file: one tensor, or an NF4 weight with its quantisation-state companions. Always at least one shard."""
+    shards: list[list[T]] = [[]]
+    size = 0
+    for group, nbytes in groups:
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(group)
+        size += nbytes
+    return shards
+
+
+def shard_name(i: int, n: int) -> str:
+    """The name of shard ``i`` (from 0) of ``n``, as transformers names them."""
+    return SINGLE_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_metadata(stage: Path, config: dict, weight_map: dict[str, str], source: Checkpoint) -> None:
+    """Complete a checkpoint folder whose shards are written: ``config.json`` (``config``, keys sorted), the index
+    when ``weight_map`` (tensor name -> shard file) names more than one shard, and ``source``'s
+    :attr:`Checkpoint.other_files`, byte for byte. The index's ``total_size`` is the sum of the tensors' bytes as
+    the shards' headers give them (file headers excluded), which is what transformers writes."""
+    stage = Path(stage)
+    write_text(stage / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    files = sorted(set(weight_map.values()))
+    if len(files) > 1:
+        total_size = 0
+        for name in files:
+            with read_header(stage / name) as shard:
+                total_size += sum(info.nbytes for info in shard.tensors.values())
+        index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        write_text(stage / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    for rel in source.other_files:
+        dest = stage / rel
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source.folder / rel, dest)
+        except OSError as exc:
+            raise OutputError(f"cannot copy {rel} to {stage}: {exc.strerror}",
+                              hint="free disk space and run again" if exc.errno == errno.ENOSPC else None) from exc

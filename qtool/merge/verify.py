@@ -2,7 +2,14 @@
 
 The reference runs in fp32: the base (NF4 dequantised, or the 16-bit original) with ``s·x·Aᵀ·Bᵀ`` added beside
 each adapted layer by forward hooks, as PEFT's unmerged forward computes it. The merged model is loaded the way
-users load it (plain transformers). The accepted difference is what rounding to the output dtype explains.
+users load it (plain transformers), in fp32 as well. The accepted difference is what rounding to the output dtype
+explains.
+
+Why fp32 on both sides, whatever the output dtype: the reference must be the trained model without any rounding,
+and the merged weights read back exactly (bf16 and fp16 widen to fp32 without loss), so the only difference left
+is the rounding of ``W0 + dW`` that the merge did. Running the merged model in its own dtype would add the rounding
+of every activation (not something the merge controls), and on CPUs without bf16 instructions a bf16 matmul is
+many times slower than fp32.
 """
 from __future__ import annotations
 
@@ -10,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from qtool.nf4 import codec as nf4
 from qtool.errors import VerificationError
+from qtool.merge.base import open_base
+from qtool.nf4 import codec as nf4
 
 # Largest relative logits difference (Frobenius, merged vs base + bypass) accepted per output dtype. Measured on
 # SmolLM2-135M (30 layers; a peft-trained adapter on all 7 Linear kinds, adapter effect 0.35): bf16 7.7e-3,
@@ -23,7 +31,8 @@ ROUNDING_SLACK = 3.0
 
 
 def _fp32_model(folder: Path, tensors: dict[str, torch.Tensor]):
-    """The architecture of ``folder`` in fp32 holding ``tensors`` (checkpoint layout); tied weights stay tied."""
+    """The architecture of ``folder`` in fp32 holding ``tensors`` (checkpoint layout, fp32, writable: the model takes
+    them as its parameters, without a copy); tied weights stay tied."""
     import contextlib
 
     import transformers
@@ -40,15 +49,21 @@ def _fp32_model(folder: Path, tensors: dict[str, torch.Tensor]):
     with no_init_weights():  # every tensor is loaded below; random init would only cost time
         model = (cls._from_config(cfg, dtype=torch.float32) if cls is not None
                  else transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32))
-    model.tie_weights()
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    loaded = {t.data_ptr() for k, t in model.state_dict().items() if k not in missing}
-    missing = [k for k in missing if model.state_dict()[k].data_ptr() not in loaded]  # tied copies are fine
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()  # after assign: the tied parameters are the assigned tensors again
+    state = model.state_dict()
+    loaded = {t.data_ptr() for k, t in state.items() if k not in missing}
+    missing = [k for k in missing if state[k].data_ptr() not in loaded]  # tied copies are fine
     if missing or unexpected:
         raise VerificationError(f"{folder}: cannot rebuild {type(model).__name__} for the logits check "
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
                                 hint="merge with --no-verify, then check the output with your own evaluation")
     return model.eval()
+
+
+def _own(b, key: str) -> torch.Tensor:
+    """Base tensor ``key`` as a tensor of its own (no view of the file), fp32 if it is a float tensor."""
+    return b.fp32(key, writable=True) if b.dtype(key).is_floating_point else b.raw(key).clone()
 
 
 def _bypass(model, targets: dict) -> list:
@@ -71,15 +86,20 @@ def _diff(x: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"max_abs": float((x - ref).abs().max()), "rel": float((x - ref).norm() / ref.norm())}
 
 
-def verify_merged(stage: Path, b, targets: dict, out_dtype, requantized: bool,
-            kept_nf4: dict, nf4_keys: dict, n_seq: int = 2, seq_len: int = 32, seed: int = 0) -> dict:
+def verify_merged(stage: Path, b, base_fp32: dict[str, torch.Tensor], targets: dict, out_dtype, requantized: bool,
+                  kept_nf4: dict, nf4_keys: dict, n_seq: int = 2, seq_len: int = 32, seed: int = 0) -> dict:
     """Logits of the merged model vs base + bypass on ``n_seq x seq_len`` random token ids (fixed seed). Raises
-    VerificationError when the relative difference passes VERIFY_TOLERANCE (not for --requantize: lossy by design)."""
+    VerificationError when the relative difference passes VERIFY_TOLERANCE (not for --requantize: lossy by design).
+    ``base_fp32``: fp32 base tensors already at hand (the merge pass's W0); it is emptied, its tensors become the
+    reference model's parameters and are changed in place. ``b`` supplies the others."""
     import transformers
 
     vocab = b.ck.config.get("vocab_size") or (b.ck.config.get("text_config") or {}).get("vocab_size")
     tokens = torch.randint(0, int(vocab), (n_seq, seq_len), generator=torch.Generator().manual_seed(seed))
-    ref = _fp32_model(b.ck.folder, {k: b.fp32(k) for k in b.keys})
+    tensors = {k: base_fp32.pop(k) if k in base_fp32 else _own(b, k) for k in b.keys}
+    base_fp32.clear()
+    ref = _fp32_model(b.ck.folder, tensors)
+    del tensors  # the model holds them now
     with torch.no_grad():
         base_logits = ref(tokens).logits
         handles = _bypass(ref, targets)
@@ -90,25 +110,28 @@ def verify_merged(stage: Path, b, targets: dict, out_dtype, requantized: bool,
             for key, qw in kept_nf4.items():
                 w = nf4.dequantize(qw, torch.float32)
                 state[key].copy_(w.t() if nf4_keys.get(key) else w)
+            del state  # references to the parameters: `del ref` below must free them
             trained_logits = ref(tokens).logits
         floor_logits = None
         if not requantized:  # what rounding alone costs: base weights rounded to the output dtype, bypass in fp32
-            if not b.is_nf4:
-                ref.load_state_dict({k: b.fp32(k) for k in b.keys}, strict=False)
-            for p in ref.parameters():
-                p.copy_(p.to(out_dtype).float())
-            floor_logits = ref(tokens).logits
+            if out_dtype == torch.float32:
+                floor_logits = bypass_logits  # nothing to round: the same forward would give the same logits
+            else:
+                if not b.is_nf4:
+                    ref.load_state_dict({k: b.fp32(k) for k in b.keys}, strict=False)
+                for p in ref.parameters():
+                    p.copy_(p.to(out_dtype).float())
+                del p
+                floor_logits = ref(tokens).logits
         for h in handles:
             h.remove()
     del ref
     transformers.utils.logging.disable_progress_bar()
     try:
         if requantized:  # what the NF4 output holds, dequantised in fp32 (no bitsandbytes kernels involved)
-            from qtool.merge.pipeline import open_base
-
             out = open_base(stage)
             try:
-                merged = _fp32_model(stage, {k: out.fp32(k) for k in out.keys})
+                merged = _fp32_model(stage, {k: _own(out, k) for k in out.keys})
             finally:
                 out.ck.close()
             loaded_by = "qtool dequantize of the NF4 output, fp32"
