@@ -146,7 +146,9 @@ class _Rope(torch.autograd.Function):
         b, t, h, d = x.shape
         x = x.contiguous()
         y = torch.empty_like(x)
-        _rope[(b * t,)](x, cos, sin, y, t, h, D=d, BLOCK_H=triton.next_power_of_2(h), BACKWARD=False)
+        # no fused multiply-add: each product must be rounded to the compute dtype before the sum, as in transformers
+        _rope[(b * t,)](x, cos, sin, y, t, h, D=d, BLOCK_H=triton.next_power_of_2(h), BACKWARD=False,
+                        enable_fp_fusion=False)
         ctx.save_for_backward(cos, sin)
         return y
 
