@@ -99,7 +99,7 @@ def _valid_header():
     (lambda p: _raw_file(p, {"w": {"dtype": "F16", "shape": [8, 4], "data_offsets": [0, 64]},
                              "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
                              "b": {"dtype": "F32", "shape": [2], "data_offsets": [40, 48]}}, b"\0" * 64),
-     "tensors 'w' and 'b' overlap"),
+     "tensors 'w' and 'e' overlap"),
     (lambda p: _raw_file(p, {"w": {"dtype": "F16", "shape": [2, 4], "data_offsets": [0, 12]}}, b"\0" * 16),
      "tensor 'w' has 12 bytes of data but shape \\[2, 4\\] F16 needs 16"),
 ])
@@ -111,6 +111,44 @@ def test_malformed_files_are_refused_naming_file_and_tensor(tmp_path, make, matc
         sio.read_header(path)
     assert str(path) in str(exc.value)
     assert path.read_bytes() == before
+
+
+# data layouts the safetensors library refuses (and one it accepts), each with what our message must say
+LAYOUTS = {
+    "contiguous": ({"w": [0, 16], "b": [16, 24]}, 24, None),
+    "empty tensors at the boundaries": ({"e0": [0, 0], "w": [0, 16], "e1": [16, 16], "b": [16, 24]}, 24, None),
+    "same bytes": ({"w": [0, 16], "b": [0, 16]}, 16, "tensors 'w' and 'b' overlap in the data section"),
+    "partial overlap": ({"w": [0, 16], "b": [8, 24]}, 24, "tensors 'w' and 'b' overlap"),
+    "empty tensor inside another": ({"w": [0, 16], "e": [8, 8], "b": [16, 24]}, 24, "tensors 'w' and 'e' overlap"),
+    "gap between tensors": ({"w": [0, 16], "b": [20, 28]}, 28,
+                            r"bytes 16..20 of the data section belong to no tensor \(between 'w' and 'b'\)"),
+    "gap before the first tensor": ({"w": [8, 24]}, 24, r"bytes 0..8 .* \(before the first tensor 'w'\)"),
+    "bytes after the last tensor": ({"w": [0, 16], "b": [16, 24]}, 32, "8 bytes after the last tensor 'b' belong to no"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_data_section_layout_follows_the_safetensors_library(tmp_path, case):
+    """The library refuses overlapping tensors, gaps and trailing bytes (Metadata::validate, read_metadata); so do
+    we, naming the file and the tensors. The library itself is the oracle for which layouts are valid."""
+    offsets, data_len, match = LAYOUTS[case]
+    dtypes = {16: ("F16", [2, 4]), 8: ("F32", [2]), 0: ("F32", [0])}
+    header = {name: {"dtype": dtypes[e - b][0], "shape": dtypes[e - b][1], "data_offsets": [b, e]}
+              for name, (b, e) in offsets.items()}
+    path = _raw_file(tmp_path / "model.safetensors", header, bytes(range(data_len)))
+    try:
+        with safe_open(path, "pt"):
+            library_accepts = True
+    except Exception:  # noqa: BLE001 - the library raises its own error types
+        library_accepts = False
+    assert library_accepts == (match is None)
+    if match is None:
+        with sio.read_header(path) as f:
+            assert sorted(f.tensors) == sorted(offsets)
+        return
+    with pytest.raises(InputError, match=match) as exc:
+        sio.read_header(path)
+    assert str(path) in str(exc.value) and "fetch it again" in exc.value.hint
 
 
 def test_missing_file_is_an_input_error(tmp_path):

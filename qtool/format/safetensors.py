@@ -2,7 +2,8 @@
 
 File format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N, N bytes of UTF-8 JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the data section;
-offsets are relative to the data section, must lie inside it and must not overlap.
+offsets are relative to the data section and, as the safetensors library requires, tile it exactly: in order of
+offsets, each tensor begins where the previous one ends, the first at 0, the last at the end of the file.
 
 The writer places every tensor at an offset fixed before any data is written, so outputs stream to disk tensor by
 tensor: tensors are grouped by element size (8, 4, 2 then 1 byte, as the safetensors library orders them, which
@@ -307,17 +308,31 @@ def read_header(path: str | Path) -> SafetensorsFile:
             raise InputError(f"{path}: tensor {name!r} has {end - begin} bytes of data but shape {shape} "
                              f"{entry['dtype']} needs {math.prod(shape) * _element_size(dtype)}")
         tensors.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end))
-    tensors.sort(key=lambda t: (t.begin, t.end))
-    reach = None  # the non-empty tensor reaching furthest so far (an empty one in between must not hide an overlap)
-    for b in tensors:
-        if not b.nbytes:
-            continue
-        if reach is not None and b.begin < reach.end:
-            raise InputError(f"{path}: tensors {reach.name!r} and {b.name!r} overlap in the data section",
-                             hint="the file is corrupt; fetch it again")
-        if reach is None or b.end > reach.end:
-            reach = b
+    _check_contiguous(path, tensors, data_start, data_len)
     return SafetensorsFile(path, {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _check_contiguous(path: Path, tensors: list[TensorInfo], data_start: int, data_len: int) -> None:
+    """The safetensors library's rule (``Metadata::validate`` and ``read_metadata``): in order of offsets, each tensor
+    begins where the previous one ends (the first at 0) and the last ends at the end of the file. So no two tensors
+    share bytes and no byte belongs to none. Sorts ``tensors`` by offset."""
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    end, prev = data_start, None
+    for t in tensors:
+        if t.begin < end:
+            raise InputError(f"{path}: tensors {prev.name!r} and {t.name!r} overlap in the data section (bytes "
+                             f"{t.begin - data_start:,}..{min(end, t.end) - data_start:,})",
+                             hint="the file is corrupt; fetch it again")
+        if t.begin > end:
+            where = f"between {prev.name!r} and {t.name!r}" if prev else f"before the first tensor {t.name!r}"
+            raise InputError(f"{path}: bytes {end - data_start:,}..{t.begin - data_start:,} of the data section belong "
+                             f"to no tensor ({where}); safetensors data must be contiguous",
+                             hint="the file is corrupt or was not written by a safetensors library; fetch it again")
+        end, prev = t.end, t
+    if end != data_start + data_len:
+        raise InputError(f"{path}: {data_start + data_len - end:,} bytes after the last tensor"
+                         f"{f' {prev.name!r}' if prev else ''} belong to no tensor; safetensors data must end with "
+                         "the file", hint="the file is corrupt or has data appended; fetch it again")
 
 
 # ----------------------------------------------------------------------------------------------------------- writing
