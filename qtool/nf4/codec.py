@@ -23,8 +23,15 @@ last partial block ``x * (1/absmax)``, all-zero: absmax 0     ``x / absmax``, al
 =================  =========================================  =========================================
 
 Both dequantise to the same values up to those absmax codes; transformers loads either.
-The offset is ``torch.mean`` of the fp32 absmax on the CPU whichever device quantises, so ``--device cuda`` writes
-the same bytes as the CPU.
+
+Where the work runs matters for ``target="cuda"`` only. On the CPU (the default), the reciprocal of each block's
+absmax is the IEEE one and the double-quant offset is ``torch.mean`` on the CPU: deterministic, the same on every
+machine with the same torch thread count, and equal to bitsandbytes' GPU bytes except where its fast-math
+reciprocal lands on the other side of a threshold or its GPU mean differs in the last bit (issue 13, a random
+1.7B Llama on an H200: packed bytes equal everywhere, 7 of 168 weights with some other 8-bit absmax codes, 44 of
+168 with another offset). On a CUDA tensor, :mod:`qtool.nf4.gpu_bytes` reproduces the GPU's arithmetic (``rcp.approx.ftz``,
+flush-to-zero, the mean on the device): the bytes bitsandbytes writes on that GPU, exactly. ``target="cpu"`` gives
+bitsandbytes' CPU bytes on either device (its offset, ``torch.mean`` on the CPU, depends on torch's thread count).
 """
 from __future__ import annotations
 
@@ -182,8 +189,11 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, ta
              name: str = "tensor") -> QuantizedWeight:
     """Quantise ``w`` to NF4 exactly as bitsandbytes ``quantize_4bit(w, blocksize, quant_type="nf4",
     compress_statistics=double_quant)`` does on ``target``'s backend. Works on CPU tensors (C kernels) and CUDA
-    tensors (torch kernels); both give the same bytes. Raises InputError on Inf/NaN (naming ``name``)."""
+    tensors (torch kernels); with ``target="cuda"``, a CUDA tensor gets the GPU's own bytes (see the module
+    docstring), a CPU tensor the deterministic ones. Raises InputError on Inf/NaN (naming ``name``)."""
     _check_input(w, blocksize, target, name)
+    if w.is_cuda and target == "cuda":
+        return _quantize_gpu_bytes(w, blocksize, double_quant, name)
     if w.is_cuda:
         packed, absmax_f32, n_bad = _quantize_4bit_torch(w, blocksize, target)
         _refuse_nonfinite(n_bad, name)
@@ -205,6 +215,20 @@ def quantize_with_error(w: torch.Tensor, blocksize: int = 64, double_quant: bool
     qw, error, n_bad = _quantize_cpu(w, blocksize, double_quant, target, measure=True)
     _refuse_nonfinite(n_bad, name)
     return qw, error
+
+
+def _quantize_gpu_bytes(w: torch.Tensor, blocksize: int, double_quant: bool, name: str) -> QuantizedWeight:
+    """``target="cuda"`` on a CUDA tensor: bitsandbytes' CUDA arithmetic on the GPU (:mod:`qtool.nf4.gpu_bytes`)."""
+    from qtool.nf4 import gpu_bytes
+
+    th = torch.from_numpy(_THRESHOLDS).to(w.device)
+    packed, absmax, n_bad = gpu_bytes.quantize_4bit(w, blocksize, th)
+    _refuse_nonfinite(n_bad, name)
+    if not double_quant:
+        return QuantizedWeight(packed, absmax, None, None, tuple(w.shape), w.dtype, blocksize)
+    codes, nested, offset = gpu_bytes.quantize_absmax(absmax, torch.from_numpy(_DYNAMIC).to(w.device),
+                                                      NESTED_BLOCKSIZE)
+    return QuantizedWeight(packed, codes, nested, offset, tuple(w.shape), w.dtype, blocksize)
 
 
 def _refuse_nonfinite(n_bad: int, name: str) -> None:
