@@ -36,7 +36,9 @@ def _worst_table(tensors, n: int = 8) -> str:
               help="Quantise the block absmax to 8 bits (QLoRA's double quantisation).")
 @click.option("--target", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True,
               help="Whose bytes to reproduce: bitsandbytes on a GPU (what transformers users get) or on the CPU.")
-@click.option("--device", default="cpu", show_default=True, help="Where to quantise: cpu or cuda (same bytes).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where to quantise: cpu, or cuda[:N], which with --target cuda writes exactly the bytes "
+                   "bitsandbytes makes on that GPU (its reciprocal and mean); elsewhere the same bytes as cpu.")
 @click.option("--skip", "skip", multiple=True, metavar="MODULE",
               help="Keep MODULE in 16-bit (like llm_int8_skip_modules); repeatable.")
 @click.option("--max-shard-size", default="50GB", show_default=True, callback=_size, help="Largest output shard.")
@@ -54,7 +56,18 @@ def convert_cmd(source, out, block_size, double_quant, target, device, skip, max
       qtool convert meta-llama/Llama-2-7b-hf ./llama2-7b-nf4 --max-shard-size 5GB
       qtool convert ./model ./model-nf4 --skip model.layers.0.mlp --json
     then: AutoModelForCausalLM.from_pretrained("./llama2-7b-nf4")
+
+    \b
+    Exit codes:
+      0  converted (and verified)
+      2  bad input or flags: a missing or damaged checkpoint, NaN/Inf weights, an unknown --skip module
+      3  the output cannot be written: it exists (see --overwrite), the disk is full, no permission
+      4  a check failed: a tensor's error exceeds --max-rel-error (nothing is written)
     """
+    from qtool.convert.arguments import check_convert_paths, check_settings
+
+    check_settings(block_size, target, device, max_rel_error)  # flags and paths first: before torch loads
+    check_convert_paths(source, out, overwrite)
     from qtool.convert.pipeline import convert
 
     with byte_progress("quantising") as progress:
@@ -80,18 +93,29 @@ def convert_cmd(source, out, block_size, double_quant, target, device, skip, max
 
 
 @click.command("verify", context_settings=CONTEXT_SETTINGS)
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
-@click.option("--source", default=None, help="The original checkpoint: compare every tensor with it.")
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.option("--source", default=None,
+              help="The original checkpoint: re-quantise it and compare bytes, and measure every tensor's error.")
 @click.option("--max-rel-error", type=float, default=None, help="Fail if a tensor's relative error exceeds this.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def verify_cmd(folder, source, max_rel_error, as_json):
-    """Re-check a converted folder: structure, index, shard hashes and (with --source) reconstruction.
+    """Re-check a converted folder: structure, index, shard hashes and (with --source) the quantised bytes and
+    reconstruction error of every weight.
 
     \b
     Examples:
       qtool verify ./llama2-7b-nf4
       qtool verify ./llama2-7b-nf4 --source ./Llama-2-7b-hf
+
+    \b
+    Exit codes:
+      0  every check passed
+      2  bad input: no such folder, not a converted (NF4) folder, unreadable files, a missing --source
+      4  verification failed: a hash, the index, a quantised weight's bytes or error, a copied tensor
     """
+    from qtool.convert.arguments import check_verify_paths
+
+    check_verify_paths(folder, source)  # before torch loads
     from qtool.convert.verify import raise_if_failed, verify_folder
 
     result = verify_folder(folder, source, max_rel_error)
@@ -100,6 +124,13 @@ def verify_cmd(folder, source, max_rel_error, as_json):
     else:
         if source is not None:
             click.echo(_worst_table(result.tensors))
-        click.echo(f"{result.n_quantized} quantised weights, {result.hashes_checked} shard hashes checked, "
-                   f"{len(result.problems)} problem(s)")
+        hashes = ("no shard hashes checked" if not result.hashes_checked else
+                  f"{result.hashes_differ} of {result.hashes_checked} shard hashes differ" if result.hashes_differ
+                  else f"{result.hashes_checked} of {result.hashes_checked} shard hashes match")
+        requant = f", {result.requantized} re-quantised from the source" if source is not None else ""
+        n = len(result.problems)
+        click.echo(f"{result.n_quantized} quantised weights{requant}, {hashes}, {n} problem{'s' * (n != 1)}")
+        if result.requantize_note:
+            click.echo(f"note: {result.requantize_note}", err=True)
     raise_if_failed(result)
+
