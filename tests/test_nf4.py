@@ -298,6 +298,29 @@ def test_cuda_target_matches_exact_nearest_oracle(case, dtype):
     _check_against_cuda_oracle(CASES[case]().to(dtype))
 
 
+def test_nested_codes_equal_bitsandbytes_binary_search():
+    """target="cuda"'s 8-bit codes are found through the look-up table and exact midpoint comparisons; they must be
+    what bitsandbytes' dQuantize<0> binary search returns (written out literally in qtool.nf4.gpu_bytes), for
+    random values, every code value and midpoint, and their fp32 neighbours."""
+    from qtool.nf4 import _cpu, gpu_bytes
+
+    code = nf4.dynamic_map_signed()
+    mid = ((code[1:] + code[:-1]) * np.float32(0.5)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    points = np.concatenate([code, mid])
+    x = np.concatenate([rng.uniform(-1, 1, 100_000), rng.standard_normal(20_000) * 1e-3, points,
+                        np.nextafter(points, np.float32(2)), np.nextafter(points, np.float32(-2)),
+                        [0.0, -0.0, 1.0, -1.0]]).astype(np.float32).clip(-1, 1)
+    # blocks of 256 led by 1.0: each block's absmax is 1, its reciprocal 1, so the kernel searches x itself
+    x = np.concatenate([x, np.zeros(-x.size % 255, np.float32)]).reshape(-1, 255)
+    y = np.concatenate([np.ones((x.shape[0], 1), np.float32), x], axis=1).reshape(-1)
+    codes, nested = np.empty(y.size, np.uint8), np.empty(x.shape[0], np.float32)
+    _cpu.nested_codes_search(y, 256, code, nf4._nested_lut(code), codes, nested)
+    assert np.all(nested == 1.0)
+    expected = gpu_bytes.dquantize_search(torch.from_numpy(y), torch.from_numpy(code)).numpy()
+    assert np.array_equal(codes, expected), int((codes != expected).sum())
+
+
 def test_cuda_target_large_against_oracle():
     _check_against_cuda_oracle(_randn(2048, 2048, seed=23, scale=0.02).to(torch.bfloat16))
 

@@ -370,3 +370,44 @@ def test_data_range(tmp_path):
         begin, end = f.data_range
         assert begin == min(t.begin for t in f.tensors.values() if t.nbytes)
         assert end == path.stat().st_size
+
+
+@pytest.mark.parametrize("how", ["copy_file_range", "no copy_file_range", "other file system"])
+def test_writer_copies_tensors_file_to_file(tmp_path, monkeypatch, how):
+    """copy_from: a tensor's bytes from a source file straight into its slot (the kernel's copy_file_range, else
+    reads and writes): the same file as writing the tensor."""
+    tensors = _sample_tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, src)
+    if how == "no copy_file_range":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    elif how == "other file system":
+        def exdev(*a, **k):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        monkeypatch.setattr(os, "copy_file_range", exdev, raising=False)
+    slots = [sio.Slot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    w = sio.ShardWriter(tmp_path / "a.safetensors", slots)
+    with sio.read_header(src) as f:
+        for name, info in f.tensors.items():
+            w.copy_from(name, src, info.begin, info.nbytes)
+    w.close()
+    ref = sio.ShardWriter(tmp_path / "b.safetensors", slots)
+    for name, t in tensors.items():
+        ref.write(name, t)
+    ref.close()
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_writer_copy_disk_full_is_an_output_error(tmp_path, monkeypatch):
+    src = tmp_path / "src.safetensors"
+    save_file({"x": torch.arange(100.0)}, src)
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "copy_file_range", enospc, raising=False)
+    w = sio.ShardWriter(tmp_path / "a.safetensors", [sio.Slot("x", torch.float32, (100,))])
+    with sio.read_header(src) as f, pytest.raises(OutputError, match="No space left") as exc:
+        w.copy_from("x", src, f.tensors["x"].begin, 400)
+    assert "free disk space" in exc.value.hint
+    w.abort()

@@ -291,10 +291,11 @@ def _cost(ck: Checkpoint, g: _Group) -> int:
 
 
 def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, double_quant, target, device) -> TensorCheck:
-    w = ck.key_shard[g.key].tensor(g.key)
-    if not g.quantized:
-        writer.write(g.key, w)
-        return TensorCheck.copied(g.key, w)
+    shard, info = ck.key_shard[g.key], ck.info(g.key)
+    if not g.quantized:  # copied by the kernel, file to file: never mapped here
+        writer.copy_from(g.key, shard.path, info.begin, info.nbytes)
+        return TensorCheck.copied(g.key, info.shape, info.dtype)
+    w = shard.tensor(g.key)
     if g.transpose:
         w = w.t().contiguous()
     if device == "cpu":  # the error is measured in the quantising pass (one read of the source instead of two)

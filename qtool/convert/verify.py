@@ -59,8 +59,8 @@ class TensorCheck:
     flag: str = ""
 
     @classmethod
-    def copied(cls, name: str, w: torch.Tensor) -> "TensorCheck":
-        return cls(name, list(w.shape), str(w.dtype).removeprefix("torch."), False)
+    def copied(cls, name: str, shape, dtype: torch.dtype) -> "TensorCheck":
+        return cls(name, list(shape), str(dtype).removeprefix("torch."), False)
 
     @classmethod
     def unmeasured(cls, name: str, qw: nf4.QuantizedWeight) -> "TensorCheck":

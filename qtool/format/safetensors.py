@@ -14,6 +14,7 @@ padded with spaces, which the format allows.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import mmap
@@ -409,6 +410,20 @@ class ShardWriter:
             _pwrite_all(self.fd, memoryview(data).cast("B") if len(data) else b"", self.data_start + self.offsets[name][0],
                         self.path)
 
+    def copy_from(self, name: str, src: Path, src_offset: int, nbytes: int) -> None:
+        """Fill fixed slot ``name`` with ``nbytes`` bytes of file ``src`` at ``src_offset``, copied by the kernel
+        (``copy_file_range``: from page cache to page cache, or a reflink where the file system shares blocks), so
+        that a tensor copied unchanged never passes through this process's memory."""
+        slot = self.slots.get(name)
+        with self._lock:
+            if slot is None or slot.tail or name in self.filled:
+                raise AssertionError(f"writer: unexpected, tail or repeated tensor {name!r}")
+            if nbytes != slot.nbytes:
+                raise AssertionError(f"writer: {name!r} is {nbytes} bytes, planned {slot.nbytes}")
+            self.filled.add(name)
+        with self._write_lock:
+            _copy_range(Path(src), src_offset, self.fd, self.data_start + self.offsets[name][0], nbytes, self.path)
+
     def close(self, sync: bool = True) -> int:
         """Write the header; return the file size. Raises AssertionError if a planned tensor never arrived.
         ``sync=False`` leaves the fsync to the caller (which may do it in the background)."""
@@ -449,6 +464,39 @@ class ShardWriter:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def _copy_range(src: Path, src_offset: int, fd: int, offset: int, nbytes: int, path: Path) -> None:
+    """Copy ``nbytes`` of ``src`` from ``src_offset`` into ``fd`` at ``offset``: ``os.copy_file_range`` where the
+    kernel offers it for these files, else reads and writes of 16 MiB."""
+    try:
+        src_fd = os.open(src, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{src}: cannot read ({exc.strerror})") from exc
+    try:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(src_fd, fd, nbytes - done, src_offset + done, offset + done)
+                    if n == 0:
+                        raise InputError(f"{src}: ends before byte {src_offset + nbytes:,}",
+                                         hint="the file changed while it was converted; run again")
+                    done += n
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                    raise OutputError(f"cannot write {path}: {exc.strerror}",
+                                      hint="free disk space (or choose another output folder) and run again"
+                                      if exc.errno == errno.ENOSPC else None) from exc
+        while done < nbytes:  # no copy_file_range between these files: through a buffer
+            chunk = os.pread(src_fd, min(16 * 2**20, nbytes - done), src_offset + done)
+            if not chunk:
+                raise InputError(f"{src}: ends before byte {src_offset + nbytes:,}",
+                                 hint="the file changed while it was converted; run again")
+            _pwrite_all(fd, chunk, offset + done, path)
+            done += len(chunk)
+    finally:
+        os.close(src_fd)
 
 
 def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:

@@ -38,8 +38,9 @@ _SIGNATURES = {  # name -> (restype, argtypes), as declared in _cpu.c
     "qtool_reconstruction_stats": (None, [_p, _i, _p, _p, _p, _i, _i64, _p, _i64, _p, _p, _i]),
     "qtool_total_stats": (None, [_p, _p, _i64, _p, _p]),
     "qtool_nested_codes_lut": (None, [_p, _i64, _i, _p, _p, _p]),
-    "qtool_nested_codes_search": (None, [_p, _i64, _i, _p, _p, _p]),
+    "qtool_nested_codes_search": (None, [_p, _i64, _i, _p, _p, _p, _p]),
     "qtool_dequantize_blocks": (None, [_p, _p, _p, _i, _i64, _p, _i]),
+    "qtool_absmax_fp32": (None, [_p, _p, _p, ctypes.c_float, _i, _i64, _p]),
 }
 
 
@@ -187,13 +188,23 @@ def nested_codes_lut(y: np.ndarray, blocksize: int, lut: np.ndarray, codes: np.n
                                      _ptr(codes, np.uint8), _ptr(nested, np.float32))
 
 
-def nested_codes_search(y: np.ndarray, blocksize: int, code: np.ndarray, codes: np.ndarray,
+def nested_codes_search(y: np.ndarray, blocksize: int, code: np.ndarray, lut: np.ndarray, codes: np.ndarray,
                         nested: np.ndarray) -> None:
-    """bitsandbytes CUDA ``kQuantizeBlockwise`` + ``dQuantize<0>``: 8-bit codes of ``y`` by binary search over the
-    256 fp32 values ``code`` (IEEE reciprocal of each block's absmax); writes ``codes`` and ``nested``."""
-    assert codes.size == y.size and nested.size == -(-y.size // blocksize) and code.size == 256
+    """bitsandbytes CUDA ``kQuantizeBlockwise`` + ``dQuantize<0>``: 8-bit codes of ``y`` (fp32) by its binary search
+    over the 256 fp32 values ``code`` (IEEE reciprocal of each block's absmax), found through ``lut`` (the CPU's
+    look-up table of ``code``, see :func:`nested_codes_lut`) and exact comparisons; writes ``codes`` and ``nested``."""
+    assert codes.size == y.size and nested.size == -(-y.size // blocksize) and code.size == 256 and lut.size == 65536
     library().qtool_nested_codes_search(_ptr(y, np.float32), y.size, blocksize, _ptr(code, np.float32),
-                                        _ptr(codes, np.uint8), _ptr(nested, np.float32))
+                                        _ptr(lut, np.uint8), _ptr(codes, np.uint8), _ptr(nested, np.float32))
+
+
+def absmax_fp32(codes: np.ndarray, nested: np.ndarray, code8: np.ndarray, offset: float, nested_blocksize: int,
+                out: np.ndarray) -> None:
+    """``out[b] = code8[codes[b]] * nested[b // nested_blocksize] + offset`` (fp32 multiply, then fp32 add): the
+    double-quantised block constants as the loaders dequantise them."""
+    assert out.size == codes.size and nested.size == -(-codes.size // nested_blocksize) and code8.size == 256
+    library().qtool_absmax_fp32(_ptr(codes, np.uint8), _ptr(nested, np.float32), _ptr(code8, np.float32),
+                                offset, nested_blocksize, codes.size, _ptr(out, np.float32))
 
 
 def dequantize_blocks(packed: np.ndarray, absmax: np.ndarray, code: np.ndarray, blocksize: int, n: int,

@@ -358,13 +358,13 @@ def quantize_absmax(absmax: torch.Tensor, target: str = "cuda") -> tuple[torch.T
     from qtool.nf4 import _cpu as k
 
     offset = absmax.mean()  # fp32 torch.mean, as bitsandbytes (its last bit follows torch's reduction order)
-    y = (absmax - offset).numpy()
+    y = absmax.numpy() - offset.numpy()  # fp32 - fp32: bitsandbytes' `absmax - offset`, without a torch operation
     codes = np.empty(y.size, np.uint8)
     nested = np.empty(-(-y.size // NESTED_BLOCKSIZE), np.float32)
     if target == "cpu":
         k.nested_codes_lut(y, NESTED_BLOCKSIZE, _LUT, codes, nested)
     else:
-        k.nested_codes_search(y, NESTED_BLOCKSIZE, _DYNAMIC, codes, nested)
+        k.nested_codes_search(y, NESTED_BLOCKSIZE, _DYNAMIC, _LUT, codes, nested)
     return torch.from_numpy(codes), torch.from_numpy(nested), float(offset.item())
 
 
@@ -372,6 +372,13 @@ def absmax_fp32(qw: QuantizedWeight) -> torch.Tensor:
     """The per-block fp32 absmax the loaders use: ``code8[q] * nested_absmax[i // 256] + offset`` (two fp32 ops)."""
     if not qw.double_quant:
         return qw.absmax
+    if not qw.absmax.is_cuda:
+        from qtool.nf4 import _cpu as k
+
+        out = np.empty(qw.absmax.numel(), np.float32)
+        k.absmax_fp32(qw.absmax.reshape(-1).contiguous().numpy(), qw.nested_absmax.contiguous().numpy(), _DYNAMIC,
+                      qw.offset, NESTED_BLOCKSIZE, out)
+        return torch.from_numpy(out)
     code = torch.from_numpy(_DYNAMIC).to(qw.absmax.device)
     scale = qw.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: qw.absmax.numel()]
     out = code[qw.absmax.long()] * scale
