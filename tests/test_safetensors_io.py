@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from qtool.convert import readahead as ra_mod
 from qtool.format import safetensors as sio
 from qtool.errors import InputError, OutputError
 
@@ -289,7 +290,7 @@ def test_readahead_stays_within_its_window(tmp_path, monkeypatch):
         time.sleep(0.05)  # and nothing more arrives
         assert issued() == expected
 
-    with sio.Readahead([(a, 100, 1000), (b, 0, 500)], window_bytes=400, chunk_bytes=200) as ra:
+    with ra_mod.Readahead([(a, 100, 1000), (b, 0, 500)], window_bytes=400, chunk_bytes=200) as ra:
         settle(400)  # two chunks, then it waits for the consumer
         ra.advance(300)
         settle(800)  # a chunk is issued while less than the window is outstanding
@@ -304,7 +305,7 @@ def test_readahead_stays_within_its_window(tmp_path, monkeypatch):
 def test_readahead_stops_early_and_tolerates_missing_files(tmp_path):
     big = tmp_path / "big"
     big.write_bytes(b"\0" * 4096)
-    with sio.Readahead([(tmp_path / "missing", 0, 10), (big, 0, 4096)], window_bytes=1024, chunk_bytes=512):
+    with ra_mod.Readahead([(tmp_path / "missing", 0, 10), (big, 0, 4096)], window_bytes=1024, chunk_bytes=512):
         pass  # exits without waiting for a consumer that never comes
 
 
@@ -329,8 +330,8 @@ def test_readahead_drops_behind_only_what_it_brought_in(tmp_path, monkeypatch):
         time.sleep(0.05)
         assert dropped() == expected
 
-    monkeypatch.setattr(sio, "any_page_cached", lambda fd, offset, n: offset == 200)  # this chunk was cached before
-    with sio.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200) as ra:
+    monkeypatch.setattr(ra_mod, "any_page_cached", lambda fd, offset, n: offset == 200)  # this chunk was cached before
+    with ra_mod.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200) as ra:
         settle([])
         ra.advance(150)
         settle([])  # the first chunk is only partly consumed
@@ -339,7 +340,7 @@ def test_readahead_drops_behind_only_what_it_brought_in(tmp_path, monkeypatch):
         ra.advance(10_000)
         settle([(0, 200), (400, 200), (600, 200), (800, 200)])
     calls.clear()
-    with sio.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200, drop_behind=False) as ra:
+    with ra_mod.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200, drop_behind=False) as ra:
         ra.advance(10_000)
     assert not dropped()
 
@@ -349,18 +350,18 @@ def test_any_page_cached(tmp_path):
     path.write_bytes(os.urandom(3 * 4096))
     with open(path, "rb") as f:
         f.read()
-        assert sio.any_page_cached(f.fileno(), 100, 5000)  # just written and read: in the page cache
+        assert ra_mod.any_page_cached(f.fileno(), 100, 5000)  # just written and read: in the page cache
     r, w = os.pipe()
     try:
-        assert sio.any_page_cached(r, 0, 10)  # cannot tell (a pipe cannot be mapped): cached, so nothing is dropped
+        assert ra_mod.any_page_cached(r, 0, 10)  # cannot tell (a pipe cannot be mapped): cached, so nothing is dropped
     finally:
         os.close(r), os.close(w)
 
 
 def test_device_readahead_bytes(tmp_path):
-    n = sio.device_readahead_bytes(tmp_path)
+    n = ra_mod.device_readahead_bytes(tmp_path)
     assert 128 * 1024 <= n <= 32 * 2**20 and n % 4096 == 0
-    assert sio.device_readahead_bytes(tmp_path / "missing") == 128 * 1024
+    assert ra_mod.device_readahead_bytes(tmp_path / "missing") == 128 * 1024
 
 
 def test_data_range(tmp_path):

@@ -34,7 +34,8 @@ from qtool.nf4 import codec as nf4
 from qtool.convert.arguments import check_settings
 from qtool.format.atomic import check_destination, staging_dir, write_text
 from qtool.errors import InputError, OutputError, VerificationError
-from qtool.format.safetensors import Readahead, ShardWriter, Slot
+from qtool.convert.readahead import Readahead
+from qtool.format.safetensors import ShardWriter, Slot
 from qtool.convert.selection import Selection, SelectionInChild, start_selection
 from qtool.format.checkpoint import INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint
 from qtool.convert.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
