@@ -459,8 +459,9 @@ def write_results(path: Path, first: dict | None, t: dict | None, bnb: dict | No
         "",
         f"Run {datetime.datetime.now().isoformat(timespec='minutes')} on {cpu_name()}, {os.cpu_count()} cores, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM; "
-        + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; load average before the run "
-        f"{os.getloadavg()[0]:.1f} (a shared machine inflates every time here, ours and bitsandbytes' alike).",
+        + ", ".join(f"{k} {val}" for k, val in v.items()) + f"; 1-minute load average at the start "
+        f"{LOAD_AT_START[0]:.1f}, at the end {os.getloadavg()[0]:.1f} (other work on a shared machine inflates every "
+        "time here, ours and bitsandbytes' alike).",
         "",
     ]
     if runs:
@@ -496,6 +497,9 @@ def write_results(path: Path, first: dict | None, t: dict | None, bnb: dict | No
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return table
+
+
+LOAD_AT_START = os.getloadavg()
 
 
 def main() -> None:

@@ -177,17 +177,18 @@ def test_convert_on_cuda_writes_the_same_bytes_as_transformers_on_the_gpu(tmp_pa
     """End to end: `qtool convert --device cuda` (default target cuda) writes, tensor for tensor and byte for byte,
     what transformers + bitsandbytes save after quantising on load on this GPU; --target cpu on the GPU writes the
     CPU conversion's bytes."""
-    from conftest import folder_digest, save_tiny, tiny_config
+    from conftest import folder_digest, save_tiny
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qtool.convert.pipeline import convert
     from qtool.convert.verify import REPORT_NAME
 
-    cfg = tiny_config("llama")
-    cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers = 1024, 2816, 4  # ~60 k blocks per MLP weight
-    cfg.num_attention_heads, cfg.num_key_value_heads = 16, 4
-    torch.manual_seed(0)
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                      num_key_value_heads=4, head_dim=64, vocab_size=256, bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)  # 45 k blocks per MLP weight, 4 layers: 28 weights
     src = tmp_path / "src"
     AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(src)
     convert(src, tmp_path / "gpu", device="cuda")
