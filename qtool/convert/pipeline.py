@@ -30,10 +30,12 @@ from qtool import __version__
 from qtool.format import bnb_nf4 as layout
 
 from qtool.nf4 import codec as nf4
-from qtool.format.atomic import staging_dir, write_text
+from qtool.convert.arguments import check_settings
+from qtool.format.atomic import check_destination, staging_dir, write_text
 from qtool.errors import InputError, OutputError, VerificationError
-from qtool.format.safetensors import Readahead, ShardWriter, Slot
-from qtool.convert.selection import Selection, SelectionInChild
+from qtool.convert.readahead import Readahead
+from qtool.format.safetensors import ShardWriter, Slot
+from qtool.convert.selection import Selection, SelectionInChild, start_selection
 from qtool.format.checkpoint import (DEFAULT_MAX_SHARD, Checkpoint, open_checkpoint, plan_shards, shard_name,
                                      write_metadata)
 from qtool.convert.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
@@ -131,22 +133,23 @@ def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target:
     """Convert checkpoint ``src`` (folder or cached hub id) into folder ``out``. See the module docstring.
 
     ``target`` picks which bitsandbytes backend's bytes to reproduce ('cuda' or 'cpu', see :mod:`qtool.nf4.codec`);
-    ``device`` is where the 4-bit quantisation runs ('cpu' or 'cuda'), which does not change the bytes.
+    ``device`` is where the quantisation runs ('cpu', 'cuda' or 'cuda:N'): with target 'cuda', a GPU writes the
+    bytes bitsandbytes makes on that GPU, exactly; otherwise the device does not change the bytes.
     Raises InputError/OutputError/VerificationError; on any error ``out`` is left as it was.
     """
     t0 = time.perf_counter()
     test_sleep = float(os.environ.get(TEST_SLEEP_ENV) or 0)
+    check_settings(blocksize, target, device, max_rel_error)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available", hint="use --device cpu (same bytes)")
-    if blocksize not in nf4.BLOCKSIZES:
-        raise InputError(f"--block-size {blocksize} is not one bitsandbytes supports", hint=f"use one of {nf4.BLOCKSIZES}")
+        raise InputError(f"--device {device}: no CUDA device is available", hint="use --device cpu")
     ck = open_checkpoint(src)
     with contextlib.closing(ck):
-        # which tensors: decided in a child process (before any thread starts here), while the disk reads ahead
-        with SelectionInChild(ck.config, ck.folder, ck.keys, skip) as selecting, \
+        check_destination(Path(out), overwrite, inputs=(ck.folder,))  # before any work (checked again at the end)
+        # which tensors: known from the keys for common architectures, else decided by transformers in a child
+        # process (started before any thread here), while the disk reads ahead
+        with start_selection(ck.config, ck.folder, ck.keys, skip) as selecting, \
                 Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead:
-            # the flags' reference error; loads the CPU kernels (~0.4 s) while the child decides
-            gaussian_rel_error(blocksize)
+            gaussian_rel_error(blocksize)  # the flags' reference error (~0.1 s), while a child decides
             return _convert(ck, selecting.result(), readahead, out, blocksize, double_quant, target, device, skip,
                             max_shard_bytes, overwrite, max_rel_error, progress, t0, test_sleep)
 
@@ -162,7 +165,10 @@ def _convert(ck: Checkpoint, sel: Selection, readahead: Readahead, out, blocksiz
     total = sum(ck.info(k).nbytes for k in ck.keys)
     settings = {"blocksize": blocksize, "double_quant": double_quant, "target": target, "device": device,
                 "skip": skip or [], "source": str(ck.folder), "model_class": sel.model_class,
-                "kept_linears": sel.kept_linears}
+                "kept_linears": sel.kept_linears, "selection": sel.method,
+                # the double-quant offset is torch.mean, whose last bit depends on torch's thread count (as in
+                # bitsandbytes): `qtool verify --source` re-quantises with the same count
+                "torch_threads": torch.get_num_threads()}
     budget = 2 * max(ck.info(k).nbytes for k in ck.keys)  # bytes in flight: the RSS bound is 2x + 512 MiB
     with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage, \
             ThreadPoolExecutor(1, thread_name_prefix="qtool-seal") as sealer, \
@@ -275,10 +281,11 @@ def _cost(ck: Checkpoint, g: _Group) -> int:
 
 
 def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, double_quant, target, device) -> TensorCheck:
-    w = ck.key_shard[g.key].tensor(g.key)
-    if not g.quantized:
-        writer.write(g.key, w)
-        return TensorCheck.copied(g.key, w)
+    shard, info = ck.key_shard[g.key], ck.info(g.key)
+    if not g.quantized:  # copied by the kernel, file to file: never mapped here
+        writer.copy_from(g.key, shard.path, info.begin, info.nbytes)
+        return TensorCheck.copied(g.key, info.shape, info.dtype)
+    w = shard.tensor(g.key)
     if g.transpose:
         w = w.t().contiguous()
     if device == "cpu":  # the error is measured in the quantising pass (one read of the source instead of two)
