@@ -6,7 +6,9 @@ import math
 
 import click
 
+from qtool.adapters.spec import CONVERTER_INITS, AdapterSpec
 from qtool.cli import CONTEXT_SETTINGS, byte_progress
+from qtool.errors import UsageError
 from qtool.units import fmt_bytes, parse_size
 
 
@@ -67,10 +69,19 @@ def _import_frozen(module: str):
 @click.option("--max-shard-size", default="50GB", show_default=True, callback=_size, help="Largest output shard.")
 @click.option("--max-rel-error", type=float, default=None,
               help="Fail (and write nothing) if any tensor's relative reconstruction error exceeds this.")
+@click.option("--lora-init", type=click.Choice(CONVERTER_INITS), default=None,
+              help="Split each targeted weight into an initial LoRA adapter and an NF4 residual (PiSSA, or LoftQ: "
+                   "quantisation-aware), written beside the base for `qtool train --init`.")
+@click.option("--rank", default=16, show_default=True, type=int, help="--lora-init: LoRA rank r.")
+@click.option("--alpha", default=32.0, show_default=True, type=float, help="--lora-init: LoRA alpha (scale alpha/r).")
+@click.option("--targets", default="qkvo", show_default=True,
+              help="--lora-init: qkvo, mlp, all-linear or module names, each optionally =RANK.")
+@click.option("--loftq-iter", default=1, show_default=True, type=int,
+              help="--lora-init loftq: alternations of NF4 quantisation and rank-r SVD.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 def convert_cmd(source, out, block_size, double_quant, target, device, skip, max_shard_size, max_rel_error,
-                overwrite, as_json):
+                lora_init, rank, alpha, targets, loftq_iter, overwrite, as_json):
     """Convert a 16/32-bit safetensors checkpoint (folder or cached hub id) to NF4 that transformers loads as is.
 
     \b
@@ -78,6 +89,7 @@ def convert_cmd(source, out, block_size, double_quant, target, device, skip, max
       qtool convert ./Llama-2-7b-hf ./llama2-7b-nf4
       qtool convert meta-llama/Llama-2-7b-hf ./llama2-7b-nf4 --max-shard-size 5GB
       qtool convert ./model ./model-nf4 --skip model.layers.0.mlp --json
+      qtool convert ./Llama-2-7b-hf ./llama2-7b-loftq --lora-init loftq --loftq-iter 5 --rank 16 --targets all-linear
     then: AutoModelForCausalLM.from_pretrained("./llama2-7b-nf4")
 
     \b
@@ -90,13 +102,18 @@ def convert_cmd(source, out, block_size, double_quant, target, device, skip, max
     from qtool.convert.arguments import check_convert_paths, check_settings
 
     check_settings(block_size, target, device, max_rel_error)  # flags and paths first: before torch loads
+    spec = None
+    if lora_init is not None:
+        spec = AdapterSpec(targets=targets, rank=rank, alpha=alpha, init=lora_init, loftq_iter=loftq_iter)
+        if spec.problems():
+            raise UsageError(spec.problems())
     check_convert_paths(source, out, overwrite)
     convert = _import_frozen("qtool.convert.pipeline").convert
 
     with byte_progress("quantising") as progress:
         result = convert(source, out, blocksize=block_size, double_quant=double_quant, target=target, device=device,
                          skip=list(skip) or None, max_shard_bytes=max_shard_size, overwrite=overwrite,
-                         max_rel_error=max_rel_error, progress=progress)
+                         max_rel_error=max_rel_error, progress=progress, lora_init=spec)
     summary = result.to_json()
     if as_json:
         summary.pop("tensors")
@@ -110,6 +127,13 @@ def convert_cmd(source, out, block_size, double_quant, target, device, skip, max
                f"{fmt_bytes(result.input_bytes)} -> {fmt_bytes(result.output_bytes)} in {result.seconds:.1f} s "
                f"(peak RSS {fmt_bytes(result.peak_rss_bytes, 'GiB')}, largest tensor "
                f"{fmt_bytes(result.largest_tensor_bytes, 'GiB')})")
+    if result.lora_init:
+        li = result.lora_init
+        click.echo(f"--lora-init {li['spec']['init']}: {len(li['tensors'])} weights stored as NF4 residuals; error of "
+                   f"the initial model (NF4 base + s·B·A) against the 16-bit weights {li['mean_init_rel_error']:.4f} "
+                   f"(mean relative), plain NF4 {li['mean_nf4_rel_error']:.4f}; initial adapter in "
+                   f"{result.out}/qtool_lora_init (train from it: qtool train {result.out} --init "
+                   f"{li['spec']['init']} --rank {rank} --alpha {alpha:g} --targets {targets})")
     for t in result.flagged:
         click.echo(f"flag {t.flag}: {t.name} (relative error {t.rel_error:.4f})", err=True)
     click.echo(f"wrote {result.out} (report: {result.out}/qtool_report.json)")

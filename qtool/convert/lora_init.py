@@ -57,6 +57,11 @@ class LoraInit:
         self.checks: dict[str, InitCheck] = {}
         self._lock = threading.Lock()
 
+    @property
+    def keys(self) -> list[str]:
+        """The checkpoint keys of the targeted weights."""
+        return list(self._targets)
+
     def wants(self, key: str) -> bool:
         return key in self._targets
 

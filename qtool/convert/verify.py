@@ -26,6 +26,7 @@ import torch
 from qtool.format import bnb_nf4 as layout
 
 from qtool.nf4 import codec as nf4
+from qtool.format.adapter_meta import INIT_ADAPTER_DIR
 from qtool.errors import InputError, VerificationError
 from qtool.format.safetensors import read_header
 
@@ -187,14 +188,21 @@ def verify_folder(folder, source=None, max_rel_error: float | None = None) -> Ve
         problems.append(f"no {REPORT_NAME}; shard hashes cannot be checked")
     qkeys = layout.quantized_keys(key_shard)
     src = open_checkpoint(source) if source is not None else None
+    init = _initial_adapter(folder, report) if src is not None else {}
     try:
-        checks, requantized, note = _check_tensors(qkeys, key_shard, src, (report or {}).get("settings"), problems)
+        checks, requantized, note = _check_tensors(qkeys, key_shard, src, (report or {}).get("settings"), problems,
+                                                   init)
     finally:
         if src is not None:
             src.close()
         for s in shards.values():
             s.close()
+    recorded = {t["name"]: t["init_rel_error"] for t in (report or {}).get("lora_init", {}).get("tensors", [])}
     for c in checks:
+        if c.name in init and c.name in recorded and abs(c.rel_error - recorded[c.name]) > 0.01 * recorded[c.name]:
+            problems.append(f"{c.name}: the initial model (NF4 base + {INIT_ADAPTER_DIR}) reconstructs the source with "
+                            f"relative error {c.rel_error:.4f}, the conversion measured {recorded[c.name]:.4f}: the "
+                            "base or the initial adapter changed")
         if c.flag in ("constants", "nonfinite"):
             problems.append(f"{c.name}: {c.flag} (relative error {c.rel_error:.4f}, NF4 alone {c.ideal_rel_error:.4f})")
         if max_rel_error is not None and c.measured and c.rel_error > max_rel_error:
@@ -203,10 +211,27 @@ def verify_folder(folder, source=None, max_rel_error: float | None = None) -> Ve
                         None if source is None else str(source), requantized, note)
 
 
-def _check_tensors(qkeys, key_shard, src, settings: dict | None, problems: list[str]):
-    """Per-tensor checks, appending to ``problems``: (checks, number of weights re-quantised, note or None)."""
+def _initial_adapter(folder: Path, report: dict | None) -> dict:
+    """For a ``--lora-init`` folder: weight key -> ``s·B·A`` (fp32) of the initial adapter beside it, else {}."""
+    if not report or "lora_init" not in report:
+        return {}
+    from qtool.format.peft_adapter import load_adapter
+
+    adapter = load_adapter(folder / INIT_ADAPTER_DIR)
+    return {f"{m}.weight": f.scale * (f.b.float() @ f.a.float()) for m, f in adapter.modules.items()}
+
+
+def _check_tensors(qkeys, key_shard, src, settings: dict | None, problems: list[str], init: dict | None = None):
+    """Per-tensor checks, appending to ``problems``: (checks, number of weights re-quantised, note or None). A
+    weight in ``init`` (key -> s·B·A) holds the NF4 residual of a PiSSA/LoftQ init: it is checked as the initial
+    model, NF4 base + s·B·A, against the source (its bytes are not re-derived: the SVD is not bit-reproducible
+    across machines)."""
     get = lambda name: key_shard[name].tensor(name)  # noqa: E731
+    init = init or {}
     requantize, note = _requantize_settings(settings) if src is not None else (None, None)
+    if init:
+        note = (f"{len(init)} weights hold the NF4 residual of a PiSSA/LoftQ initialisation: checked as NF4 base + "
+                "initial adapter against the source" + (f"; {note}" if note else ""))
     checks: list[TensorCheck] = []
     requantized = 0
     for key in qkeys:
@@ -225,6 +250,9 @@ def _check_tensors(qkeys, key_shard, src, settings: dict | None, problems: list[
         if tuple(w.shape) != qw.shape:
             w = w.t().contiguous()  # Conv1D weights are stored transposed in the source
         error = None
+        if key in init:
+            checks.append(_initial_model_check(key, w, qw, init[key]))
+            continue
         if requantize is not None and tuple(w.shape) == qw.shape and w.dtype == qw.dtype:
             differ, error = _compare_with_requantized(w, qw, key, requantize)
             requantized += 1
@@ -244,6 +272,18 @@ def _check_tensors(qkeys, key_shard, src, settings: dict | None, problems: list[
         missing = [k for k in src.keys if k not in key_shard]
         problems += [f"source tensor {k!r} is missing from the output" for k in missing[:5]]
     return checks, requantized, note
+
+
+def _initial_model_check(key: str, w: torch.Tensor, qw: nf4.QuantizedWeight, delta: torch.Tensor) -> TensorCheck:
+    """The error of ``deq(qw) + delta`` against ``w`` as a TensorCheck (no NF4-misfit flag: the residual is not what
+    NF4's Gaussian reference describes)."""
+    w32 = w.float()
+    err = w32 - nf4.dequantize(qw, torch.float32) - delta
+    rel = float(err.norm() / w32.norm().clamp(min=1e-30))
+    snr = -20 * math.log10(rel) if rel > 0 else math.inf
+    n_bad = int((~torch.isfinite(err)).sum())
+    return TensorCheck(key, list(qw.shape), str(qw.dtype).removeprefix("torch."), True, rel, rel,
+                       float(err.abs().max()), snr, n_bad, "nonfinite" if n_bad else "")
 
 
 def _requantize_settings(settings: dict | None) -> tuple[dict | None, str | None]:

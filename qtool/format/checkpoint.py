@@ -21,6 +21,7 @@ from typing import Iterable, TypeVar
 
 import torch
 
+from qtool.format.adapter_meta import INIT_ADAPTER_DIR
 from qtool.errors import InputError, OutputError
 from qtool.format.atomic import write_text
 from qtool.format.bnb_nf4 import is_prequantized, quantized_keys
@@ -153,8 +154,9 @@ def other_files(folder: Path) -> list[Path]:
     """The files of ``folder`` (relative paths, sorted, subfolders included) that a derived checkpoint copies: all
     but the weights (any of WEIGHT_SUFFIXES, anywhere), hidden top-level entries (``.git``, ``.cache``...) and, at
     the top level, ``config.json`` and the index (written anew for the new weights) and qtool's reports
-    (``qtool_*.json``: they describe the source's shards). A subfolder's ``config.json`` (e.g. a sentence-transformers
-    module's) is copied."""
+    (``qtool_*.json``: they describe the source's shards), and the initial adapter of a ``--lora-init`` folder (it
+    fits that folder's residual weights only). A subfolder's ``config.json`` (e.g. a sentence-transformers module's)
+    is copied."""
     folder = Path(folder)
     out = []
     for p in sorted(folder.rglob("*")):
@@ -163,6 +165,8 @@ def other_files(folder: Path) -> list[Path]:
             continue
         if len(rel.parts) == 1 and (p.name in ("config.json", INDEX_NAME)
                                     or (p.name.startswith(REPORT_PREFIX) and p.name.endswith(REPORT_SUFFIX))):
+            continue
+        if len(rel.parts) > 1 and rel.parts[0] == INIT_ADAPTER_DIR:  # belongs to that base's residual weights
             continue
         out.append(rel)
     return out
