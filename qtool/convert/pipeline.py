@@ -41,7 +41,8 @@ from qtool.format.safetensors import ShardWriter, Slot
 from qtool.convert.selection import Selection, SelectionInChild, start_selection
 from qtool.format.checkpoint import (DEFAULT_MAX_SHARD, Checkpoint, open_checkpoint, plan_shards, shard_name,
                                      write_metadata)
-from qtool.convert.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
+from qtool.convert.verify import TensorCheck, check_tensor, gaussian_rel_error
+from qtool.format.report import REPORT_NAME, sha256_file
 
 FLUSH_BYTES = 256 * 2**20  # output written between background fsyncs of the shard being written
 N_WORKERS = 2  # tensors converted at once, one thread each (see _in_order)

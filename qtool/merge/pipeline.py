@@ -32,7 +32,7 @@ import torch
 
 from qtool import __version__
 from qtool.convert.pipeline import peak_rss_bytes
-from qtool.convert.verify import sha256_file
+from qtool.format.report import sha256_file
 from qtool.errors import InputError
 from qtool.format import bnb_nf4 as layout
 from qtool.format.atomic import check_destination, staging_dir, write_text
