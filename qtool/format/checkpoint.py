@@ -21,6 +21,7 @@ from typing import Iterable, TypeVar
 
 import torch
 
+from qtool.arch import read_config
 from qtool.format.adapter_meta import INIT_ADAPTER_DIR
 from qtool.errors import InputError, OutputError
 from qtool.format.atomic import write_text
@@ -117,13 +118,7 @@ def shard_names(folder: Path) -> list[str]:
 def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     """Resolve ``spec`` and validate everything that can be checked before reading tensor data."""
     folder = resolve(spec)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise InputError(f"{folder}: no config.json", hint="qtool needs the Hugging Face config next to the weights")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{cfg_path}: invalid JSON ({exc})") from exc
+    config = read_config(folder, hint="qtool needs the Hugging Face config next to the weights")
     if is_prequantized(config):
         method = config["quantization_config"].get("quant_method", "?")
         raise InputError(f"{folder} is already quantised ({method}: config.json has a quantization_config)",
