@@ -22,8 +22,8 @@ from qtool.adapters.spec import CONVERTER_INITS, AdapterSpec
 from qtool.arch import Shape
 from qtool.errors import UsageError
 from qtool.nf4 import codec as nf4
+from qtool.train.settings import SUPPORTED as TRAINER_TYPES  # what can train from the init
 
-TRAINER_TYPES = ("llama", "mistral", "qwen2")  # = qtool.train.settings.SUPPORTED: what can train from the init
 
 
 @dataclass(frozen=True)
