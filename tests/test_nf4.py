@@ -351,10 +351,10 @@ def test_where_cuda_and_cpu_targets_differ(capsys):
     assert "absmax codes differ" in capsys.readouterr().out
 
 
-# -------------------------------------------------------------------------------- torch path (CUDA tensors) == numba
+# -------------------------------------------------------------------------------- torch path (CUDA tensors) == C kernels
 @pytest.mark.parametrize("target", nf4.TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_torch_path_equals_numba_path(dtype, target):
+def test_torch_path_equals_cpu_kernel_path(dtype, target):
     for case in ("randn 128x256", "numel%64 100x37", "odd 3x5", "1x1", "1x1 zero", "zero blocks", "zero tail",
                  "all zero", "heavy tails", "near threshold"):
         w = (_near_threshold_blocks(64, 25) if case == "near threshold" else CASES[case]()).to(dtype)
