@@ -9,7 +9,8 @@ others), `qtool train` with the same seed, data order, rank, targets, learning r
 loss of every step, the held-out loss before and after, and the step-0 error — the mean relative weight error of the
 initial model against the 16-bit weights over the adapted modules (``||W - deq(Q) - s·B·A|| / ||W||``; for zero and
 symmetric the bypass is zero at step 0, so it is plain NF4's error) and the held-out loss of the 16-bit model itself
-(transformers, fp32) as the floor. Writes JSON and a PNG (loss curves, running mean over 10 steps) and prints a table.
+(transformers, fp32) as the floor. No gradient checkpointing (memory is plentiful on the CPU; it saves the
+recompute). Writes JSON and a PNG (loss curves, running mean over 10 steps) and prints a table.
 """
 from __future__ import annotations
 
@@ -50,6 +51,13 @@ def _plain_error(folder: Path, src: Path, spec_kw: dict) -> float:
     report = json.loads((folder / "qtool_report.json").read_text())
     errs = [t["rel_error"] for t in report["tensors"] if t["quantized"] and t["name"].split(".")[-2] in names]
     return sum(errs) / len(errs)
+
+
+def _progress(name: str):
+    def report(step: int, loss: float, seconds: float) -> None:
+        if (step + 1) % 20 == 0:
+            print(f"  {name}: step {step + 1}, loss {loss:.3f} ({seconds:.2f} s/step)", file=sys.stderr, flush=True)
+    return report
 
 
 def _reference_eval_loss(src: Path, blocks) -> float:
@@ -125,10 +133,12 @@ def main() -> None:
         folder, init_report = _convert(src, cache, init, t, spec_kw)
         convert_s = time.perf_counter() - t0
         st = TrainSettings(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr,
-                           warmup_steps=args.warmup_steps, init=init, eval_blocks=32, **spec_kw)
+                           warmup_steps=args.warmup_steps, init=init, eval_blocks=32, grad_checkpointing=False, **spec_kw)
         print(f"{name}: training {args.steps} steps ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        res = run(folder, text, None, st)
+        res = run(folder, text, None, st, progress=_progress(name),
+                  eval_progress=lambda phase, d, n: print(f"  {phase} {d}/{n}", file=sys.stderr, flush=True)
+                  if d == n else None)
         if floor is None:
             from qtool.train.data import pack
             from transformers import AutoTokenizer
