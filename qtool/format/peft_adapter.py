@@ -304,7 +304,8 @@ def _config_problems(config: dict) -> list[str]:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         why = {"ADALORA": "AdaLoRA adapters (P·diag(E)·Q with pruned ranks) must first be converted to plain LoRA "
-                          "(A = Q, B = (alpha/init_r)·P·diag(E), one rank_pattern entry per module)"}
+                          "(A = Q, B = (alpha/init_r)·P·diag(E), one rank_pattern entry per module): "
+                          "qtool adapter export-lora ADALORA_DIR OUT"}
         return [f"peft_type is {peft_type!r}; qtool merges LoRA adapters only"
                 + (f" — {why[peft_type]}" if peft_type in why else
                    " (IA3, prefix/prompt tuning and the other methods are not a weight delta B·A)")]

@@ -90,12 +90,16 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         grads = [Row("LoRA gradients (allocated before the CUDA graph capture, kept)", lora)]
     else:
         grads = []
+    adalora = st.method == "adalora"
     persistent = [
         Row("NF4 weights and quantisation constants", quant_alloc),
         Row(f"embeddings ({frozen})", emb),
         *([Row(f"lm_head ({frozen})", head)] if head else []),
         Row(f"norms and biases ({frozen})", norms),
-        Row(f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        Row(f"AdaLoRA P, λ, Q at the initial rank ({sum(numels):,} params, {st.adapter_dtype})" if adalora else
+            f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        *([Row("AdaLoRA importance EMAs (sensitivity, uncertainty; fp32)", items.adalora_ema_bytes(numels))]
+          if adalora else []),
         *([Row("LoRA initial factors, frozen (symmetric init: the offset -s·B0·A0)", lora)]
           if st.init == "symmetric" else []),
         *([Row("allocator rounding of the resident tensors (unsplit large blocks)", rounding)] if rounding else []),
@@ -170,6 +174,11 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
             Row(f"backward transient: {moment}", backward),
             *([Row("LoRA gradients of its MLP", mlp_grads)] if grads_now and mlp_grads else [])]),
         "optimizer step": ([], step),
+        # AdaLoRA: the sensitivity of every element at once, beside the gradients, just before the step
+        **({"AdaLoRA importance update": ([], [row for row in (
+            Row("LoRA gradients", lora_bytes if grads_now else 0),
+            Row("AdaLoRA sensitivity |w·∂L/∂w| (fp32)", items.adalora_update_bytes(numels))) if row.bytes])}
+           if st.method == "adalora" else {}),
         # back-propagated last, layer 0 holds one layer's activations but the fresh gradients of all the others
         **({"backward of the first decoder layer": (first_kept + [positions], [
             Row(f"backward transient: {moment}", backward),

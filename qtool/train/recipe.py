@@ -136,14 +136,14 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
     model.grad_checkpointing = st.grad_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
     opt_name, opt = make_optimizer(params, st.optimizer, device, st.lr, st.weight_decay)
+    monitor = MemoryMonitor(device)
+    monitor.sample("after_load")
     allocator = regulariser = None
-    if st.method == "adalora":
+    if st.method == "adalora":  # its EMAs appear now, like optimizer state: after the after-load sample
         from qtool.adapters.adalora import RankAllocator, adalora_modules
 
         allocator = RankAllocator(adalora_modules(model), st.spec.adalora)
         regulariser = allocator.regulariser if allocator.schedule.orth_reg > 0 else None
-    monitor = MemoryMonitor(device)
-    monitor.sample("after_load")
     gen = torch.Generator().manual_seed(st.seed)
     order = torch.randperm(len(blocks.train), generator=gen)
     cursor = 0
