@@ -222,7 +222,8 @@ def test_saved_adalora_loads_in_peft_and_computes_the_same(saved, hf_nf4, ids):
     with safe_open(saved.out / "adapter_model.safetensors", "pt") as f:
         assert f.get_slice(f"base_model.model.{saved.dead}.lora_A").get_shape() == [0, 64]
         q = "model.layers.0.self_attn.q_proj"
-        assert f.get_slice(f"base_model.model.{q}.lora_E").get_shape() == [sum(config["rank_pattern"][q + ".lora_E"]), 1]
+        kept = sum(config["rank_pattern"][q + ".lora_E"])
+        assert f.get_slice(f"base_model.model.{q}.lora_E").get_shape() == [kept, 1]
     peft = PeftModel.from_pretrained(hf_nf4, saved.out)
     try:
         for path, m in saved.modules.items():

@@ -81,7 +81,8 @@ class AdaLoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """``s · P diag(λ) Q`` in fp32, ``(out, in)``: what merging adds to W0."""
-        return (self.lora_b.detach().float() @ (self.lora_a.detach().float() * self.lora_e.detach().float())) * self.scale
+        q, e, p = (t.detach().float() for t in (self.lora_a, self.lora_e, self.lora_b))
+        return (p @ (q * e)) * self.scale
 
     def pruned_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[bool]]:
         """``(Q, λ, P, mask)`` with only the kept triplets (fp32, CPU), as PEFT saves a pruned module, and the mask
@@ -132,8 +133,8 @@ class RankAllocator:
         # Ī and Ū, fp32, one per trainable element (the planner's "importance EMAs" row); freed at the final mask
         self.sensitivity = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.uncertainty = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.budgets: list[int] = []  # the budget applied at each masking step, as (step, budget) pairs flattened
-        self.mask_steps: list[int] = []
+        self.mask_steps: list[int] = []  # the steps that masked, and the budget each kept
+        self.budgets: list[int] = []
         self.fixed = False
 
     def regulariser(self) -> torch.Tensor:

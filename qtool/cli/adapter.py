@@ -14,7 +14,8 @@ def budget_lines(summary: dict) -> str:
     its total), then the total and the mean rank per module type."""
     types = summary["module_types"]
     short = [t.removesuffix("_proj") for t in types]
-    rows = [(str(layer), *("-" if r is None else str(r) for r in row), str(total["rank"]), f"{100 * total['share']:.1f}%")
+    rows = [(str(layer), *("-" if r is None else str(r) for r in row), str(total["rank"]),
+             f"{100 * total['share']:.1f}%")
             for layer, row, total in zip(summary["layers"], summary["grid"], summary["by_layer"])]
     rows.append(("total", *(str(t["rank"]) for t in summary["by_type"]), str(summary["final_budget"]), "100%"))
     rows.append(("mean", *(f"{t['mean']:.1f}" for t in summary["by_type"]), "", ""))
