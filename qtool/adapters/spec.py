@@ -111,7 +111,7 @@ class AdapterSpec:
         if self.init not in INITS:
             p.append(f"--init {self.init!r} is not one of {', '.join(INITS)}")
         if not isinstance(self.rank, int) or self.rank < 1:
-            p.append(f"--rank must be at least 1 (got {self.rank})")
+            p.append(f"--{'init-' if self.method == 'adalora' else ''}rank must be at least 1 (got {self.rank})")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             p.append(f"--alpha must be a positive number (got {self.alpha})")
         if not 0 <= self.dropout < 1:

@@ -206,6 +206,10 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
     if st.profile == "qtool" and shape.sliding_window and st.seq_len > shape.sliding_window:
         notes.append(f"{shape.name} attends within a {shape.sliding_window}-token window; the qtool trainer runs full "
                      "causal attention (the same memory, different numerics beyond the window)")
+    if st.method == "adalora":
+        notes.append(f"AdaLoRA is planned at --init-rank {st.rank}, its peak: pruning masks singular values in place "
+                     "and frees nothing" + ("; the importance update and masking run between the CUDA-graph "
+                                            "replays of forward+backward, which stay on" if items.fused(st) else ""))
     if st.optimizer.startswith("paged_"):
         notes.append("paged optimizer buffers (>= 1e5 elements) live in CUDA managed memory: NVML sees them, "
                      "torch.cuda.max_memory_allocated does not")
