@@ -495,3 +495,45 @@ def test_cuda_graph_path_masks_in_place_like_the_eager_path():
     assert results[True].adalora["final_budget"] == results[False].adalora["final_budget"] == 2 * 210
     torch.testing.assert_close(torch.tensor(results[True].losses), torch.tensor(results[False].losses), rtol=2e-2,
                                atol=0)
+
+
+@pytest.mark.parametrize("seq_len,rank", [(256, 8), (16, 96)])
+def test_planned_transient_matches_allocation_trace(seq_len, rank):
+    """One eager AdaLoRA step of the real trainer code on the CPU (loss + regulariser, backward, importance update,
+    SGD step, masking) traced like tests/test_plan.py does for LoRA: activation-bound (long sequence, low rank) and
+    bound by the importance update (one fp32 per trainable element beside the gradients: short sequence, high rank)."""
+    import warnings
+
+    from qtool.arch import shape_from_config
+    from qtool.plan.planner import Settings, plan
+    from qtool.train.load import random_decoder
+    from qtool.train.settings import decoder_shape
+    from tests.test_plan import _traced_peak
+
+    warnings.filterwarnings("ignore")
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2000}
+    spec = AdapterSpec("all-linear", rank=rank, alpha=2.0 * rank, method="adalora",
+                       adalora=AdaLoRASchedule(target_rank=rank // 2, total_steps=100))
+    model = random_decoder(decoder_shape(config), "cpu", spec=spec)
+    model.train()
+    allocator = RankAllocator(adalora_modules(model), spec.adalora)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 2000, (1, seq_len))
+
+    def step():
+        (model.loss(ids) + allocator.regulariser()).backward()
+        allocator.observe(5)
+        optimizer.step()
+        allocator.allocate(5)
+        optimizer.zero_grad(set_to_none=True)
+
+    traced = _traced_peak(step)
+    p = plan(shape_from_config(config), Settings(method="adalora", rank=rank, target_rank=rank // 2,
+                                                 targets="all-linear", seq_len=seq_len, optimizer="sgd",
+                                                 grad_checkpointing=False, device="cpu"))
+    existing = ("NF4", "embeddings", "lm_head", "norms", "AdaLoRA P, λ, Q", "AdaLoRA importance EMAs", "optimizer")
+    planned = sum(r.bytes for r in p.rows if r.counter == "allocated" and not r.name.startswith(existing))
+    print(f"planned {planned} traced {traced} ({(planned - traced) / traced:+.2%}, {p.peak_phase})")
+    assert abs(planned - traced) / traced < 0.02, (planned, traced, p.peak_phase)
+    assert (p.peak_phase == "AdaLoRA importance update") == (rank == 96), p.peak_phase

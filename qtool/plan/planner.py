@@ -88,6 +88,8 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         grads = [Row(f"LoRA gradients, accumulated over {st.grad_accum} micro-batches", lora)]
     elif items.gradients_persist(st):
         grads = [Row("LoRA gradients (allocated before the CUDA graph capture, kept)", lora)]
+    elif st.method == "adalora":  # its orthogonality term is back-propagated first: all P, Q gradients at once
+        grads = [Row("LoRA gradients (AdaLoRA: the regulariser's backward makes them before the layers')", lora)]
     else:
         grads = []
     adalora = st.method == "adalora"
@@ -142,7 +144,9 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
     the last layer's backward (its MLP's) and in the step; where they persist (accumulation, CUDA graphs) they are
     persistent rows instead."""
     n = shape.n_layers
-    grads_now = not items.gradients_persist(st)
+    # AdaLoRA's regulariser (added after the loss, so back-propagated first) allocates the gradients of every P and Q
+    # before the layers' backward: they are a persistent row then (planned with the regulariser on, its default)
+    grads_now = not items.gradients_persist(st) and st.method != "adalora"
     positions = Row("rotary cos/sin" + ("" if items.fused(st) else " and position ids"),
                     acts.position_bytes(shape, st))
     if st.grad_checkpointing:
