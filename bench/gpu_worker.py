@@ -96,7 +96,8 @@ def run_qtool(shape, configs, steps, warmup):
         cleanup()
         ada = {k: c.get(k, d) for k, d in (("target_rank", 8), ("tinit", 1), ("tfinal", 1))} \
             if c.get("method") == "adalora" else {}
-        spec = AdapterSpec(c["targets"], rank=c["rank"], alpha=c.get("alpha", 2 * c["rank"]))
+        spec = AdapterSpec(c["targets"], rank=c["rank"], alpha=c.get("alpha", 2 * c["rank"]),
+                           init=c.get("init", "zero"))
         if ada:
             from qtool.adapters.spec import AdaLoRASchedule
 
@@ -107,7 +108,8 @@ def run_qtool(shape, configs, steps, warmup):
         blocks = Blocks(torch.randint(0, cfg.vocab, (n, c["seq_len"]), generator=gen),
                         torch.randint(0, cfg.vocab, (1, c["seq_len"]), generator=gen), 0)
         st = TrainSettings(steps=steps, seq_len=c["seq_len"], batch_size=c.get("batch_size", 1), rank=c["rank"],
-                           alpha=c.get("alpha", 2 * c["rank"]), targets=c["targets"], grad_checkpointing=c["gc"],
+                           alpha=c.get("alpha", 2 * c["rank"]), targets=c["targets"], init=c.get("init", "zero"),
+                           grad_checkpointing=c["gc"],
                            optimizer=c.get("optimizer", "paged_adamw_32bit") if DEVICE == "cuda" else "adamw_torch", measure_after=warmup, max_grad_norm=0.3,
                            **({"method": "adalora", "init_rank": c["rank"], **ada} if ada else {}))
         monitor = MemoryMonitor(device)
@@ -137,11 +139,12 @@ def record(profile, shape, c, after_load, res, err, leaked, build_s, step_second
                 "seq_len": c["seq_len"], "batch_size": c.get("batch_size", 1), "grad_checkpointing": c["gc"],
                 "optimizer": c.get("optimizer", "paged_adamw_32bit"), "double_quant": True, "block_size": 64,
                 "compute_dtype": "bfloat16", "adapter_dtype": "float32", "attention": "sdpa",
-                "loss": "chunked" if profile == "qtool" else "full"}
+                "loss": "chunked" if profile == "qtool" else "full", **({"init": c["init"]} if "init" in c else {})}
     if c.get("method") == "adalora":  # the planner's Settings fields (qtool.plan.settings)
         settings.update(method="adalora", target_rank=c.get("target_rank", 8))
     rec = {"id": f"{profile}-{shape.name}-s{c['seq_len']}-b{settings['batch_size']}-r{c['rank']}-{c['targets']}-"
-                 f"{'gc' if c['gc'] else 'nogc'}" + ("-adalora" if c.get("method") == "adalora" else ""),
+                 f"{'gc' if c['gc'] else 'nogc'}" + (f"-{c['init']}" if c.get("init", "zero") != "zero" else "")
+                 + ("-adalora" if c.get("method") == "adalora" else ""),
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "versions": versions(),
            "profile": profile,
            "model": {"name": shape.name, **{k: v for k, v in hf_config_dict(shape).items() if k != "dtype"}},
