@@ -312,6 +312,16 @@ def test_export_refuses_what_is_not_adalora(tmp_path):
     r = CliRunner().invoke(main, ["adapter", "export-lora", str(tmp_path / "lora"), str(tmp_path / "out")])
     assert r.exit_code == 2 and "is not an AdaLoRA adapter (peft_type 'LORA'" in r.output, r.output
     assert "loads in qtool merge and PEFT as it is" in r.output and not (tmp_path / "out").exists()
+    # before torch is imported, and a broken adapter_config.json is named (not a traceback)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    code = ("import sys\nfrom qtool.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    print('EXIT', e.code, 'torch' in sys.modules)")
+    for args, needle in ((["export-lora", str(tmp_path / "lora"), str(tmp_path / "out")], "is not an AdaLoRA adapter"),
+                         (["budget", str(tmp_path / "lora")], "is not an AdaLoRA adapter"),
+                         (["budget", str(tmp_path / "bad")], "adapter_config.json: not a readable JSON file")):
+        r = subprocess.run([sys.executable, "-c", code, "adapter", *args], capture_output=True, text=True, cwd=ROOT)
+        assert "EXIT 2 False" in r.stdout and needle in r.stderr, (args, r.stdout, r.stderr)
 
 
 def test_merge_of_an_adalora_adapter_names_the_export(saved, tiny_nf4, tmp_path):
@@ -411,7 +421,9 @@ def test_train_flag_errors_come_before_torch(tiny_nf4, tmp_path):
                          (["--method", "adalora", "--tinit", "5", "--tfinal", "5", "--steps", "10"],
                           "no step is left"),
                          (["--method", "adalora", "--rank", "8"], "--rank is LoRA's"),
-                         (["--tfinal", "2"], "--tfinal is an AdaLoRA setting")):
+                         (["--tfinal", "2"], "--tfinal is an AdaLoRA setting"),
+                         (["--export", "lora", "--out", str(tmp_path / "o")], "--export lora converts an AdaLoRA"),
+                         (["--method", "adalora", "--export", "lora"], "it needs --out")):
         r = subprocess.run([sys.executable, "-c", code, "train", str(tiny_nf4), "--data", str(data), *args],
                            capture_output=True, text=True, cwd=ROOT)
         assert "EXIT 2 False" in r.stdout and needle in r.stderr, (args, r.stdout, r.stderr)
@@ -430,9 +442,10 @@ def test_smollm2_cli_adalora_to_peft_and_export(smollm2_nf4_cpu, shakespeare_pat
                                   "adalora", "--init-rank", "4", "--target-rank", "2", "--tinit", "1", "--tfinal", "1",
                                   "--steps", "5", "--seq-len", "32", "--batch-size", "2", "--lr", "1e-2",
                                   "--targets", "q_proj,v_proj,down_proj", "--eval-blocks", "1", "--out", str(out),
-                                  "--json"])
+                                  "--export", "lora", "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.output[r.output.index("{"):])
+    assert res["lora_export"]["adapter"] == str(out / "lora") and res["lora_export"]["source"] == str(out)
     assert res["adalora"]["final_budget"] == 2 * 90 and (out / "adalora_budget.png").is_file()
     assert res["adalora"]["summary"]["module_types"] == ["q_proj", "v_proj", "down_proj"]
     # ours, rebuilt from the saved (pruned) tensors, against PEFT loading the same folder
@@ -462,11 +475,9 @@ def test_smollm2_cli_adalora_to_peft_and_export(smollm2_nf4_cpu, shakespeare_pat
         theirs = peft(ids).logits.float()
         mine = ours(ids).float()
     assert rel(mine, theirs) < 1e-4 and rel(theirs, base) > 1e-3, (rel(mine, theirs), rel(theirs, base))
-    r = CliRunner().invoke(main, ["adapter", "export-lora", str(out), str(tmp_path / "lora")])
-    assert r.exit_code == 0 and "wrote" in r.output, r.output
-    with torch.no_grad():
+    with torch.no_grad():  # train --export lora wrote OUT/lora
         base_model = peft.unload()
-        lora = PeftModel.from_pretrained(base_model, tmp_path / "lora")(ids).logits.float()
+        lora = PeftModel.from_pretrained(base_model, out / "lora")(ids).logits.float()
     assert rel(lora, theirs) < 1e-5, rel(lora, theirs)
 
 

@@ -56,8 +56,10 @@ def export_lora_cmd(adalora_dir, out, overwrite, as_json):
     from pathlib import Path
 
     from qtool.format.atomic import check_destination
+    from qtool.format.peft_config import read_adalora_config
 
-    check_destination(Path(out), overwrite, inputs=(Path(adalora_dir),))  # before torch is imported
+    read_adalora_config(adalora_dir)  # an adapter of another type is refused before torch is imported
+    check_destination(Path(out), overwrite, inputs=(Path(adalora_dir),))
     from qtool.format.peft_adalora import export_lora
 
     result = export_lora(adalora_dir, out, overwrite=overwrite)
@@ -81,24 +83,23 @@ def budget_cmd(adalora_dir, as_json):
     Example:
       qtool adapter budget ./ada
     """
-    from pathlib import Path
-
     from qtool.adapters.budget import summarise
     from qtool.errors import InputError
-    from qtool.format.peft_adapter import CONFIG_NAME, _find_folder
+    from qtool.format.peft_config import CONFIG_NAME, read_adalora_config
 
-    folder = _find_folder(Path(adalora_dir))
-    config = json.loads((folder / CONFIG_NAME).read_text())
-    if config.get("peft_type") != "ADALORA":
-        raise InputError(f"{folder} is not an AdaLoRA adapter (peft_type {config.get('peft_type')!r})",
-                         hint="budget reads AdaLoRA adapters (qtool train --method adalora, PEFT's AdaLoraConfig)")
+    folder, config = read_adalora_config(adalora_dir)  # torch-free
+    init_r = config.get("init_r")
+    if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 1:
+        raise InputError(f"{folder / CONFIG_NAME}: init_r={init_r!r}, expected a positive int")
     pattern = config.get("rank_pattern") or {}
-    ranks = {k.split(".lora_E")[0]: sum(v) for k, v in pattern.items()}
+    if not isinstance(pattern, dict) or not all(isinstance(v, list) and len(v) == init_r for v in pattern.values()):
+        raise InputError(f"{folder / CONFIG_NAME}: rank_pattern is not a map of module -> {init_r} booleans")
+    ranks = {k.split(".lora_E")[0]: sum(map(bool, v)) for k, v in pattern.items()}
     if not ranks:
         raise InputError(f"{folder / CONFIG_NAME}: no rank_pattern; the adapter was saved before any masking, every "
-                         f"module is at init_r {config.get('init_r')}")
+                         f"module is at init_r {init_r}")
     try:
-        summary = summarise(ranks, config["init_r"])
+        summary = summarise(ranks, init_r)
     except ValueError as exc:
         raise InputError(f"{folder / CONFIG_NAME}: {exc}") from None
     click.echo(json.dumps(summary, indent=1) if as_json else budget_lines(summary))

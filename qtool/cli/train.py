@@ -42,6 +42,9 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--beta2", type=float, default=None, help="AdaLoRA: EMA factor of its uncertainty.  [default: 0.85]")
 @click.option("--orth-reg", type=float, default=None,
               help="AdaLoRA: weight of the orthogonality regulariser (mean of ||QQᵀ-I||, ||PᵀP-I||).  [default: 0.5]")
+@click.option("--export", "export", type=click.Choice(("lora",)), default=None,
+              help="AdaLoRA: also write OUT/lora, the same adapter as plain LoRA (per-module rank_pattern, modules "
+                   "at rank 0 dropped) for qtool merge and LoRA-only loaders; see qtool adapter export-lora.")
 @click.option("--lr", default=2e-4, show_default=True, type=float, help="Peak learning rate.")
 @click.option("--warmup-steps", default=0, show_default=True, type=int, help="Linear warm-up steps.")
 @click.option("--max-grad-norm", default=0.3, show_default=True, type=float, help="Clip gradients; 0 disables.")
@@ -58,7 +61,7 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, **kw):
+def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, export, **kw):
     """Train LoRA adapters on a converted NF4 checkpoint; report GPU memory measured beside the plan.
 
     \b
@@ -67,7 +70,7 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
       qtool train ./smollm2-nf4 --data shakespeare.txt --steps 20 --seq-len 256 --targets all-linear --json
       qtool train ./smollm2-nf4 --data shakespeare.txt --targets q_proj=8,v_proj=32 --init symmetric
       qtool train ./smollm2-nf4 --data shakespeare.txt --method adalora --init-rank 12 --target-rank 8 --tinit 20 \
-          --tfinal 40 --steps 200 --targets all-linear --out ./ada
+          --tfinal 40 --steps 200 --targets all-linear --out ./ada --export lora
     """
     from qtool.errors import UsageError
     from qtool.train.settings import TrainSettings, check_inputs
@@ -75,6 +78,7 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
     if kw["method"] == "adalora" and click.get_current_context().get_parameter_source("rank").name == "COMMANDLINE":
         raise UsageError("--rank is LoRA's; AdaLoRA starts at --init-rank and ends at --target-rank per module",
                          hint="use --init-rank R0 --target-rank R")
+    _check_export(export, kw["method"], out)
     st = TrainSettings(use_rslora=rslora, max_grad_norm=max_grad_norm or None, **kw)
     check_inputs(model_dir, data, out, st, overwrite=overwrite)  # flags and paths first: no torch imported yet
     from qtool.cli import progress_bar
@@ -96,8 +100,15 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
     finally:
         for bar in bars.values():
             bar.close()
+    exported = None
+    if export == "lora" and result.adapter:  # read back from OUT: the export is of exactly what was saved
+        from pathlib import Path
+
+        from qtool.format.peft_adalora import export_lora
+
+        exported = export_lora(result.adapter, Path(result.adapter) / "lora")
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=1))
+        click.echo(json.dumps({**result.to_json(), **({"lora_export": exported} if exported else {})}, indent=1))
         return
     click.echo(f"{len(result.losses)} steps on {result.device} ({result.optimizer}, compute {result.compute_dtype}), "
                f"{result.trainable_params:,} trainable parameters, {result.tokens_per_second:,.0f} tokens/s")
@@ -121,3 +132,21 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
             click.echo(f"heat map: {result.adalora['heatmap']}")
     if result.adapter:
         click.echo(f"wrote {result.adapter}")
+    if exported:
+        click.echo(f"wrote {exported['adapter']}: plain LoRA, {len(exported['ranks'])} modules, ranks "
+                   f"{min(exported['ranks'].values())}-{max(exported['ranks'].values())}, "
+                   f"{len(exported['dropped'])} module(s) at rank 0 dropped")
+
+
+def _check_export(export, method, out) -> None:
+    """``--export lora`` converts the AdaLoRA adapter this run writes: refused before any work otherwise."""
+    from qtool.errors import UsageError
+
+    if export is None:
+        return
+    if method != "adalora":
+        raise UsageError(f"--export {export} converts an AdaLoRA adapter; --method {method} already writes a plain "
+                         "LoRA adapter", hint="add --method adalora, or leave --export out")
+    if out is None:
+        raise UsageError(f"--export {export} writes OUT/{export} beside the adapter: it needs --out",
+                         hint="add --out FOLDER")

@@ -37,8 +37,8 @@ from qtool.adapters.spec import AdaLoRASchedule, adalora_scale
 from qtool.errors import InputError, VerificationError
 from qtool.format.adapter_meta import QTOOL_META_NAME, base_fingerprint, read_qtool_meta
 from qtool.format.atomic import staging_dir, write_text
-from qtool.format.peft_adapter import (CONFIG_NAME, LORA_CONFIG_DEFAULTS, PEFT_PREFIX, PICKLE_NAME, WEIGHTS_NAME,
-                                       _find_folder, save_adapter)
+from qtool.format.peft_adapter import LORA_CONFIG_DEFAULTS, PEFT_PREFIX, save_adapter
+from qtool.format.peft_config import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_adalora_config
 from qtool.format.safetensors import ShardWriter, Slot, read_header
 
 # AdaLoraConfig's own keys on top of LoraConfig's (peft 0.21.2 tuners/adalora/config.py), with its defaults;
@@ -139,20 +139,8 @@ def load_adalora(path) -> AdaLoRAAdapter:
     """Read an AdaLoRA adapter folder written by qtool or by PEFT (``save_pretrained`` of an AdaLoRA model). Checks
     the config, every key, each module's shapes against its ``rank_pattern`` mask, and finiteness; InputError naming
     the file and the reason otherwise (an adapter of another type says what it is)."""
-    folder = _find_folder(Path(path))
+    folder, config = read_adalora_config(path)
     cfg_path = folder / CONFIG_NAME
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{cfg_path}: not a readable JSON file ({exc})") from exc
-    if not isinstance(config, dict):
-        raise InputError(f"{cfg_path}: expected a JSON object")
-    if config.get("peft_type") != "ADALORA":
-        raise InputError(f"{folder} is not an AdaLoRA adapter (peft_type {config.get('peft_type')!r} in {CONFIG_NAME})",
-                         hint="export-lora converts AdaLoRA adapters; a LORA adapter loads in qtool merge and PEFT as "
-                              "it is" if config.get("peft_type") == "LORA" else
-                              "export-lora converts AdaLoRA adapters only (written by qtool train --method adalora or "
-                              "PEFT's AdaLoraConfig)")
     problems = []
     init_r, alpha = config.get("init_r"), config.get("lora_alpha")
     if not isinstance(init_r, int) or isinstance(init_r, bool) or init_r < 1:
