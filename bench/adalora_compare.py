@@ -8,6 +8,8 @@
     average): held-out loss every --eval-every steps, both curves (and PEFT's) on one PNG.
 
     python bench/adalora_compare.py                  # defaults sized for a shared 2-core CPU (~45-60 min there)
+    python bench/adalora_compare.py --steps 40 --tinit 4 --tfinal 8 --eval-every 10 --eval-blocks 4 \
+        --out bench/results                          # the committed record: ~8 min on a shared 2-core CPU
     python bench/adalora_compare.py --steps 300 --seq-len 128 --batch-size 4 --tinit 30 --tfinal 60   # longer
 
 Both sides compute in fp32 (transformers' Linear4bit is switched to an fp32 compute dtype and its embeddings and
@@ -61,8 +63,8 @@ def run_ours(folder, blocks, a, method: str, curve: list, init_out: dict | None 
     if method == "adalora":
         st = TrainSettings(method="adalora", init_rank=a.init_rank, target_rank=a.target_rank, tinit=a.tinit,
                            tfinal=a.tfinal, delta_t=a.delta_t, orth_reg=a.orth_reg, alpha=2.0 * a.init_rank, **common)
-    else:
-        st = TrainSettings(rank=a.target_rank, alpha=2.0 * a.target_rank, **common)
+    else:  # LoRA may take its own learning rate (--lora-lr): at AdaLoRA's it can be past its best
+        st = TrainSettings(rank=a.target_rank, alpha=2.0 * a.target_rank, **(common | {"lr": a.lora_lr or a.lr}))
     model = load_decoder(folder, st.spec, compute_dtype=torch.float32, seed=a.seed)
     if init_out is not None:  # the initial P and Q, for PEFT
         from qtool.adapters.adalora import adalora_modules
@@ -161,6 +163,7 @@ def main() -> None:
     ap.add_argument("--delta-t", type=int, default=1)
     ap.add_argument("--orth-reg", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--lora-lr", type=float, default=None, help="part b: LoRA's learning rate  [default: --lr]")
     ap.add_argument("--eval-every", type=int, default=15)
     ap.add_argument("--eval-blocks", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
@@ -214,7 +217,8 @@ def main() -> None:
         model, lora, secs = run_ours(folder, blocks, a, "lora", curves[f"qtool LoRA r{a.target_rank}"])
         result["qtool_lora"] = {"eval_loss": lora.eval_loss, "seconds": secs, "trainable": lora.trainable_params,
                                 "curve": curves[f"qtool LoRA r{a.target_rank}"]}
-        lines += [f"qtool LoRA r{a.target_rank}: held-out {lora.eval_loss_before:.4f} -> {lora.eval_loss:.4f} "
+        lines += [f"qtool LoRA r{a.target_rank} (lr {a.lora_lr or a.lr}): held-out {lora.eval_loss_before:.4f} -> "
+                  f"{lora.eval_loss:.4f} "
                   f"({secs:.0f} s), {lora.trainable_params:,} trainable parameters; AdaLoRA - LoRA = "
                   f"{ada.eval_loss - lora.eval_loss:+.4f} ({'AdaLoRA' if ada.eval_loss < lora.eval_loss else 'LoRA'} "
                   f"lower)"]
