@@ -11,6 +11,10 @@ Both sides get the *same* random NF4 weights (made directly in packed form on th
 65B model needs no 130 GB file. Run by bench/train_bench.py; usable alone:
 
     python bench/gpu_worker.py qtool llama-2-7b '[{"seq_len": 512, "rank": 16, "targets": "qkvo", "gc": true}]'
+
+A configuration with ``"method": "adalora"`` (qtool only) trains AdaLoRA from ``rank`` (= init rank) to
+``target_rank`` (default 8), with ``tinit`` = ``tfinal`` = 1 unless given: over the default 6 steps the budget falls
+during the CUDA-graph replays (masking in place between them) and the mask is fixed at step 5.
 """
 from __future__ import annotations
 
@@ -90,8 +94,15 @@ def run_qtool(shape, configs, steps, warmup):
     leaked = 0
     for c in configs:
         cleanup()
-        attach_adapters(model, AdapterSpec(c["targets"], rank=c["rank"], alpha=c.get("alpha", 2 * c["rank"]),
-                                           init=c.get("init", "zero")))
+        ada = {k: c.get(k, d) for k, d in (("target_rank", 8), ("tinit", 1), ("tfinal", 1))} \
+            if c.get("method") == "adalora" else {}
+        spec = AdapterSpec(c["targets"], rank=c["rank"], alpha=c.get("alpha", 2 * c["rank"]),
+                           init=c.get("init", "zero"))
+        if ada:
+            from qtool.adapters.spec import AdaLoRASchedule
+
+            spec = spec.with_(method="adalora", adalora=AdaLoRASchedule(**ada, total_steps=steps))
+        attach_adapters(model, spec)
         gen = torch.Generator().manual_seed(0)
         n = c.get("batch_size", 1) * (steps + 1) + 1
         blocks = Blocks(torch.randint(0, cfg.vocab, (n, c["seq_len"]), generator=gen),
@@ -99,7 +110,8 @@ def run_qtool(shape, configs, steps, warmup):
         st = TrainSettings(steps=steps, seq_len=c["seq_len"], batch_size=c.get("batch_size", 1), rank=c["rank"],
                            alpha=c.get("alpha", 2 * c["rank"]), targets=c["targets"], init=c.get("init", "zero"),
                            grad_checkpointing=c["gc"],
-                           optimizer=c.get("optimizer", "paged_adamw_32bit") if DEVICE == "cuda" else "adamw_torch", measure_after=warmup, max_grad_norm=0.3)
+                           optimizer=c.get("optimizer", "paged_adamw_32bit") if DEVICE == "cuda" else "adamw_torch", measure_after=warmup, max_grad_norm=0.3,
+                           **({"method": "adalora", "init_rank": c["rank"], **ada} if ada else {}))
         monitor = MemoryMonitor(device)
         after_load = monitor.sample("after_load")
         try:
@@ -113,6 +125,9 @@ def run_qtool(shape, configs, steps, warmup):
             rec["measured"]["cuda_graph"] = res.cuda_graph
             rec["measured"]["paged_state_bytes"] = res.paged_state_bytes
             leaked += res.paged_state_bytes
+            if res.adalora:  # the budget really fell during the graph replays
+                rec["measured"]["adalora"] = {k: res.adalora[k] for k in ("init_budget", "target_budget",
+                                                                          "final_budget", "mask_steps", "budgets")}
         print(json.dumps(rec), flush=True)
         if os.environ.get("QTOOL_PROFILE") and res is not None:
             profile_step(lambda: model.loss(blocks.train[:st.batch_size].to(device)).backward(), f"qtool-{shape.name}")
@@ -125,8 +140,11 @@ def record(profile, shape, c, after_load, res, err, leaked, build_s, step_second
                 "optimizer": c.get("optimizer", "paged_adamw_32bit"), "double_quant": True, "block_size": 64,
                 "compute_dtype": "bfloat16", "adapter_dtype": "float32", "attention": "sdpa",
                 "loss": "chunked" if profile == "qtool" else "full", **({"init": c["init"]} if "init" in c else {})}
+    if c.get("method") == "adalora":  # the planner's Settings fields (qtool.plan.settings)
+        settings.update(method="adalora", target_rank=c.get("target_rank", 8))
     rec = {"id": f"{profile}-{shape.name}-s{c['seq_len']}-b{settings['batch_size']}-r{c['rank']}-{c['targets']}-"
-                 f"{'gc' if c['gc'] else 'nogc'}" + (f"-{c['init']}" if c.get("init", "zero") != "zero" else ""),
+                 f"{'gc' if c['gc'] else 'nogc'}" + (f"-{c['init']}" if c.get("init", "zero") != "zero" else "")
+                 + ("-adalora" if c.get("method") == "adalora" else ""),
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "versions": versions(),
            "profile": profile,
            "model": {"name": shape.name, **{k: v for k, v in hf_config_dict(shape).items() if k != "dtype"}},

@@ -5,6 +5,7 @@ peaks that calibrate and validate ``qtool plan``. Each (profile, model) runs in 
     python bench/train_bench.py --suite smoke --out OUT_DIR     # one shape, both sides, profiles of one step
     python bench/train_bench.py --suite full  --out OUT_DIR     # the planner's matrix + the speed comparison
     python bench/train_bench.py --report data/memory/h200-2026-11-29.json   # the tables of recorded runs
+    python bench/train_bench.py --suite adalora --profiles qtool --out OUT_DIR  # AdaLoRA peaks beside the plan
 
 Writes OUT_DIR/records.json (the schema of data/memory/README.md) and prints a table last.
 """
@@ -37,6 +38,13 @@ SUITES = {
         "mistral-7b": [c(4096, 32)],
         "llama-2-13b": [c(1024, 16, gc=False)],
         "llama-1-65b": [c(512, 16), c(1024, 64, "all-linear")],
+    },
+    # issue 9: AdaLoRA (init rank -> target 8) in the CUDA-graph trainer, qtool profile only; planned within 5%?
+    "adalora": {
+        "smollm2-135m": [c(2048, 12, "all-linear") | {"method": "adalora"}],
+        "llama-2-7b": [c(2048, 12, "all-linear") | {"method": "adalora"}, c(512, 12) | {"method": "adalora"},
+                       c(4096, 24, "all-linear", gc=False) | {"method": "adalora", "target_rank": 16}],
+        "llama-3-8b": [c(8192, 12, "all-linear") | {"method": "adalora"}],
     },
 }
 SPEED_ROWS = [("llama-2-7b", 512), ("llama-2-7b", 2048), ("llama-3-8b", 2048), ("llama-1-65b", 512)]
@@ -98,9 +106,14 @@ def report(records):
                      gib(m.get("peak_allocated_bytes")), gib(m.get("peak_reserved_bytes")),
                      gib(m.get("nvml_used_bytes")), r.get("error") or ""])
     header = ["profile", "model", "seq", "b", "r", "targets", "GC", "tok/s", "alloc GiB", "reserved", "NVML", "err"]
+    plan_rows = _plan_errors(records)
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header] + rows:
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    if plan_rows:
+        print("\nplan vs measured peak allocated (less what earlier runs in the process left; goal within 5%):")
+        for row in plan_rows:
+            print("  " + row)
     speed = {(r["model"]["name"], r["settings"]["seq_len"], r["profile"]): r for r in records
              if r["settings"]["rank"] == 16 and r["settings"]["targets"] == "qkvo" and r["settings"]["batch_size"] == 1
              and r["settings"]["grad_checkpointing"] and not r.get("error")}
@@ -113,6 +126,28 @@ def report(records):
                   f"{qm['tokens_per_second'] / hm['tokens_per_second']:.2f}x;  {gib(qm['peak_allocated_bytes'])} / "
                   f"{gib(hm['peak_allocated_bytes'])}")
 
+
+
+def _plan_errors(records) -> list[str]:
+    """One line per measured record: the planner's peak allocated against the measured one (tests/test_plan.py's
+    replay, for records not yet in data/memory/)."""
+    sys.path.insert(0, str(HERE.parent))
+    from qtool.plan.planner import carried_allocated_bytes, plan_for_record
+
+    lines = []
+    for r in records:
+        if r.get("error") or "peak_allocated_bytes" not in r["measured"]:
+            continue
+        p = plan_for_record(r)
+        measured = r["measured"]["peak_allocated_bytes"] - carried_allocated_bytes(r, p)
+        extra = r["measured"].get("adalora")
+        lines.append(f"{r['id']}: plan {p.peak_allocated_bytes / 2**30:.3f} GiB ({p.peak_phase}), measured "
+                     f"{measured / 2**30:.3f} GiB, error {(p.peak_allocated_bytes - measured) / measured:+.1%}; "
+                     f"trainable {p.n_trainable:,} planned / {r.get('trainable_params', 0):,}; "
+                     f"cuda graph {r['measured'].get('cuda_graph')}"
+                     + (f"; budget {extra['init_budget']} -> {extra['final_budget']} at steps {extra['mask_steps']}"
+                        if extra else ""))
+    return lines
 
 
 if __name__ == "__main__":

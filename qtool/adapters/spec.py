@@ -19,12 +19,17 @@ Initialisations (``init``), and what the model is at step 0:
   to NF4 by ``qtool convert --lora-init pissa`` (QPiSSA). Step 0 is NF4(W_res) + s·B·A.
 * ``loftq`` — alternate NF4 quantisation of ``W - s·B·A`` and a rank-r SVD of what the quantisation lost, T times
   (``loftq_iter``); also made by the converter. Step 0 is NF4(W_res) + s·B·A, closer to W than NF4(W).
+
+AdaLoRA (``method="adalora"``, :class:`AdaLoRASchedule`): every adapted module starts at ``rank`` (= init_r) and the
+rank budget is shrunk during training to ``target_rank`` per module on average (Zhang et al. 2023; see
+:mod:`qtool.adapters.adalora`). Its own initialisation (λ = 0, P and Q Gaussian) makes step 0 the base model.
 """
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, replace
+import struct
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 from qtool.errors import UsageError
@@ -32,7 +37,7 @@ from qtool.errors import UsageError
 if TYPE_CHECKING:
     from qtool.arch import Linear, Shape
 
-METHODS = ("lora",)
+METHODS = ("lora", "adalora")
 INITS = ("zero", "symmetric", "pissa", "loftq")
 CONVERTER_INITS = ("pissa", "loftq")  # they need the 16-bit weights: made by `qtool convert --lora-init`
 PRESETS = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
@@ -56,6 +61,7 @@ class AdapterSpec:
     use_rslora: bool = False
     method: str = "lora"
     loftq_iter: int = 1
+    adalora: AdaLoRASchedule | None = None  # method "adalora": the budget schedule (None: the defaults)
 
     # --- per module
     def module_ranks(self, shape: Shape) -> dict[str, int]:
@@ -91,8 +97,10 @@ class AdapterSpec:
         return [(lin, ranks[lin.name]) for lin in shape.linears() if lin.name in ranks]
 
     def n_trainable(self, shape: Shape) -> int:
-        """Trainable parameters of the whole model: ``r (d_in + d_out)`` per adapted Linear and layer."""
-        return shape.n_layers * sum(r * (lin.n_in + lin.n_out) for lin, r in self.adapted(shape))
+        """Trainable parameters of the whole model: ``r (d_in + d_out)`` per adapted Linear and layer (AdaLoRA: plus
+        the r singular values, at the initial rank)."""
+        extra = 1 if self.method == "adalora" else 0
+        return shape.n_layers * sum(r * (lin.n_in + lin.n_out + extra) for lin, r in self.adapted(shape))
 
     # --- checks
     def problems(self, shape: Shape | None = None) -> list[str]:
@@ -103,14 +111,33 @@ class AdapterSpec:
         if self.init not in INITS:
             p.append(f"--init {self.init!r} is not one of {', '.join(INITS)}")
         if not isinstance(self.rank, int) or self.rank < 1:
-            p.append(f"--rank must be at least 1 (got {self.rank})")
+            p.append(f"--{'init-' if self.method == 'adalora' else ''}rank must be at least 1 (got {self.rank})")
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             p.append(f"--alpha must be a positive number (got {self.alpha})")
         if not 0 <= self.dropout < 1:
             p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
         if self.loftq_iter < 1:
             p.append(f"--loftq-iter must be at least 1 (got {self.loftq_iter})")
+        if self.method == "adalora":
+            p += self.adalora_problems()
         return p + (self.target_problems(shape) if shape is not None else [])
+
+    def adalora_problems(self) -> list[str]:
+        """What AdaLoRA cannot take from this spec (its schedule's problems included); [] for other methods."""
+        if self.method != "adalora":
+            return []
+        p = (self.adalora or AdaLoRASchedule()).problems(self.rank)
+        if self.init != "zero":
+            p.append(f"--init {self.init}: AdaLoRA has its own initialisation (λ = 0, P and Q ~ N(0, 0.02²): step 0 "
+                     "is the base model); leave --init out")
+        if self.use_rslora:
+            p.append("--rslora: AdaLoRA scales by alpha / init-rank (PEFT's AdaLoRA has no rsLoRA); leave it out")
+        if "=" in str(self.targets):
+            p.append(f"--targets {self.targets!r}: AdaLoRA starts every module at --init-rank and allocates the ranks "
+                     "itself; give module names without =RANK")
+        if self.alpha_pattern:
+            p.append("alpha_pattern: AdaLoRA has one alpha for every module (PEFT's AdaLoraConfig)")
+        return p
 
     def checked(self, shape: Shape | None = None) -> AdapterSpec:
         problems = self.problems(shape)
@@ -123,9 +150,12 @@ class AdapterSpec:
 
     # --- serialisation (qtool's own metadata beside a PEFT adapter)
     def to_json(self) -> dict:
-        return {"method": self.method, "targets": self.targets, "rank": self.rank, "alpha": self.alpha,
-                "alpha_pattern": dict(self.alpha_pattern), "init": self.init, "dropout": self.dropout,
-                "use_rslora": self.use_rslora, "loftq_iter": self.loftq_iter}
+        d = {"method": self.method, "targets": self.targets, "rank": self.rank, "alpha": self.alpha,
+             "alpha_pattern": dict(self.alpha_pattern), "init": self.init, "dropout": self.dropout,
+             "use_rslora": self.use_rslora, "loftq_iter": self.loftq_iter}
+        if self.adalora is not None:
+            d["adalora"] = asdict(self.adalora)
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> AdapterSpec:
@@ -133,7 +163,8 @@ class AdapterSpec:
                    alpha_pattern=tuple(sorted((k, float(v)) for k, v in (d.get("alpha_pattern") or {}).items())),
                    init=d.get("init", "zero"), dropout=float(d.get("dropout", 0.0)),
                    use_rslora=bool(d.get("use_rslora", False)), method=d.get("method", "lora"),
-                   loftq_iter=int(d.get("loftq_iter", 1)))
+                   loftq_iter=int(d.get("loftq_iter", 1)),
+                   adalora=AdaLoRASchedule(**d["adalora"]) if d.get("adalora") else None)
 
 
 @functools.lru_cache(maxsize=256)
@@ -163,3 +194,81 @@ def _parse_targets(targets: str, rank: int, shape: Shape) -> tuple[tuple[tuple[s
                             + (f" (did you mean {', '.join(close)}?)" if close else
                                f" (its Linears: {', '.join(known)}; presets: {', '.join(PRESETS)})"))
     return tuple((n, ranks[n]) for n in known if n in ranks), tuple(problems)
+
+
+# ------------------------------------------------------------------------------------------------------- AdaLoRA
+# PEFT's AdaLoraConfig defaults (peft 0.21.2 tuners/adalora/config.py), so that `--method adalora` alone means what
+# AdaLoraConfig() means.
+ADALORA_INIT_RANK = 12
+
+
+@dataclass(frozen=True)
+class AdaLoRASchedule:
+    """AdaLoRA's rank budget over training (Zhang et al. 2023, §3.3; PEFT ``AdaLoraConfig`` names in brackets).
+
+    The budget counts singular values (triplets) over all adapted modules: ``b(0) = init_rank · n_modules`` until
+    step ``tinit``, then the cubic decrease to ``b(T) = target_rank · n_modules`` at step ``T - tfinal``, masking the
+    least important every ``delta_t`` steps [deltaT]; after that the mask is fixed. ``beta1``/``beta2`` smooth the
+    sensitivity and its uncertainty; ``orth_reg`` [orth_reg_weight] weighs the orthogonality regulariser.
+    ``total_steps`` [total_step] is T (None for the planner, which needs no schedule)."""
+
+    target_rank: int = 8
+    tinit: int = 0
+    tfinal: int = 0
+    delta_t: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg: float = 0.5
+    total_steps: int | None = None
+
+    def problems(self, init_rank: int) -> list[str]:
+        p = []
+        if not isinstance(self.target_rank, int) or self.target_rank < 1:
+            p.append(f"--target-rank must be at least 1 (got {self.target_rank})")
+        elif isinstance(init_rank, int) and self.target_rank > init_rank:
+            p.append(f"--target-rank {self.target_rank} is above --init-rank {init_rank}: AdaLoRA only prunes, so "
+                     "the initial rank must be at least the target (the paper starts at 1.5x the target)")
+        for name in ("tinit", "tfinal"):
+            if getattr(self, name) < 0:
+                p.append(f"--{name} must be at least 0 (got {getattr(self, name)})")
+        if self.delta_t < 1:
+            p.append(f"--delta-t must be at least 1 (got {self.delta_t})")
+        for name in ("beta1", "beta2"):
+            if not 0 < getattr(self, name) < 1:
+                p.append(f"--{name} must be in (0, 1) (got {getattr(self, name)})")
+        if not (math.isfinite(self.orth_reg) and self.orth_reg >= 0):
+            p.append(f"--orth-reg must be a number >= 0 (got {self.orth_reg})")
+        if self.total_steps is not None and self.tinit + self.tfinal >= self.total_steps:
+            p.append(f"--tinit {self.tinit} + --tfinal {self.tfinal} >= --steps {self.total_steps}: no step is left "
+                     "to shrink the rank budget; lower --tinit/--tfinal or raise --steps")
+        return p
+
+    @property
+    def final_step(self) -> int:
+        """The 0-based step after whose optimizer step the final mask is fixed: ``T - tfinal`` (PEFT's), or the last
+        step when ``tfinal`` is 0 (PEFT's loop would end one step before its final allocation)."""
+        return min(self.total_steps - self.tfinal, self.total_steps - 1)
+
+    def budget(self, step: int, init_budget: int, n_modules: int) -> tuple[int, bool]:
+        """``(b(step), mask now)`` for the 0-based ``step`` (paper eq. 11; PEFT ``RankAllocator.budget_schedule``)::
+
+            b = b(0)                                                    step <= tinit
+            b = b(T) + (b(0) - b(T)) · (1 - (step - tinit)/(T - tfinal - tinit))³    (rounded down, every delta_t)
+            b = b(T)                                                    step >= final_step
+        """
+        t_i, t_f, T = self.tinit, self.tfinal, self.total_steps
+        target = self.target_rank * n_modules
+        if step >= self.final_step:
+            return target, True
+        if step <= t_i:
+            return init_budget, False
+        fraction = 1 - (step - t_i) / (T - t_f - t_i)
+        return int((init_budget - target) * fraction ** 3 + target), step % self.delta_t == 0
+
+
+def adalora_scale(alpha: float, init_rank: int) -> float:
+    """The bypass multiplier of an AdaLoRA module: ``alpha / (init_rank + 1e-5)`` with the denominator rounded to fp32,
+    exactly as PEFT computes it (``scaling / (ranknum + 1e-5)``, ``ranknum`` an fp32 tensor holding init_r, kept when a
+    module is pruned), so that our modules, PEFT's reload and the plain-LoRA export compute the same function."""
+    ranknum = struct.unpack("f", struct.pack("f", float(init_rank)))[0]
+    return alpha / struct.unpack("f", struct.pack("f", ranknum + 1e-5))[0]

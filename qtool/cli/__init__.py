@@ -30,6 +30,7 @@ _COMMANDS = {
     "plan": "qtool.cli.plan:plan_cmd",
     "train": "qtool.cli.train:train_cmd",
     "merge": "qtool.cli.merge:merge_cmd",
+    "adapter": "qtool.cli.adapter:adapter_cmd",
 }
 
 

@@ -58,8 +58,10 @@ def _max_seq(row: dict) -> str:
 def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str) -> str:
     st, shape = p.settings, p.shape
     ranks = sorted(set(st.module_ranks(shape).values()))
+    method = (f"AdaLoRA init rank {'/'.join(map(str, ranks))} -> target {st.spec.adalora.target_rank}"
+              if st.method == "adalora" else f"LoRA rank {'/'.join(map(str, ranks))}")
     head = (f"{shape.name} ({shape.model_type}, {shape.n_params():,} params) - profile {st.profile}; "
-            f"LoRA rank {'/'.join(map(str, ranks))} on {st.targets} ({p.n_trainable:,} trainable); "
+            f"{method} on {st.targets} ({p.n_trainable:,} trainable); "
             f"seq {st.seq_len} x batch {st.batch_size}; checkpointing {'on' if st.grad_checkpointing else 'off'}; "
             f"{st.optimizer}; {st.attention} attention; {st.loss} loss")
     rows = [(r.name, *_gb_gib(r.bytes), r.where, r.counter) for r in p.rows]
@@ -116,6 +118,11 @@ def _list_models(as_json: bool) -> str:
               help="Whose training step: qtool (qtool train) or hf (transformers + PEFT + bitsandbytes).")
 @click.option("--rank", "-r", type=int, default=16, show_default=True,
               help="LoRA rank of every targeted module (--targets can set one per module).")
+@click.option("--method", type=click.Choice(("lora", "adalora")), default="lora", show_default=True,
+              help="adalora: P, λ, Q at --init-rank (the peak: pruning masks, frees nothing), their importance EMAs.")
+@click.option("--init-rank", type=int, default=None, help="AdaLoRA: the initial rank of every module.  [default: 12]")
+@click.option("--target-rank", type=int, default=None,
+              help="AdaLoRA: the average final rank (checked; no byte depends on it).  [default: 8]")
 @click.option("--alpha", type=float, help="LoRA alpha (no effect on memory)  [default: 2 x rank]")
 @click.option("--targets", default="qkvo", show_default=True,
               help="qkvo, mlp, all-linear and/or module names, each with an optional rank: qkvo,down_proj=32")
@@ -162,6 +169,14 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
                          hint=f"add --fit with a GPU name or a size, e.g. --fit 24GiB --solve {solve}")
     if model_arg and model:
         raise UsageError("give the model once: as the MODEL argument or with --model")
+    init_rank = options.pop("init_rank")
+    if options["method"] == "adalora":
+        if click.get_current_context().get_parameter_source("rank").name == "COMMANDLINE":
+            raise UsageError("--rank is LoRA's; AdaLoRA is planned at --init-rank (its peak)",
+                             hint="use --init-rank R0 --target-rank R")
+        options["rank"] = 12 if init_rank is None else init_rank
+    elif init_rank is not None:
+        raise UsageError("--init-rank is an AdaLoRA setting; add --method adalora")
     from qtool.plan import planner
 
     shape = _shape(model_arg or model, params)

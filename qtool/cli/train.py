@@ -6,7 +6,7 @@ import json
 
 import click
 
-from qtool.adapters.spec import INITS
+from qtool.adapters.spec import INITS, METHODS
 from qtool.cli import CONTEXT_SETTINGS
 from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 
@@ -28,6 +28,23 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--init", "init", default="zero", show_default=True, type=click.Choice(INITS),
               help="zero: B=0 (step 0 = base); symmetric: A, B non-zero, offset frozen (step 0 = base); "
                    "pissa, loftq: made by `qtool convert --lora-init` from the 16-bit model.")
+@click.option("--method", default="lora", show_default=True, type=click.Choice(METHODS),
+              help="lora: a fixed rank per module; adalora: P·diag(λ)·Q from --init-rank, the rank budget shrunk to "
+                   "--target-rank per module on average, spent where the importance scores say.")
+@click.option("--init-rank", type=int, default=None, help="AdaLoRA: the rank every module starts at.  [default: 12]")
+@click.option("--target-rank", type=int, default=None,
+              help="AdaLoRA: the average rank per module at the end (budget = target-rank x modules).  [default: 8]")
+@click.option("--tinit", type=int, default=None, help="AdaLoRA: steps before the budget starts to fall.  [default: 0]")
+@click.option("--tfinal", type=int, default=None,
+              help="AdaLoRA: last steps trained at the final budget, mask fixed.  [default: 0]")
+@click.option("--delta-t", type=int, default=None, help="AdaLoRA: steps between two maskings.  [default: 1]")
+@click.option("--beta1", type=float, default=None, help="AdaLoRA: EMA factor of the sensitivity.  [default: 0.85]")
+@click.option("--beta2", type=float, default=None, help="AdaLoRA: EMA factor of its uncertainty.  [default: 0.85]")
+@click.option("--orth-reg", type=float, default=None,
+              help="AdaLoRA: weight of the orthogonality regulariser (mean of ||QQᵀ-I||, ||PᵀP-I||).  [default: 0.5]")
+@click.option("--export", "export", type=click.Choice(("lora",)), default=None,
+              help="AdaLoRA: also write OUT/lora, the same adapter as plain LoRA (per-module rank_pattern, modules "
+                   "at rank 0 dropped) for qtool merge and LoRA-only loaders; see qtool adapter export-lora.")
 @click.option("--lr", default=2e-4, show_default=True, type=float, help="Peak learning rate.")
 @click.option("--warmup-steps", default=0, show_default=True, type=int, help="Linear warm-up steps.")
 @click.option("--max-grad-norm", default=0.3, show_default=True, type=float, help="Clip gradients; 0 disables.")
@@ -44,7 +61,7 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
-def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, **kw):
+def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, export, **kw):
     """Train LoRA adapters on a converted NF4 checkpoint; report GPU memory measured beside the plan.
 
     \b
@@ -52,9 +69,16 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
       qtool train ./llama2-7b-nf4 --data text.txt --steps 200 --seq-len 2048 --out ./adapter
       qtool train ./smollm2-nf4 --data shakespeare.txt --steps 20 --seq-len 256 --targets all-linear --json
       qtool train ./smollm2-nf4 --data shakespeare.txt --targets q_proj=8,v_proj=32 --init symmetric
+      qtool train ./smollm2-nf4 --data shakespeare.txt --method adalora --init-rank 12 --target-rank 8 --tinit 20 \
+          --tfinal 40 --steps 200 --targets all-linear --out ./ada --export lora
     """
+    from qtool.errors import UsageError
     from qtool.train.settings import TrainSettings, check_inputs
 
+    if kw["method"] == "adalora" and click.get_current_context().get_parameter_source("rank").name == "COMMANDLINE":
+        raise UsageError("--rank is LoRA's; AdaLoRA starts at --init-rank and ends at --target-rank per module",
+                         hint="use --init-rank R0 --target-rank R")
+    _check_export(export, kw["method"], out)
     st = TrainSettings(use_rslora=rslora, max_grad_norm=max_grad_norm or None, **kw)
     check_inputs(model_dir, data, out, st, overwrite=overwrite)  # flags and paths first: no torch imported yet
     from qtool.cli import progress_bar
@@ -76,8 +100,15 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
     finally:
         for bar in bars.values():
             bar.close()
+    exported = None
+    if export == "lora" and result.adapter:  # read back from OUT: the export is of exactly what was saved
+        from pathlib import Path
+
+        from qtool.format.peft_adalora import export_lora
+
+        exported = export_lora(result.adapter, Path(result.adapter) / "lora")
     if as_json:
-        click.echo(json.dumps(result.to_json(), indent=1))
+        click.echo(json.dumps({**result.to_json(), **({"lora_export": exported} if exported else {})}, indent=1))
         return
     click.echo(f"{len(result.losses)} steps on {result.device} ({result.optimizer}, compute {result.compute_dtype}), "
                f"{result.trainable_params:,} trainable parameters, {result.tokens_per_second:,.0f} tokens/s")
@@ -92,5 +123,30 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
     click.echo(tabulate(rows, headers=["GPU memory", "plan GiB", "measured GiB", "plan error"], tablefmt="simple"))
     if result.device == "cpu":
         click.echo("(measured on a CUDA device only; the plan is for one GPU with these settings)")
+    if result.adalora:
+        from qtool.cli.adapter import budget_lines
+
+        click.echo("")
+        click.echo(budget_lines(result.adalora["summary"]))
+        if "heatmap" in result.adalora:
+            click.echo(f"heat map: {result.adalora['heatmap']}")
     if result.adapter:
         click.echo(f"wrote {result.adapter}")
+    if exported:
+        click.echo(f"wrote {exported['adapter']}: plain LoRA, {len(exported['ranks'])} modules, ranks "
+                   f"{min(exported['ranks'].values())}-{max(exported['ranks'].values())}, "
+                   f"{len(exported['dropped'])} module(s) at rank 0 dropped")
+
+
+def _check_export(export, method, out) -> None:
+    """``--export lora`` converts the AdaLoRA adapter this run writes: refused before any work otherwise."""
+    from qtool.errors import UsageError
+
+    if export is None:
+        return
+    if method != "adalora":
+        raise UsageError(f"--export {export} converts an AdaLoRA adapter; --method {method} already writes a plain "
+                         "LoRA adapter", hint="add --method adalora, or leave --export out")
+    if out is None:
+        raise UsageError(f"--export {export} writes OUT/{export} beside the adapter: it needs --out",
+                         hint="add --out FOLDER")

@@ -36,12 +36,10 @@ import torch
 
 from qtool.format.adapter_meta import INIT_ADAPTER_DIR, QTOOL_META_NAME, base_fingerprint  # noqa: F401 (public)
 from qtool.format.atomic import staging_dir, write_text
+from qtool.format.peft_config import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_adapter_config  # noqa: F401
 from qtool.errors import InputError, VerificationError
 from qtool.format.safetensors import ShardWriter, Slot, read_header
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"  # peft's legacy WEIGHTS_NAME; refused, never unpickled
 PEFT_PREFIX = "base_model.model."
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -286,25 +284,13 @@ def save_trained(out_dir, modules: dict, spec, *, base_dir, overwrite: bool = Fa
 
 
 # ------------------------------------------------------------------------------------------------------------- read
-def _find_folder(path: Path) -> Path:
-    if path.is_file() and path.name in (CONFIG_NAME, WEIGHTS_NAME):
-        return path.parent
-    if not path.is_dir():
-        raise InputError(f"{path}: no such adapter folder")
-    if (path / CONFIG_NAME).is_file():
-        return path
-    subs = sorted(p.parent.name for p in path.glob(f"*/{CONFIG_NAME}"))
-    hint = (f"peft saves a non-default adapter in a subfolder; pass one of: {', '.join(str(path / s) for s in subs)}"
-            if subs else "pass the folder written by qtool train or PeftModel.save_pretrained")
-    raise InputError(f"{path}: no {CONFIG_NAME}", hint=hint)
-
-
 def _config_problems(config: dict) -> list[str]:
     """Every reason the adapter cannot be merged as plain LoRA (empty if it can)."""
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         why = {"ADALORA": "AdaLoRA adapters (P·diag(E)·Q with pruned ranks) must first be converted to plain LoRA "
-                          "(A = Q, B = (alpha/init_r)·P·diag(E), one rank_pattern entry per module)"}
+                          "(A = Q, B = (alpha/init_r)·P·diag(E), one rank_pattern entry per module): "
+                          "qtool adapter export-lora ADALORA_DIR OUT"}
         return [f"peft_type is {peft_type!r}; qtool merges LoRA adapters only"
                 + (f" — {why[peft_type]}" if peft_type in why else
                    " (IA3, prefix/prompt tuning and the other methods are not a weight delta B·A)")]
@@ -336,14 +322,8 @@ def load_adapter(path) -> Adapter:
     """Read a qtool- or peft-written LoRA adapter folder (or a subfolder peft made for a named adapter). Checks the
     config, every tensor key, each module's shapes against its rank, and finiteness; raises InputError naming the
     file and the reason for anything that cannot be merged exactly. See the module docstring."""
-    folder = _find_folder(Path(path))
+    folder, config = read_adapter_config(path)
     cfg_path = folder / CONFIG_NAME
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"{cfg_path}: not a readable JSON file ({exc})") from exc
-    if not isinstance(config, dict):
-        raise InputError(f"{cfg_path}: expected a JSON object")
     problems = _config_problems(config)
     if problems:
         raise InputError(f"{cfg_path}: cannot merge this adapter exactly:\n  - " + "\n  - ".join(problems))

@@ -88,14 +88,20 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         grads = [Row(f"LoRA gradients, accumulated over {st.grad_accum} micro-batches", lora)]
     elif items.gradients_persist(st):
         grads = [Row("LoRA gradients (allocated before the CUDA graph capture, kept)", lora)]
+    elif st.method == "adalora":  # its orthogonality term is back-propagated first: all P, Q gradients at once
+        grads = [Row("LoRA gradients (AdaLoRA: the regulariser's backward makes them before the layers')", lora)]
     else:
         grads = []
+    adalora = st.method == "adalora"
     persistent = [
         Row("NF4 weights and quantisation constants", quant_alloc),
         Row(f"embeddings ({frozen})", emb),
         *([Row(f"lm_head ({frozen})", head)] if head else []),
         Row(f"norms and biases ({frozen})", norms),
-        Row(f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        Row(f"AdaLoRA P, λ, Q at the initial rank ({sum(numels):,} params, {st.adapter_dtype})" if adalora else
+            f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        *([Row("AdaLoRA importance EMAs (sensitivity, uncertainty; fp32)", items.adalora_ema_bytes(numels))]
+          if adalora else []),
         *([Row("LoRA initial factors, frozen (symmetric init: the offset -s·B0·A0)", lora)]
           if st.init == "symmetric" else []),
         *([Row("allocator rounding of the resident tensors (unsplit large blocks)", rounding)] if rounding else []),
@@ -138,7 +144,9 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
     the last layer's backward (its MLP's) and in the step; where they persist (accumulation, CUDA graphs) they are
     persistent rows instead."""
     n = shape.n_layers
-    grads_now = not items.gradients_persist(st)
+    # AdaLoRA's regulariser (added after the loss, so back-propagated first) allocates the gradients of every P and Q
+    # before the layers' backward: they are a persistent row then (planned with the regulariser on, its default)
+    grads_now = not items.gradients_persist(st) and st.method != "adalora"
     positions = Row("rotary cos/sin" + ("" if items.fused(st) else " and position ids"),
                     acts.position_bytes(shape, st))
     if st.grad_checkpointing:
@@ -170,6 +178,11 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
             Row(f"backward transient: {moment}", backward),
             *([Row("LoRA gradients of its MLP", mlp_grads)] if grads_now and mlp_grads else [])]),
         "optimizer step": ([], step),
+        # AdaLoRA: the sensitivity of every element at once, beside the gradients, just before the step
+        **({"AdaLoRA importance update": ([], [row for row in (
+            Row("LoRA gradients", lora_bytes if grads_now else 0),
+            Row("AdaLoRA sensitivity |w·∂L/∂w| (fp32)", items.adalora_update_bytes(numels))) if row.bytes])}
+           if st.method == "adalora" else {}),
         # back-propagated last, layer 0 holds one layer's activations but the fresh gradients of all the others
         **({"backward of the first decoder layer": (first_kept + [positions], [
             Row(f"backward transient: {moment}", backward),
@@ -197,6 +210,10 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
     if st.profile == "qtool" and shape.sliding_window and st.seq_len > shape.sliding_window:
         notes.append(f"{shape.name} attends within a {shape.sliding_window}-token window; the qtool trainer runs full "
                      "causal attention (the same memory, different numerics beyond the window)")
+    if st.method == "adalora":
+        notes.append(f"AdaLoRA is planned at --init-rank {st.rank}, its peak: pruning masks singular values in place "
+                     "and frees nothing" + ("; the importance update and masking run between the CUDA-graph "
+                                            "replays of forward+backward, which stay on" if items.fused(st) else ""))
     if st.optimizer.startswith("paged_"):
         notes.append("paged optimizer buffers (>= 1e5 elements) live in CUDA managed memory: NVML sees them, "
                      "torch.cuda.max_memory_allocated does not")

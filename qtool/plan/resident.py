@@ -234,12 +234,29 @@ def cublas_workspaces(st: Settings) -> int:
 # --- LoRA, gradients, optimizer ----------------------------------------------------------------------------------
 
 def lora_tensors(shape: Shape, st: Settings) -> list[int]:
-    """Element counts of every LoRA tensor: A (r x in) and B (out x r) per targeted Linear per layer.
-    Their sum equals PEFT's trainable-parameter count for the same LoraConfig (tests/test_plan.py)."""
+    """Element counts of every LoRA tensor: A (r x in) and B (out x r) per targeted Linear per layer (AdaLoRA: Q, λ
+    (r x 1) and P at the initial rank, in that order: qtool/adapters/adalora.py).
+    Their sum equals PEFT's trainable-parameter count for the same LoraConfig (AdaLoraConfig) (tests/test_plan.py,
+    tests/test_adalora.py)."""
     ranks = st.module_ranks(shape)
+    adalora = st.method == "adalora"
     one_layer = [n for lin in layer_linears(shape) if lin.name in ranks
-                 for n in (ranks[lin.name] * lin.n_in, lin.n_out * ranks[lin.name])]
+                 for n in ((ranks[lin.name] * lin.n_in,) + ((ranks[lin.name],) if adalora else ())
+                           + (lin.n_out * ranks[lin.name],))]
     return one_layer * shape.n_layers
+
+
+def adalora_ema_bytes(numels: list[int]) -> int:
+    """AdaLoRA's smoothed sensitivity and uncertainty: two fp32 tensors per trainable tensor, kept from the first
+    step to the final mask (qtool/adapters/adalora.py RankAllocator); the importance update makes one more fp32 tensor
+    per trainable tensor for the moment (:func:`adalora_update_bytes`)."""
+    return 2 * tensors_alloc(numels, 4)
+
+
+def adalora_update_bytes(numels: list[int]) -> int:
+    """The importance update between backward and the optimizer step: ``|w · ∂L/∂w|`` of every trainable tensor at
+    once (one fp32 per element; torch._foreach_mul), alive while the EMAs are updated in place."""
+    return tensors_alloc(numels, 4)
 
 
 def optimizer_state_bytes(numels: list[int], optimizer: str, param_bytes: int = 4) -> tuple[int, int]:

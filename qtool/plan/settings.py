@@ -6,7 +6,7 @@ import functools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from qtool.adapters.spec import INITS, AdapterSpec
+from qtool.adapters.spec import INITS, METHODS, AdaLoRASchedule, AdapterSpec
 from qtool.errors import UsageError
 
 if TYPE_CHECKING:
@@ -53,10 +53,16 @@ class Settings:
     device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
 
     init: str = "zero"          # the symmetric init keeps its initial factors, frozen, beside the trained ones
+    method: str = "lora"        # adalora: P, λ, Q at `rank` = the initial rank (the peak: pruning masks, frees nothing)
+    target_rank: int | None = None  # adalora: the average final rank (no byte depends on it)
 
     @property
     def spec(self) -> AdapterSpec:
         """The adapter being trained, as the trainer and the adapter writer describe it."""
+        if self.method == "adalora":
+            schedule = AdaLoRASchedule(**({} if self.target_rank is None else {"target_rank": self.target_rank}))
+            return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha or 2 * self.rank,
+                               init=self.init, method="adalora", adalora=schedule)
         return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha or 2 * self.rank, init=self.init)
 
     def module_ranks(self, shape: Shape) -> dict[str, int]:
@@ -91,6 +97,12 @@ class Settings:
                             "use --attention eager")
         if st.init not in INITS:
             problems.append(f"--init {st.init!r} is not one of {', '.join(INITS)}")
+        if st.method not in METHODS:
+            problems.append(f"--method {st.method!r} is not one of {', '.join(METHODS)}")
+        elif st.method == "adalora":
+            problems += st.spec.adalora_problems()
+        elif st.target_rank is not None:
+            problems.append("--target-rank is an AdaLoRA setting; add --method adalora")
         if not shape_problems(shape):
             problems += st.spec.target_problems(shape)
         if problems:

@@ -85,9 +85,10 @@ def plan_settings(st, n_micro_tokens: int | None = None):
     from qtool.plan.planner import Settings
 
     optimizer = st.optimizer if st.optimizer != "auto" else "paged_adamw_32bit"
-    return Settings(profile="qtool", rank=st.rank, alpha=st.alpha, targets=st.targets, init=st.init, seq_len=st.seq_len,
-                    batch_size=st.batch_size, grad_accum=st.grad_accum, grad_checkpointing=st.grad_checkpointing,
-                    optimizer=optimizer)
+    adalora = {"method": "adalora", "target_rank": st.spec.adalora.target_rank} if st.method == "adalora" else {}
+    return Settings(profile="qtool", rank=st.spec.rank, alpha=st.alpha, targets=st.targets, init=st.init,
+                    seq_len=st.seq_len, batch_size=st.batch_size, grad_accum=st.grad_accum,
+                    grad_checkpointing=st.grad_checkpointing, optimizer=optimizer, **adalora)
 
 
 def compare_with_plan(shape, st, memory: list[dict], peaks: dict) -> list[dict]:

@@ -35,6 +35,7 @@ class TrainResult:
     memory: list[dict] = field(default_factory=list)  # MemorySample rows, per phase
     peaks: dict = field(default_factory=dict)  # measured after the warm-up steps
     settings: dict = field(default_factory=dict)
+    adalora: dict = field(default_factory=dict)  # AdaLoRA: RankAllocator.report() (+ the budget summary after run())
 
     @property
     def tokens_per_second(self) -> float:
@@ -84,7 +85,8 @@ class _GraphedMicroStep:
     ``max_memory_allocated`` records during capture).
     """
 
-    def __init__(self, model, batch_shape, device, grad_accum: int):
+    def __init__(self, model, batch_shape, device, grad_accum: int,
+                 regulariser: Callable[[], torch.Tensor] | None = None):
         for p in model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -92,7 +94,8 @@ class _GraphedMicroStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):  # records, does not run
             self.loss = model.loss(self.ids) / grad_accum
-            self.loss.backward()
+            # AdaLoRA's regulariser reads only the parameters, which the allocator changes in place: capturable
+            (self.loss + regulariser() / grad_accum if regulariser else self.loss).backward()
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(batch)
@@ -134,6 +137,12 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
     opt_name, opt = make_optimizer(params, st.optimizer, device, st.lr, st.weight_decay)
     monitor = MemoryMonitor(device)
     monitor.sample("after_load")
+    allocator = regulariser = None
+    if st.method == "adalora":  # its EMAs appear now, like optimizer state: after the after-load sample
+        from qtool.adapters.adalora import RankAllocator, adalora_modules
+
+        allocator = RankAllocator(adalora_modules(model), st.spec.adalora)
+        regulariser = allocator.regulariser if allocator.schedule.orth_reg > 0 else None
     gen = torch.Generator().manual_seed(st.seed)
     order = torch.randperm(len(blocks.train), generator=gen)
     cursor = 0
@@ -160,7 +169,7 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
         if use_graph and graph is None and step >= min(st.measure_after, st.steps - 1) and step >= 1:
             try:
                 torch.cuda.current_stream(device).wait_stream(side)
-                graph = _GraphedMicroStep(model, (st.batch_size, st.seq_len), device, st.grad_accum)
+                graph = _GraphedMicroStep(model, (st.batch_size, st.seq_len), device, st.grad_accum, regulariser)
                 graph_note = "on"
             except RuntimeError as exc:  # a kernel that cannot be captured: keep training eagerly
                 use_graph, graph_note = False, f"capture failed, ran eagerly: {str(exc).splitlines()[0][:160]}"
@@ -179,13 +188,18 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
                 loss = model.loss(next_batch()) / st.grad_accum
                 if measuring:
                     monitor.sample("forward")
-                loss.backward()  # frees each layer's recomputed activations as it goes
+                objective = loss + regulariser() / st.grad_accum if regulariser else loss
+                objective.backward()  # frees each layer's recomputed activations as it goes
                 total = total + loss.detach()
             if measuring:
                 monitor.sample("backward")
+            if allocator:  # AdaLoRA: sensitivity from the unclipped gradient at the weights it was taken at
+                allocator.observe(step)
             if st.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm)
             opt.step()
+            if allocator:  # AdaLoRA: mask the updated λ to this step's budget, in place (outside any graph)
+                allocator.allocate(step)
             # free gradient memory now instead of overwriting it next step; a graph needs its gradients to stay put
             opt.zero_grad(set_to_none=not use_graph)
         total = float(total)  # synchronises: the step is complete
@@ -207,7 +221,8 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
                        trainable_params=sum(p.numel() for p in params), losses=losses, step_seconds=step_seconds,
                        eval_loss=eval_after, eval_loss_before=eval_before, tokens_per_step=st.batch_size * st.seq_len * st.grad_accum,
                        paged_state_bytes=paged, cuda_graph=graph_note, memory=[s.to_json() for s in monitor.samples],
-                       peaks=monitor.peaks(measured_from or 0), settings=asdict(st))
+                       peaks=monitor.peaks(measured_from or 0), settings=asdict(st),
+                       adalora=allocator.report() if allocator else {})
 
 
 def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
@@ -237,7 +252,22 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
         raise oom_error(shape, st, torch.cuda.get_device_properties(device).total_memory, model_dir) from exc
     result.compute_dtype = f"{str(compute_dtype).removeprefix('torch.')} ({why})"
     result.plan_comparison = compare_with_plan(shape, st, result.memory, result.peaks)
-    if out is not None:
+    if st.method == "adalora":
+        from qtool.adapters.budget import summarise
+
+        result.adalora["summary"] = summarise(result.adalora["ranks"], result.adalora["init_rank"])
+    if out is not None and st.method == "adalora":
+        from qtool.adapters.adalora import adalora_modules
+        from qtool.adapters.budget import BUDGET_JSON, HEATMAP_PNG, heatmap_png
+        from qtool.format.peft_adalora import save_adalora
+
+        png, why = heatmap_png(result.adalora["summary"], title=f"AdaLoRA ranks, {model_dir.name}")
+        result.adalora["heatmap"] = str(Path(out) / HEATMAP_PNG) if png else f"not written: {why}"
+        result.adapter = save_adalora(
+            out, adalora_modules(model), st.spec, base_dir=model_dir, overwrite=overwrite,
+            extra_files={"qtool_train_log.json": json.dumps(result.to_json(), indent=1),
+                         BUDGET_JSON: json.dumps(result.adalora, indent=1), **({HEATMAP_PNG: png} if png else {})})
+    elif out is not None:
         result.adapter = adapter_io.save_trained(
             out, model.lora_modules(), st.spec, base_dir=model_dir, overwrite=overwrite,
             extra_files={"qtool_train_log.json": json.dumps(result.to_json(), indent=1)})

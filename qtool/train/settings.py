@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtool.adapters.spec import CONVERTER_INITS, AdapterSpec
+from qtool.adapters.spec import ADALORA_INIT_RANK, CONVERTER_INITS, AdaLoRASchedule, AdapterSpec
 from qtool.errors import InputError, UsageError
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 SUPPORTED = ("llama", "mistral", "qwen2")
+# AdaLoRA's settings (None: AdaLoraConfig's default); with --method lora none may be given
+ADALORA_FIELDS = ("init_rank", "target_rank", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg")
 ROPE_TYPES = ("default", "llama3")
 
 
@@ -39,12 +41,27 @@ class TrainSettings:
     eval_blocks: int = 32  # at most this many held-out blocks
     device: str = "auto"
     measure_after: int = 2  # steps before memory peaks are reset (optimizer state appears at the first step)
+    method: str = "lora"  # lora | adalora (then the fields below; qtool.adapters.adalora)
+    init_rank: int | None = None  # AdaLoRA: the rank every module starts at (12)
+    target_rank: int | None = None  # AdaLoRA: the average rank the budget falls to (8)
+    tinit: int | None = None  # AdaLoRA: steps before the budget starts to fall (0)
+    tfinal: int | None = None  # AdaLoRA: steps at the final budget, mask fixed (0)
+    delta_t: int | None = None  # AdaLoRA: steps between two maskings (1)
+    beta1: float | None = None  # AdaLoRA: EMA of the sensitivity (0.85)
+    beta2: float | None = None  # AdaLoRA: EMA of its uncertainty (0.85)
+    orth_reg: float | None = None  # AdaLoRA: weight of the orthogonality regulariser (0.5)
 
     @property
     def spec(self) -> AdapterSpec:
         """The adapter these settings train (shared with the planner and the adapter writer)."""
+        if self.method == "adalora":
+            given = {k: getattr(self, k) for k in ADALORA_FIELDS[1:] if getattr(self, k) is not None}
+            rank = ADALORA_INIT_RANK if self.init_rank is None else self.init_rank
+            return AdapterSpec(targets=self.targets, rank=rank, alpha=self.alpha, init=self.init, dropout=self.dropout,
+                               use_rslora=self.use_rslora, method="adalora",
+                               adalora=AdaLoRASchedule(**given, total_steps=self.steps))
         return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha, init=self.init,
-                           dropout=self.dropout, use_rslora=self.use_rslora)
+                           dropout=self.dropout, use_rslora=self.use_rslora, method=self.method)
 
     def problems(self) -> list[str]:
         p = []
@@ -61,6 +78,9 @@ class TrainSettings:
             p.append(f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if not 0 < self.eval_fraction < 1:
             p.append(f"eval fraction must be in (0, 1) (got {self.eval_fraction})")
+        if self.method != "adalora":
+            p += [f"--{k.replace('_', '-')} is an AdaLoRA setting; add --method adalora (or leave it out)"
+                  for k in ADALORA_FIELDS if getattr(self, k) is not None]
         return p + self.spec.problems()
 
 
