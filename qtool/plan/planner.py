@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
+from qtool.plan import methods
 from qtool.plan import resident as items
 from qtool.plan import transient as acts
 from qtool.plan.settings import (ATTENTIONS, BLOCKSIZES, DEVICES, DTYPES, LOSSES, OPTIMIZERS, PROFILES,  # noqa: F401
@@ -78,16 +79,17 @@ def plan(shape: Shape, settings: Settings) -> Plan:
     emb, head = items.embedding_bytes(shape, st)
     norms = items.norm_and_bias_bytes(shape, st)
     rounding = items.resident_rounding_bytes(shape, st)
-    numels = items.lora_tensors(shape, st)
+    numels = items.lora_tensors(shape, st) if st.method == "lora" else methods.trainable_tensors(shape, st)
+    what = methods.label(st)
     param_bytes = items.DTYPE_BYTES[st.adapter_dtype]
     lora = items.tensors_alloc(numels, param_bytes)
     opt_device, opt_paged = items.optimizer_state_bytes(numels, st.optimizer, param_bytes)
     frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
     n_workspaces = items.cublas_workspaces(st)
     if st.grad_accum > 1:
-        grads = [Row(f"LoRA gradients, accumulated over {st.grad_accum} micro-batches", lora)]
+        grads = [Row(f"{what} gradients, accumulated over {st.grad_accum} micro-batches", lora)]
     elif items.gradients_persist(st):
-        grads = [Row("LoRA gradients (allocated before the CUDA graph capture, kept)", lora)]
+        grads = [Row(f"{what} gradients (allocated before the CUDA graph capture, kept)", lora)]
     else:
         grads = []
     persistent = [
@@ -95,7 +97,7 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         Row(f"embeddings ({frozen})", emb),
         *([Row(f"lm_head ({frozen})", head)] if head else []),
         Row(f"norms and biases ({frozen})", norms),
-        Row(f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        Row(f"{what} ({sum(numels):,} params, {st.adapter_dtype})", lora),
         *([Row("LoRA initial factors, frozen (symmetric init: the offset -s·B0·A0)", lora)]
           if st.init == "symmetric" else []),
         *([Row("allocator rounding of the resident tensors (unsplit large blocks)", rounding)] if rounding else []),
@@ -152,12 +154,14 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
                     (n - 1) * acts.layer_saved_bytes(shape, st) + acts.layer_saved_bytes(shape, st, first=True))]
         layer = []
         first_kept = [Row("activations saved by layer 0", acts.layer_saved_bytes(shape, st, first=True))]
+    extra = [Row(name, n) for name, n in methods.kept_bytes(shape, st)]
+    kept, first_kept = kept + extra, first_kept + extra
     backward, moment = acts.layer_backward_bytes(shape, st)
-    mlp_grads = acts.layer_grad_bytes(shape, st)
+    mlp_grads = acts.layer_grad_bytes(shape, st) + methods.mlp_grad_bytes(shape, st)
     loss_name = "logits and cross-entropy (fp32, " + ("chunked)" if st.loss == "chunked" else "full)")
     tokens_h = acts.widths(st)[0] * shape.hidden * st.batch_size * st.seq_len
     step = [row for row in (
-        Row("LoRA gradients", lora_bytes if grads_now else 0),
+        Row(f"{methods.label(st)} gradients", lora_bytes if grads_now else 0),
         Row("optimizer step temporaries", items.optimizer_step_bytes(
             numels, st.optimizer, items.DTYPE_BYTES[st.adapter_dtype]))) if row.bytes]
     return {
@@ -168,12 +172,12 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
                                      acts.norm_backward_bytes(shape, st) + tokens_h)]),
         "backward of the last decoder layer": (kept + layer + [positions], [
             Row(f"backward transient: {moment}", backward),
-            *([Row("LoRA gradients of its MLP", mlp_grads)] if grads_now and mlp_grads else [])]),
+            *([Row(f"{methods.label(st)} gradients of its MLP", mlp_grads)] if grads_now and mlp_grads else [])]),
         "optimizer step": ([], step),
         # back-propagated last, layer 0 holds one layer's activations but the fresh gradients of all the others
         **({"backward of the first decoder layer": (first_kept + [positions], [
             Row(f"backward transient: {moment}", backward),
-            Row(f"LoRA gradients of layers 1-{n - 1} and of layer 0's MLP",
+            Row(f"{methods.label(st)} gradients of layers 1-{n - 1} and of layer 0's MLP",
                 lora_bytes * (n - 1) // n + mlp_grads)])} if grads_now and n > 1 else {}),
     }
 
@@ -236,6 +240,9 @@ def knob_limit(shape: Shape, settings: Settings, knob: str) -> tuple[int, str]:
     sequence, so beyond the window it no longer computes the model's attention; transformers, the hf profile, applies
     the window). A rank stops at min(in, out) of the smallest targeted module; a batch at the search bound."""
     st = settings.check(shape)
+    if knob == "rank" and not st.module_ranks(shape):
+        raise UsageError(f"--solve rank: --method {st.method} has no rank",
+                         hint="solve for seq-len or batch-size, or plan --method lora")
     if knob == "rank":
         lins = {lin.name: lin for lin in layer_linears(shape)}
         name = min(st.module_ranks(shape), key=lambda n: min(lins[n].n_in, lins[n].n_out))
@@ -338,3 +345,23 @@ def plan_for_record(record: dict) -> Plan:
     model = record["model"]
     shape = shape_from_config({"model_type": "llama", **model}, name=model.get("name", record.get("id", "record")))
     return plan(shape, settings_from_record(record))
+
+
+# --- methods side by side ----------------------------------------------------------------------------------------
+
+def compare_methods(shape: Shape, settings: Settings) -> list[dict]:
+    """LoRA as ``settings`` give it, and Houlsby adapters and a prefix of the same trainable-parameter budget
+    (:func:`qtool.plan.methods.matched_specs`), each planned with the other settings unchanged: per method its
+    spec, trainable parameters, memory peaks and inference cost (with the bench record's measurements when present)."""
+    st = replace(settings, method="lora").check(shape)
+    records = methods.load_records()
+    rows = []
+    defaults = Settings()
+    for name, spec in methods.matched_specs(shape, st.spec).items():
+        own = {"method": name, "adapter_size": spec.adapter_size, "prefix_len": spec.prefix_len, "prefix_projection": 0}
+        lora = {} if name == "lora" else {f: getattr(defaults, f) for f in ("rank", "alpha", "targets", "init")}
+        p = plan(shape, replace(st, **own, **lora))
+        rows.append({"method": name, "config": spec.describe(), "spec": spec.to_json(), "n_trainable": p.n_trainable,
+                     "peak_allocated_bytes": p.peak_allocated_bytes, "peak_nvml_bytes": p.peak_nvml_bytes,
+                     "inference": methods.inference_cost(shape, spec, records).to_json()})
+    return rows
