@@ -45,7 +45,8 @@ def layer_saved_extra(shape: Shape, st: Settings) -> int:
     """Bytes one decoder layer keeps for backward beyond the plain layer (LoRA's are in :mod:`qtool.plan.transient`).
     Adapter, per block: ``T·cb·(h + 2m)`` and the two compute-dtype weight copies. Prefix: the keys and values over
     the ``l`` prefix positions (CUDA, flash SDPA: ``2·b·l·kv·cb``), or on the CPU all ``l + s`` of them repeated to
-    the query heads in place of the ``s`` unrepeated ones, plus the CPU kernel's ``s x (l + s)`` mask."""
+    the query heads in place of the ``s`` unrepeated ones, plus the ``s x (l + s)`` additive mask that SDPA makes
+    of the boolean one, in the compute dtype."""
     T, b, s = st.batch_size * st.seq_len, st.batch_size, st.seq_len
     cb = DTYPE_BYTES[st.compute_dtype]
     if st.method == "adapter":
@@ -56,8 +57,14 @@ def layer_saved_extra(shape: Shape, st: Settings) -> int:
         l = st.prefix_len
         if fused(st):
             return 2 * b * l * shape.kv_dim * cb
-        return 2 * b * cb * ((l + s) * shape.q_dim - s * shape.kv_dim) + s * (l + s)
+        return 2 * b * cb * ((l + s) * shape.q_dim - s * shape.kv_dim) + alloc(cb * s * (l + s))
     return 0
+
+
+def first_attention_frozen(st: Settings) -> bool:
+    """Houlsby adapters: in layer 0 nothing before the attention block's adapter needs a gradient (the embeddings
+    are frozen and no Linear has a bypass), so that layer's norm and attention keep nothing for backward."""
+    return st.method == "adapter"
 
 
 def attention_backward_extra(shape: Shape, st: Settings) -> int:
@@ -80,14 +87,16 @@ def mlp_grad_bytes(shape: Shape, st: Settings) -> int:
 
 
 def kept_bytes(shape: Shape, st: Settings) -> list[tuple[str, int]]:
-    """Tensors alive for the whole forward and backward beyond the layers' own: the prefix's compute-dtype copy that
-    every layer reads (none when it is already in that dtype), and through the reparameterisation MLP its fp32
-    hidden activations."""
+    """Tensors alive for the whole forward and backward beyond the layers' own: with checkpointing the prefix's
+    compute-dtype copy that every layer reads (none when it is already in that dtype), and through the
+    reparameterisation MLP its fp32 hidden activations."""
     if st.method != "prefix":
         return []
     n = st.prefix_len * 2 * shape.n_layers * shape.kv_dim
     rows = []
-    if st.compute_dtype != st.adapter_dtype or st.prefix_projection:
+    # only checkpointing keeps the cast copy (each checkpointed layer call holds its slice); else the concatenations
+    # that read it keep nothing of it
+    if st.grad_checkpointing and (st.compute_dtype != st.adapter_dtype or st.prefix_projection):
         rows.append((f"prefix keys/values in {st.compute_dtype}, read by every layer", alloc(n * DTYPE_BYTES[
             st.compute_dtype])))
     if st.prefix_projection:

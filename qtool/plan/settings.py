@@ -105,9 +105,9 @@ class Settings:
                             + ("no Houlsby adapters" if st.method == "adapter" else
                                "prefix tuning, but refuses it with gradient checkpointing, and the hf profile's "
                                "activation model has no prefix"))
-        default = Settings()
+        default = Settings()  # alpha changes no byte, and a checked Settings carries its default (2 x rank): not here
         problems += ignored_flag_problems(st.method, [f for f in (*LORA_FLAGS, *METHOD_FLAGS) if hasattr(st, f)
-                                                      and getattr(st, f) != getattr(default, f)])
+                                                      and f != "alpha" and getattr(st, f) != getattr(default, f)])
         if not shape_problems(shape):
             problems += st.spec.target_problems(shape) + st.spec.method_problems(shape)
         if problems:

@@ -119,6 +119,8 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
         attn = (cb if fa2_casts else rb) * (2 * q + 2 * kv) + 4 * nh + mask
     else:
         attn = rb * (q + 2 * kv) + 4 * nh * s + (2 * nh * s if kernel == "eager" and rb == 2 else 0)
+    if first and methods.first_attention_frozen(st):
+        attn = 0
     mlp = 3 * rb * f if shape.mlp == "gated" else rb * f
     lora = (lora_input_bytes(shape, st, attn_in, h, kept=False)
             + lora_input_bytes(shape, st, attn_out, q, kept=kernel in ("flash", "efficient") and not fa2_casts)
@@ -143,6 +145,8 @@ def _fused_layer_saved(shape: Shape, st: Settings, first: bool) -> int:
                  if any(n in ranks for n in names))
     per_token = ((0 if first else 2 * h) + 4 + 2 * (2 * q + 2 * kv) + 4 * nh + 2 * h + 4 + 2 * 2 * f
                  + 2 * shared + sum(2 * r for r in ranks.values()))
+    if first and methods.first_attention_frozen(st):
+        per_token -= 4 + 2 * (2 * q + 2 * kv) + 4 * nh
     return st.batch_size * st.seq_len * per_token + _lora_copies(shape, st) + methods.layer_saved_extra(shape, st)
 
 
