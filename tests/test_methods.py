@@ -258,6 +258,11 @@ def test_merge_refuses_adapters_and_prefixes_with_the_reason(tiny_nf4, tmp_path)
         r = CliRunner().invoke(main, ["merge", str(tiny_nf4), str(folder), str(tmp_path / "merged")])
         assert r.exit_code != 0 and sentence in r.output, r.output
         assert not (tmp_path / "merged").exists()
+    code = ("import sys\nfrom qtool.cli import main\ntry:\n    main()\nexcept SystemExit as e:\n"
+            "    print('EXIT', e.code, 'torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, "merge", str(tiny_nf4), str(houlsby), str(tmp_path / "m")],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert "EXIT 2 False" in proc.stdout and "cannot be merged" in proc.stderr, (proc.stdout, proc.stderr)
 
 
 # -------------------------------------------------------------------------------------------------- bad input
@@ -417,3 +422,53 @@ def test_train_saves_an_adapter_that_loads_back(smollm2_nf4_cpu, shakespeare_pat
     with torch.no_grad():
         plain = load_decoder(smollm2_nf4_cpu, compute_dtype=torch.float32)(ids)
         assert not torch.allclose(model(ids), plain, atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")
+@pytest.mark.parametrize("n_kv", [8, 2], ids=["mha", "gqa"])
+def test_prefix_attention_on_cuda_equals_the_explicit_mask(n_kv):
+    """CUDA: SDPA with a lower-right causal bias (flash, or efficient with k/v repeated) against the CPU path's
+    explicit mask on the same inputs, forward and backward, in bf16."""
+    from qtool.adapters.prefix import prefix_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 100, 64, generator=gen)
+    k, v = (torch.randn(2, n_kv, 100, 64, generator=gen) for _ in range(2))
+    kv = torch.randn(2, n_kv, 16, 64, generator=gen)
+    grad = torch.randn(2, 8, 100, 64, generator=gen)
+    out = {}
+    for device in ("cpu", "cuda"):
+        ts = [t.to(device, torch.bfloat16).requires_grad_() for t in (q, k, v, kv)]
+        o = prefix_attention(*ts)
+        o.backward(grad.to(device, torch.bfloat16))
+        out[device] = [o.float().cpu()] + [t.grad.float().cpu() for t in ts]
+    for a, b in zip(out["cuda"], out["cpu"]):
+        assert ((a - b).norm() / b.norm()).item() < 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")
+@pytest.mark.parametrize("spec", [ADAPTER, PREFIX, PREFIX_MLP], ids=["adapter", "prefix", "prefix-mlp"])
+def test_methods_train_on_cuda_with_the_graph(spec):
+    """The CUDA-graph step (fused kernels, flash attention with the prefix) trains and matches eager steps."""
+    from qtool.train.data import Blocks
+    from qtool.train.recipe import train
+
+    config = {**CONFIG, "hidden_size": 512, "intermediate_size": 1408, "num_attention_heads": 8,
+              "num_key_value_heads": 2}
+    shape = decoder_shape(config)
+    gen = torch.Generator().manual_seed(0)
+    blocks = Blocks(torch.randint(0, 300, (16, 128), generator=gen), torch.randint(0, 300, (2, 128), generator=gen), 0)
+    losses = {}
+    for graphs in (True, False):
+        size = {k: getattr(spec, k) for k in ("adapter_size",) if spec.method == "adapter"} or \
+            {"prefix_len": spec.prefix_len, "prefix_projection": spec.prefix_projection}
+        st = TrainSettings(method=spec.method, steps=6, seq_len=128, batch_size=2, lr=1e-3, eval_blocks=2,
+                           cuda_graphs=graphs, optimizer="adamw_torch", **size)
+        model = random_decoder(shape, torch.device("cuda"), spec=st.spec)
+        res = train(model, blocks, st, device=torch.device("cuda"))
+        assert res.cuda_graph == ("on" if graphs else "off") and res.eval_loss < res.eval_loss_before
+        losses[graphs] = res.losses
+    assert max(abs(a - b) for a, b in zip(losses[True], losses[False])) < 2e-2

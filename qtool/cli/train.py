@@ -108,6 +108,8 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, *
     click.echo(f"held-out loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f} "
                f"({result.eval_loss - result.eval_loss_before:+.4f}); training loss of the first/last step "
                f"{result.losses[0]:.4f} / {result.losses[-1]:.4f} (one batch each)")
+    if len(result.eval_curve) > 2:
+        click.echo("held-out loss by step: " + ", ".join(f"{step}: {loss:.4f}" for step, loss in result.eval_curve))
     from tabulate import tabulate
 
     rows = [[r["name"], f"{r['planned_bytes'] / 2**30:.2f}",

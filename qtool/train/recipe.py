@@ -1,4 +1,5 @@
-"""``qtool train``: LoRA on a converted NF4 checkpoint, measured against the plan. A recipe: setup, loop, result."""
+"""``qtool train``: adapters (LoRA, Houlsby adapters, a prefix) on a converted NF4 checkpoint, measured against the
+plan. A recipe: setup, loop, result."""
 from __future__ import annotations
 
 import contextlib
