@@ -186,6 +186,9 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
     notes = [shape.note] if shape.note else []
     if st.seq_len > shape.max_positions:
         notes.append(f"--seq-len {st.seq_len} exceeds {shape.name}'s max_position_embeddings ({shape.max_positions})")
+    if st.method == "prefix" and st.prefix_len + st.seq_len > shape.max_positions:
+        notes.append(f"--prefix-len {st.prefix_len} + --seq-len {st.seq_len} exceeds {shape.name}'s "
+                     f"max_position_embeddings ({shape.max_positions}): the prefix takes positions before the sequence")
     if st.profile == "qtool" and shape.model_type not in ("llama", "mistral", "qwen2"):
         notes.append(f"the qtool trainer builds Llama-family decoders; {shape.model_type} is planned with the "
                      "Llama activation formulas (use --profile hf for transformers)")
