@@ -7,8 +7,8 @@ Both sides: the SmolLM2 fixture converted by `qtool convert`, LoRA on the same m
 checkpointing, torch AdamW (bitsandbytes' optimizers need CUDA), the same random token batches. transformers loads
 the folder as it is (pre-quantised bitsandbytes NF4; `Linear4bit` dequantises per product on the CPU), then
 `prepare_model_for_kbit_training` + `get_peft_model` as its docs show; it runs once with the checkpoint's bf16 compute
-dtype (what a user gets by default) and once with fp32 (`bnb_4bit_compute_dtype` and the non-quantised weights in
-fp32: the fastest choice on a CPU without bf16 instructions). qtool picks its compute dtype itself (`auto`). The first
+dtype (what a user gets by default) and once with fp32 (each Linear4bit's compute dtype and the non-quantised weights
+in fp32: the fastest choice on a CPU without bf16 instructions). qtool picks its compute dtype itself (`auto`). The first
 step of each run is reported separately (one-off costs); tokens/s is the median of the rest. One process per run,
 so no run inherits another's warm caches. Prints a table; `--json` writes the rows.
 """
@@ -63,12 +63,17 @@ def run_qtool(folder: str, a) -> dict:
 def run_hf(folder: str, a, compute: str) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     dtype = getattr(torch, compute)
-    config = json.loads((Path(folder) / "config.json").read_text())["quantization_config"]
-    qc = BitsAndBytesConfig.from_dict({**config, "bnb_4bit_compute_dtype": compute})
-    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu", dtype=dtype, quantization_config=qc)
+    # transformers keeps a pre-quantised folder's other weights in the folder's bnb compute dtype: cast them here
+    model = AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    for t in list(model.parameters()) + list(model.buffers()):  # not .to(): refused for quantised models
+        if t.dtype.is_floating_point:
+            t.data = t.data.to(dtype)
+    for m in model.modules():
+        if hasattr(m, "compute_dtype"):
+            m.compute_dtype = dtype
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     targets = {"qkvo": QKVO, "all-linear": ALL}.get(a.targets, a.targets.split(","))
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, target_modules=targets,

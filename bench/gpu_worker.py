@@ -90,13 +90,15 @@ def run_qtool(shape, configs, steps, warmup):
     leaked = 0
     for c in configs:
         cleanup()
-        attach_adapters(model, AdapterSpec(c["targets"], rank=c["rank"], alpha=c.get("alpha", 2 * c["rank"])))
+        attach_adapters(model, AdapterSpec(c["targets"], rank=c["rank"], alpha=c.get("alpha", 2 * c["rank"]),
+                                           init=c.get("init", "zero")))
         gen = torch.Generator().manual_seed(0)
         n = c.get("batch_size", 1) * (steps + 1) + 1
         blocks = Blocks(torch.randint(0, cfg.vocab, (n, c["seq_len"]), generator=gen),
                         torch.randint(0, cfg.vocab, (1, c["seq_len"]), generator=gen), 0)
         st = TrainSettings(steps=steps, seq_len=c["seq_len"], batch_size=c.get("batch_size", 1), rank=c["rank"],
-                           alpha=c.get("alpha", 2 * c["rank"]), targets=c["targets"], grad_checkpointing=c["gc"],
+                           alpha=c.get("alpha", 2 * c["rank"]), targets=c["targets"], init=c.get("init", "zero"),
+                           grad_checkpointing=c["gc"],
                            optimizer=c.get("optimizer", "paged_adamw_32bit") if DEVICE == "cuda" else "adamw_torch", measure_after=warmup, max_grad_norm=0.3)
         monitor = MemoryMonitor(device)
         after_load = monitor.sample("after_load")
@@ -122,9 +124,9 @@ def record(profile, shape, c, after_load, res, err, leaked, build_s, step_second
                 "seq_len": c["seq_len"], "batch_size": c.get("batch_size", 1), "grad_checkpointing": c["gc"],
                 "optimizer": c.get("optimizer", "paged_adamw_32bit"), "double_quant": True, "block_size": 64,
                 "compute_dtype": "bfloat16", "adapter_dtype": "float32", "attention": "sdpa",
-                "loss": "chunked" if profile == "qtool" else "full"}
+                "loss": "chunked" if profile == "qtool" else "full", **({"init": c["init"]} if "init" in c else {})}
     rec = {"id": f"{profile}-{shape.name}-s{c['seq_len']}-b{settings['batch_size']}-r{c['rank']}-{c['targets']}-"
-                 f"{'gc' if c['gc'] else 'nogc'}",
+                 f"{'gc' if c['gc'] else 'nogc'}" + (f"-{c['init']}" if c.get("init", "zero") != "zero" else ""),
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "versions": versions(),
            "profile": profile,
            "model": {"name": shape.name, **{k: v for k, v in hf_config_dict(shape).items() if k != "dtype"}},

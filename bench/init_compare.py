@@ -98,7 +98,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--targets", default="all-linear")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup-steps", type=int, default=10)

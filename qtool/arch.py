@@ -318,11 +318,23 @@ def _sliding_window(model_type: str, config: dict) -> int | None:
     return int(window) if window else None
 
 
-def _read_config(path: Path) -> Shape:
+def read_config(folder, hint: str = "qtool needs the Hugging Face config.json of the model") -> dict:
+    """The config.json of a model folder (or the file itself) as a dict; InputError naming the file otherwise."""
+    path = Path(folder)
+    path = path if path.suffix == ".json" else path / "config.json"
+    if not path.is_file():
+        raise InputError(f"{path.parent}: no config.json", hint=hint)
     try:
         config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: cannot read ({exc})") from exc
+    if not isinstance(config, dict):
+        raise InputError(f"{path}: not a JSON object")
+    return config
+
+
+def _read_config(path: Path) -> Shape:
+    config = read_config(path)
     note = "converted NF4 folder (quantization_config present)" if "quantization_config" in config else ""
     return replace(shape_from_config(config, name=str(path)), note=note)
 

@@ -55,17 +55,49 @@ def test_verify_command(tmp_path, tiny_llama):
     assert run("convert", tiny_llama, out).exit_code == 0
     r = run("verify", out, "--source", tiny_llama)
     assert r.exit_code == 0, r.output
-    assert "14 quantised weights, 1 shard hashes checked, 0 problem(s)" in r.stdout
+    assert "14 quantised weights, 14 re-quantised from the source, 1 of 1 shard hashes match, 0 problems" in r.stdout
     r = run("verify", out, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
+    from qtool.format.safetensors import read_header
+
+    key = "model.layers.0.mlp.up_proj.weight"
+    with read_header(out / "model.safetensors") as f:
+        begin = f.tensors[key].begin  # a byte of a packed NF4 weight: any value is a valid code
     data = bytearray((out / "model.safetensors").read_bytes())
-    data[-100] ^= 0xFF
+    data[begin + 10] ^= 0xFF
     (out / "model.safetensors").write_bytes(bytes(data))
     r = run("verify", out)
     assert r.exit_code == 4
+    assert "14 quantised weights, 1 of 1 shard hashes differ, 1 problem\n" in r.stdout
     assert "model.safetensors: sha256 differs from the report" in r.stderr
+    r = run("verify", out, "--source", tiny_llama)
+    assert r.exit_code == 4 and "1 of 1 shard hashes differ, 2 problems" in r.stdout
+    assert f"{key}: 1 of {128 * 64 // 2} packed bytes differ" in r.stderr
     r = run("verify", out, "--json")
-    assert r.exit_code == 4 and json.loads(r.stdout)["ok"] is False
+    summary = json.loads(r.stdout)
+    assert r.exit_code == 4 and summary["ok"] is False
+    assert summary["hashes_checked"] == 1 and summary["hashes_differ"] == 1
+
+
+def test_verify_json_without_source_says_errors_were_not_measured(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    assert run("convert", tiny_llama, out).exit_code == 0
+    summary = json.loads(run("verify", out, "--json").stdout)
+    assert summary["source"] is None and summary["errors_measured"] is False
+    assert len(summary["tensors"]) == 14
+    for t in summary["tensors"]:  # not measured: null, never a made-up 0.0
+        assert t["measured"] is False
+        assert [t[k] for k in ("rel_error", "ideal_rel_error", "max_abs_error", "snr_db", "nonfinite")] == [None] * 5
+    summary = json.loads(run("verify", out, "--json", "--source", tiny_llama).stdout)
+    assert summary["source"] == str(tiny_llama) and summary["errors_measured"] is True
+    assert summary["requantized"] == 14 and summary["requantize_note"] is None
+    assert all(t["measured"] and 0.05 < t["rel_error"] < 0.2 for t in summary["tensors"])
+
+
+def test_verify_of_a_folder_that_was_never_converted_is_an_input_error(tiny_llama):
+    r = run("verify", tiny_llama)
+    assert r.exit_code == 2, r.output
+    assert "not an NF4 checkpoint" in r.stderr and "-> verify checks what `qtool convert` wrote" in r.stderr
 
 
 def test_convert_a_cached_hub_id(tmp_path, tiny_llama, monkeypatch):
@@ -86,10 +118,56 @@ def test_convert_a_cached_hub_id(tmp_path, tiny_llama, monkeypatch):
     assert "huggingface-cli download acme/absent" in r.stderr
 
 
-def test_help_has_examples():
-    for cmd in ("convert", "verify"):
+def test_help_has_examples_and_exit_codes():
+    for cmd, codes in (("convert", "0234"), ("verify", "024")):
         r = run(cmd, "-h")
         assert r.exit_code == 0 and "Examples:" in r.stdout and f"qtool {cmd} " in r.stdout
+        listed = r.stdout.split("Exit codes:")[1].split("Options:")[0]
+        assert "".join(line.split()[0] for line in listed.strip().splitlines()) == codes
+
+
+# ------------------------------------------------------------------------------- argument checks before imports
+_PROBE = ("import sys\nfrom qtool.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as exc:\n"
+          "    code = exc.code\nprint('EXIT', code, sorted(m for m in ('torch', 'transformers', 'numpy') if m in "
+          "sys.modules))")
+
+
+def _probe(*args) -> tuple[int, list[str], str]:
+    """Run the CLI in a fresh process; return its exit code, which of torch/transformers/numpy it imported, stderr."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", _PROBE, *map(str, args)], cwd=ROOT, capture_output=True, text=True)
+    line = proc.stdout.strip().splitlines()[-1].split(" ", 2)
+    return int(line[1]), eval(line[2]), proc.stderr  # noqa: S307 - our own probe's list literal
+
+
+@pytest.mark.parametrize("case", ["missing source", "source is a file", "output exists", "output inside source",
+                                  "bad block size", "bad device", "bad max-rel-error", "verify missing folder",
+                                  "verify folder without config", "verify missing --source"])
+def test_argument_and_path_errors_come_before_any_import(tmp_path, tiny_llama_template, case):
+    """Every check of an argument or a path comes first: no torch (let alone transformers or a forked child), so the
+    error is immediate (it took 12-32 s when it came after the selection)."""
+    src, out = tiny_llama_template, tmp_path / "out"
+    (tmp_path / "exists").mkdir()
+    args, code, needle = {
+        "missing source": (["convert", tmp_path / "nope", out], 2, "nope: no such folder"),
+        "source is a file": (["convert", src / "config.json", out], 2, "is a file"),
+        "output exists": (["convert", src, tmp_path / "exists"], 3, "already exists"),
+        "output inside source": (["convert", src, src / "nf4", "--overwrite"], 3, "overlaps the input"),
+        "bad block size": (["convert", src, out, "--block-size", "48"], 2, "--block-size 48"),
+        "bad device": (["convert", src, out, "--device", "tpu"], 2, "--device 'tpu'"),
+        "bad max-rel-error": (["convert", src, out, "--max-rel-error", "-1"], 2, "--max-rel-error -1.0"),
+        "verify missing folder": (["verify", tmp_path / "nope"], 2, "no such folder"),
+        "verify folder without config": (["verify", tmp_path / "exists"], 2, "no config.json"),
+        "verify missing --source": (["verify", src, "--source", tmp_path / "nope"], 2, "no such folder"),
+    }[case]
+    exit_code, imported, stderr = _probe(*args)
+    assert exit_code == code and needle in stderr, stderr
+    assert imported == [], imported
+    assert not out.exists() and not (src / "nf4").exists()
 
 
 # -------------------------------------------------------------------------------------------------- bad input
@@ -114,6 +192,13 @@ def _shift_second_tensor_back(header: dict) -> None:
     """Move the second tensor's data two bytes back, into the first one's."""
     entry = header[_by_offset(header)[1]]
     entry["data_offsets"] = [o - 2 for o in entry["data_offsets"]]
+
+
+def _shift_second_tensor_forward(header: dict) -> None:
+    """Move the second tensor's data two bytes on: a gap after the first one (and a tensor past the file's end, or
+    overlapping the third: whichever, the file is refused)."""
+    entry = header[_by_offset(header)[1]]
+    entry["data_offsets"] = [o + 2 for o in entry["data_offsets"]]
 
 
 def _set_weight(folder: Path, key: str, value: float) -> None:
@@ -164,6 +249,8 @@ BAD_INPUTS = {
         2, [SHARD1, "fall outside the data section", "->"]),
     "overlapping offsets": (lambda f: _rewrite_header(f / SHARD1, _shift_second_tensor_back), 2,
                             [SHARD1, "overlap in the data section", "-> the file is corrupt"]),
+    "gap in the data section": (lambda f: _rewrite_header(f / SHARD1, _shift_second_tensor_forward), 2,
+                                [SHARD1, "belong to no tensor", "contiguous", "-> the file is corrupt"]),
     "unknown dtype": (
         lambda f: _rewrite_header(f / SHARD1, lambda h: h[_first_tensor(h)].update(dtype="F4")), 2,
         [SHARD1, "has unknown dtype 'F4'", "-> qtool reads"]),
@@ -284,3 +371,90 @@ def test_disk_full_leaves_nothing(tmp_path, tiny_llama, monkeypatch, when):
     assert leftovers(out) == []
     assert folder_digest(tiny_llama) == before
     assert run("convert", tiny_llama, out).exit_code == 0  # and a rerun works
+
+
+# ----------------------------------------------------------------------------------- a run killed while replacing
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid  # reaped: no process has it (for the moment of the test)
+
+
+def test_a_replacement_killed_between_its_renames_is_undone(tmp_path, tiny_llama):
+    """The state SIGKILL leaves between `out -> .out.qtool-old-PID` and `partial -> out`: out is missing, its previous
+    contents are under the old name. The next run moves them back (and says so), then goes on as usual."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "previous.txt").write_text("mine")
+    pid = _dead_pid()
+    out.rename(tmp_path / f".out.qtool-old-{pid}")
+    (tmp_path / f".out.qtool-partial-{pid}").mkdir()  # the killed run's new folder, complete or not
+    with pytest.warns(RuntimeWarning, match=f"{out}: restored from .out.qtool-old-{pid}"):
+        r = run("convert", tiny_llama, out)
+    assert r.exit_code == 3 and "already exists" in r.stderr  # it was put back, so it is not overwritten silently
+    assert (out / "previous.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+    assert run("convert", tiny_llama, out, "--overwrite").exit_code == 0
+    assert not (out / "previous.txt").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+def test_an_old_folder_left_after_the_renames_is_removed(tmp_path, tiny_llama):
+    out = tmp_path / "out"
+    assert run("convert", tiny_llama, out).exit_code == 0
+    old = tmp_path / f".out.qtool-old-{_dead_pid()}"
+    old.mkdir()
+    (old / "x").write_text("left by a run killed while removing it")
+    alive = tmp_path / f".out.qtool-old-{os.getppid()}"  # a run that is still going: not touched
+    alive.mkdir()
+    assert run("convert", tiny_llama, out, "--overwrite").exit_code == 0
+    assert not old.exists() and alive.exists()
+
+
+def test_an_old_folder_that_cannot_be_moved_back_is_named(tmp_path, tiny_llama, monkeypatch):
+    out = tmp_path / "out"
+    old = tmp_path / f".out.qtool-old-{_dead_pid()}"
+    old.mkdir()
+    real = os.rename
+
+    def refuse(a, b):
+        if Path(a) == old:
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(a, b)
+
+    monkeypatch.setattr(os, "rename", refuse)
+    r = run("convert", tiny_llama, out)
+    assert r.exit_code == 3 and f"{old} holds the previous out" in r.stderr and f"mv '{old}' '{out}'" in r.stderr
+
+
+def test_sigkill_between_the_renames_of_overwrite(tmp_path, tiny_llama):
+    """A real SIGKILL in the window between the two renames of --overwrite (held open by a test hook)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import ROOT
+
+    out = tmp_path / "out"
+    assert run("convert", tiny_llama, out, "--target", "cpu").exit_code == 0
+    before = folder_digest(out)
+    proc = subprocess.Popen([sys.executable, "-c", "from qtool.cli import main; main()", "convert", str(tiny_llama),
+                             str(out), "--overwrite", "--target", "cuda"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, "QTOOL_TEST_SLEEP_BETWEEN_RENAMES": "60"})
+    old = tmp_path / f".out.qtool-old-{proc.pid}"
+    deadline = time.monotonic() + 120
+    while not old.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run never reached the renames"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and old.exists()  # the window: the previous output only under the old name
+    r = run("verify", out)  # read-only: says where the output is
+    assert r.exit_code == 2 and f"{old} holds its previous contents" in r.stderr
+    with pytest.warns(RuntimeWarning, match="restored from"):
+        r = run("convert", tiny_llama, out)  # the next conversion moves it back first
+    assert r.exit_code == 3 and "already exists" in r.stderr
+    assert folder_digest(out) == before and not old.exists()
+    assert run("verify", out).exit_code == 0

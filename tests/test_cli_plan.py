@@ -182,7 +182,7 @@ def test_fixed_value_options_list_their_values_and_take_aliases():
      "qtool plan"),
     (["plan", "--rnak", "8"], "error: no such option '--rnak'", "qtool plan"),
     (["convert"], "error: missing argument 'SOURCE'", "qtool convert"),
-    (["verify", "/nonexistent/folder"], "error: invalid value for 'FOLDER'", "qtool verify"),
+    (["merge", "a"], "error: missing argument 'ADAPTER_DIR'", "qtool merge"),
     (["plann"], "error: no such command 'plann'", "qtool"),
 ])
 def test_click_usage_errors_come_out_in_qtool_style(args, message, command):

@@ -40,16 +40,17 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """The 2-core test machine is shared: with 2 threads (torch's and numba's pools), spin-waiting under load made
-    this file 3-4x slower than with one (measured: 70 s vs 16 s for the training fixture); restored afterwards."""
-    import numba
+    """The 2-core test machine is shared: with 2 threads (torch's pool and the C kernels' pthreads), spin-waiting
+    under load made this file 3-4x slower than with one (measured: 70 s vs 16 s for the training fixture); restored
+    afterwards."""
+    from qtool.nf4 import _cpu
 
-    n, n_numba = torch.get_num_threads(), numba.get_num_threads()
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
-    numba.set_num_threads(1)
+    _cpu.set_threads(1)
     yield
     torch.set_num_threads(n)
-    numba.set_num_threads(n_numba)
+    _cpu.set_threads(None)
 
 
 @pytest.fixture(scope="module")

@@ -298,6 +298,29 @@ def test_cuda_target_matches_exact_nearest_oracle(case, dtype):
     _check_against_cuda_oracle(CASES[case]().to(dtype))
 
 
+def test_nested_codes_equal_bitsandbytes_binary_search():
+    """target="cuda"'s 8-bit codes are found through the look-up table and exact midpoint comparisons; they must be
+    what bitsandbytes' dQuantize<0> binary search returns (written out literally in qtool.nf4.gpu_bytes), for
+    random values, every code value and midpoint, and their fp32 neighbours."""
+    from qtool.nf4 import _cpu, gpu_bytes
+
+    code = nf4.dynamic_map_signed()
+    mid = ((code[1:] + code[:-1]) * np.float32(0.5)).astype(np.float32)
+    rng = np.random.default_rng(0)
+    points = np.concatenate([code, mid])
+    x = np.concatenate([rng.uniform(-1, 1, 100_000), rng.standard_normal(20_000) * 1e-3, points,
+                        np.nextafter(points, np.float32(2)), np.nextafter(points, np.float32(-2)),
+                        [0.0, -0.0, 1.0, -1.0]]).astype(np.float32).clip(-1, 1)
+    # blocks of 256 led by 1.0: each block's absmax is 1, its reciprocal 1, so the kernel searches x itself
+    x = np.concatenate([x, np.zeros(-x.size % 255, np.float32)]).reshape(-1, 255)
+    y = np.concatenate([np.ones((x.shape[0], 1), np.float32), x], axis=1).reshape(-1)
+    codes, nested = np.empty(y.size, np.uint8), np.empty(x.shape[0], np.float32)
+    _cpu.nested_codes_search(y, 256, code, nf4._nested_lut(code), codes, nested)
+    assert np.all(nested == 1.0)
+    expected = gpu_bytes.dquantize_search(torch.from_numpy(y), torch.from_numpy(code)).numpy()
+    assert np.array_equal(codes, expected), int((codes != expected).sum())
+
+
 def test_cuda_target_large_against_oracle():
     _check_against_cuda_oracle(_randn(2048, 2048, seed=23, scale=0.02).to(torch.bfloat16))
 
@@ -328,10 +351,10 @@ def test_where_cuda_and_cpu_targets_differ(capsys):
     assert "absmax codes differ" in capsys.readouterr().out
 
 
-# -------------------------------------------------------------------------------- torch path (CUDA tensors) == numba
+# -------------------------------------------------------------------------------- torch path (CUDA tensors) == C kernels
 @pytest.mark.parametrize("target", nf4.TARGETS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-def test_torch_path_equals_numba_path(dtype, target):
+def test_torch_path_equals_cpu_kernel_path(dtype, target):
     for case in ("randn 128x256", "numel%64 100x37", "odd 3x5", "1x1", "1x1 zero", "zero blocks", "zero tail",
                  "all zero", "heavy tails", "near threshold"):
         w = (_near_threshold_blocks(64, 25) if case == "near threshold" else CASES[case]()).to(dtype)
@@ -464,14 +487,39 @@ def test_quantize_with_error_refuses_nonfinite_weights():
 
 
 def test_kernel_threads_is_per_thread_and_restored():
-    import numba
+    import threading
 
-    before = numba.get_num_threads()
-    with nf4.kernel_threads(numba.config.NUMBA_NUM_THREADS):
-        assert numba.get_num_threads() == 1
-        w = _randn(64, 64, seed=34)
-        assert torch.equal(nf4.quantize(w).packed, nf4.quantize(w).packed)
-    assert numba.get_num_threads() == before
+    from qtool.nf4 import _cpu
+
+    before = _cpu.threads()
+    with nf4.kernel_threads(_cpu.available_cores()):
+        assert _cpu.threads() == 1
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(_cpu.threads()))
+        other.start()
+        other.join()
+        assert seen == [_cpu.available_cores()]  # another thread keeps the default
+    assert _cpu.threads() == before
+
+
+@pytest.mark.parametrize("n_threads", [1, 3, 8])
+def test_results_do_not_depend_on_the_thread_count(n_threads):
+    """Work is split by groups of blocks whose results land in their own slots: the bytes and the measured error are
+    the same whatever the number of threads (and whichever thread ran which group)."""
+    from qtool.nf4 import _cpu
+
+    w = _randn(700, 300, seed=35, scale=0.02).to(torch.bfloat16)  # 3,282 blocks: 13 groups, the last partial
+    _cpu.set_threads(1)
+    try:
+        ref_qw, ref_error = nf4.quantize_with_error(w, target="cpu")
+        ref_out = nf4.dequantize(ref_qw)
+        _cpu.set_threads(n_threads)
+        qw, error = nf4.quantize_with_error(w, target="cpu")
+        assert torch.equal(qw.packed, ref_qw.packed) and torch.equal(qw.absmax, ref_qw.absmax)
+        assert error == ref_error == nf4.reconstruction_error(w, qw)
+        assert torch.equal(nf4.dequantize(qw), ref_out)
+    finally:
+        _cpu.set_threads(None)
 
 
 def test_dequantize_dtype_override_and_device_move():
@@ -481,13 +529,45 @@ def test_dequantize_dtype_override_and_device_move():
     assert torch.equal(nf4.dequantize(qw, torch.float32).half(), nf4.dequantize(qw))
 
 
-def test_bnb_cpu_dequantize_kernel_misreads_blocks_that_span_rows():
-    """Documents a bitsandbytes 0.50.2 CPU bug that the tests above route around: with an even row length that is not
-    a multiple of the block size, its C++ ``dequantize_4bit`` indexes absmax per row, while ``quantize_4bit`` (and
-    the CUDA and reference kernels) use flat blocks. We follow the format, i.e. the reference kernel."""
+# ------------------------------------------------------------------------------------------------ kernel builds
+def test_a_build_of_another_source_is_never_loaded(tmp_path, monkeypatch):
+    """An installed build whose embedded sha256 is not the source's (an edited checkout, an old build) is passed
+    over for the per-user build of the current source."""
+    from qtool.nf4 import _build, _cpu
+
+    current = _cpu.library()._name  # the build of the current source (compiled on first use if needed)
+    stale = tmp_path / ("_cpu_kernels" + ".so")
+    _build.build(stale, "0" * 64)
+    assert _cpu._open(stale).qtool_source_sha256().decode() == "0" * 64
+    monkeypatch.setattr(_build, "installed_path", lambda: stale)
+    monkeypatch.setattr(_build, "cached_path", lambda sha: type(tmp_path)(current))
+    monkeypatch.setattr(_build, "build", lambda *a: pytest.fail("the current build exists: nothing to compile"))
+    assert _cpu._load()._name == current
+
+
+def test_no_compiler_is_a_clear_error(tmp_path, monkeypatch):
+    from qtool.nf4 import _build
+
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(RuntimeError, match="not built and cannot be compiled here: .*no-such-cc") as exc:
+        _build.build(tmp_path / "k.so", "1" * 64)
+    assert "pip install qtool" in str(exc.value) and not list(tmp_path.iterdir())  # no temporary file left
+
+
+def test_dequantize_uses_flat_blocks_when_blocks_span_rows():
+    """With an even row length that is not a multiple of the block size, a block spans two rows: the constant of
+    element i is absmax[i // blocksize] over the flattened tensor (the format, as bitsandbytes' reference and CUDA
+    kernels read it), never a per-row index. (bitsandbytes 0.50.2's AVX-512 C++ CPU kernel, where it is registered,
+    indexes per row; we follow the format.)"""
     w = _randn(600, 96, seed=11).to(torch.float16)
     packed, qs = bnb_quantize(w, double_quant=False)
-    ours = nf4.dequantize(nf4.quantize(w, double_quant=False, target="cpu"))
+    qw = nf4.quantize(w, double_quant=False, target="cpu")
+    ours = nf4.dequantize(qw)
     reference = _bnb_reference_dequantize(packed.reshape(-1), qs.absmax, _bnb_nf4_code(), 64, qs.shape, w.dtype)
     assert torch.equal(ours, reference)
-    assert not torch.equal(ours, bnbF.dequantize_4bit(packed, qs))  # if this fails, bitsandbytes fixed its kernel
+    flat = torch.tensor(nf4.NF4_CODE)[nf4.unpack_nibbles(qw.packed, w.numel()).long()]
+    expected = (flat * qw.absmax.repeat_interleave(64)[: w.numel()]).to(torch.float16).view(600, 96)
+    assert torch.equal(ours, expected)
+    # a per-row reading (each row starting a new block) gives other values on this shape: the test has teeth
+    per_row = qw.absmax[(torch.arange(600)[:, None] * 2 + (torch.arange(96) >= 64)) % qw.absmax.numel()]
+    assert not torch.equal(ours, (flat.view(600, 96) * per_row).to(torch.float16))

@@ -147,8 +147,8 @@ def _traced_peak(step) -> int:
     """Peak of live CPU tensor bytes created during one call of ``step`` (after one warm-up call, so optimizer state
     already exists, as in every later step), from the profiler's allocation events.
 
-    Both calls run on one intra-op thread (see ``one_thread``; set again before each call: numba's first parallel
-    launch, in the qtool trainer's CPU dequantisation, resets OpenMP's thread count)."""
+    Both calls run on one intra-op thread (see ``one_thread``; set again before each call, in case a first parallel
+    launch elsewhere resets OpenMP's thread count)."""
     import torch
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile

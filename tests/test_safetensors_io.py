@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from qtool.convert import readahead as ra_mod
 from qtool.format import safetensors as sio
 from qtool.errors import InputError, OutputError
 
@@ -99,7 +100,7 @@ def _valid_header():
     (lambda p: _raw_file(p, {"w": {"dtype": "F16", "shape": [8, 4], "data_offsets": [0, 64]},
                              "e": {"dtype": "F32", "shape": [0], "data_offsets": [8, 8]},
                              "b": {"dtype": "F32", "shape": [2], "data_offsets": [40, 48]}}, b"\0" * 64),
-     "tensors 'w' and 'b' overlap"),
+     "tensors 'w' and 'e' overlap"),
     (lambda p: _raw_file(p, {"w": {"dtype": "F16", "shape": [2, 4], "data_offsets": [0, 12]}}, b"\0" * 16),
      "tensor 'w' has 12 bytes of data but shape \\[2, 4\\] F16 needs 16"),
 ])
@@ -111,6 +112,44 @@ def test_malformed_files_are_refused_naming_file_and_tensor(tmp_path, make, matc
         sio.read_header(path)
     assert str(path) in str(exc.value)
     assert path.read_bytes() == before
+
+
+# data layouts the safetensors library refuses (and one it accepts), each with what our message must say
+LAYOUTS = {
+    "contiguous": ({"w": [0, 16], "b": [16, 24]}, 24, None),
+    "empty tensors at the boundaries": ({"e0": [0, 0], "w": [0, 16], "e1": [16, 16], "b": [16, 24]}, 24, None),
+    "same bytes": ({"w": [0, 16], "b": [0, 16]}, 16, "tensors 'w' and 'b' overlap in the data section"),
+    "partial overlap": ({"w": [0, 16], "b": [8, 24]}, 24, "tensors 'w' and 'b' overlap"),
+    "empty tensor inside another": ({"w": [0, 16], "e": [8, 8], "b": [16, 24]}, 24, "tensors 'w' and 'e' overlap"),
+    "gap between tensors": ({"w": [0, 16], "b": [20, 28]}, 28,
+                            r"bytes 16..20 of the data section belong to no tensor \(between 'w' and 'b'\)"),
+    "gap before the first tensor": ({"w": [8, 24]}, 24, r"bytes 0..8 .* \(before the first tensor 'w'\)"),
+    "bytes after the last tensor": ({"w": [0, 16], "b": [16, 24]}, 32, "8 bytes after the last tensor 'b' belong to no"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_data_section_layout_follows_the_safetensors_library(tmp_path, case):
+    """The library refuses overlapping tensors, gaps and trailing bytes (Metadata::validate, read_metadata); so do
+    we, naming the file and the tensors. The library itself is the oracle for which layouts are valid."""
+    offsets, data_len, match = LAYOUTS[case]
+    dtypes = {16: ("F16", [2, 4]), 8: ("F32", [2]), 0: ("F32", [0])}
+    header = {name: {"dtype": dtypes[e - b][0], "shape": dtypes[e - b][1], "data_offsets": [b, e]}
+              for name, (b, e) in offsets.items()}
+    path = _raw_file(tmp_path / "model.safetensors", header, bytes(range(data_len)))
+    try:
+        with safe_open(path, "pt"):
+            library_accepts = True
+    except Exception:  # noqa: BLE001 - the library raises its own error types
+        library_accepts = False
+    assert library_accepts == (match is None)
+    if match is None:
+        with sio.read_header(path) as f:
+            assert sorted(f.tensors) == sorted(offsets)
+        return
+    with pytest.raises(InputError, match=match) as exc:
+        sio.read_header(path)
+    assert str(path) in str(exc.value) and "fetch it again" in exc.value.hint
 
 
 def test_missing_file_is_an_input_error(tmp_path):
@@ -251,7 +290,7 @@ def test_readahead_stays_within_its_window(tmp_path, monkeypatch):
         time.sleep(0.05)  # and nothing more arrives
         assert issued() == expected
 
-    with sio.Readahead([(a, 100, 1000), (b, 0, 500)], window_bytes=400, chunk_bytes=200) as ra:
+    with ra_mod.Readahead([(a, 100, 1000), (b, 0, 500)], window_bytes=400, chunk_bytes=200) as ra:
         settle(400)  # two chunks, then it waits for the consumer
         ra.advance(300)
         settle(800)  # a chunk is issued while less than the window is outstanding
@@ -266,7 +305,7 @@ def test_readahead_stays_within_its_window(tmp_path, monkeypatch):
 def test_readahead_stops_early_and_tolerates_missing_files(tmp_path):
     big = tmp_path / "big"
     big.write_bytes(b"\0" * 4096)
-    with sio.Readahead([(tmp_path / "missing", 0, 10), (big, 0, 4096)], window_bytes=1024, chunk_bytes=512):
+    with ra_mod.Readahead([(tmp_path / "missing", 0, 10), (big, 0, 4096)], window_bytes=1024, chunk_bytes=512):
         pass  # exits without waiting for a consumer that never comes
 
 
@@ -291,8 +330,8 @@ def test_readahead_drops_behind_only_what_it_brought_in(tmp_path, monkeypatch):
         time.sleep(0.05)
         assert dropped() == expected
 
-    monkeypatch.setattr(sio, "any_page_cached", lambda fd, offset, n: offset == 200)  # this chunk was cached before
-    with sio.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200) as ra:
+    monkeypatch.setattr(ra_mod, "any_page_cached", lambda fd, offset, n: offset == 200)  # this chunk was cached before
+    with ra_mod.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200) as ra:
         settle([])
         ra.advance(150)
         settle([])  # the first chunk is only partly consumed
@@ -301,7 +340,7 @@ def test_readahead_drops_behind_only_what_it_brought_in(tmp_path, monkeypatch):
         ra.advance(10_000)
         settle([(0, 200), (400, 200), (600, 200), (800, 200)])
     calls.clear()
-    with sio.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200, drop_behind=False) as ra:
+    with ra_mod.Readahead([(a, 0, 1000)], window_bytes=10_000, chunk_bytes=200, drop_behind=False) as ra:
         ra.advance(10_000)
     assert not dropped()
 
@@ -311,18 +350,18 @@ def test_any_page_cached(tmp_path):
     path.write_bytes(os.urandom(3 * 4096))
     with open(path, "rb") as f:
         f.read()
-        assert sio.any_page_cached(f.fileno(), 100, 5000)  # just written and read: in the page cache
+        assert ra_mod.any_page_cached(f.fileno(), 100, 5000)  # just written and read: in the page cache
     r, w = os.pipe()
     try:
-        assert sio.any_page_cached(r, 0, 10)  # cannot tell (a pipe cannot be mapped): cached, so nothing is dropped
+        assert ra_mod.any_page_cached(r, 0, 10)  # cannot tell (a pipe cannot be mapped): cached, so nothing is dropped
     finally:
         os.close(r), os.close(w)
 
 
 def test_device_readahead_bytes(tmp_path):
-    n = sio.device_readahead_bytes(tmp_path)
+    n = ra_mod.device_readahead_bytes(tmp_path)
     assert 128 * 1024 <= n <= 32 * 2**20 and n % 4096 == 0
-    assert sio.device_readahead_bytes(tmp_path / "missing") == 128 * 1024
+    assert ra_mod.device_readahead_bytes(tmp_path / "missing") == 128 * 1024
 
 
 def test_data_range(tmp_path):
@@ -332,3 +371,44 @@ def test_data_range(tmp_path):
         begin, end = f.data_range
         assert begin == min(t.begin for t in f.tensors.values() if t.nbytes)
         assert end == path.stat().st_size
+
+
+@pytest.mark.parametrize("how", ["copy_file_range", "no copy_file_range", "other file system"])
+def test_writer_copies_tensors_file_to_file(tmp_path, monkeypatch, how):
+    """copy_from: a tensor's bytes from a source file straight into its slot (the kernel's copy_file_range, else
+    reads and writes): the same file as writing the tensor."""
+    tensors = _sample_tensors()
+    src = tmp_path / "src.safetensors"
+    save_file(tensors, src)
+    if how == "no copy_file_range":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    elif how == "other file system":
+        def exdev(*a, **k):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+        monkeypatch.setattr(os, "copy_file_range", exdev, raising=False)
+    slots = [sio.Slot(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    w = sio.ShardWriter(tmp_path / "a.safetensors", slots)
+    with sio.read_header(src) as f:
+        for name, info in f.tensors.items():
+            w.copy_from(name, src, info.begin, info.nbytes)
+    w.close()
+    ref = sio.ShardWriter(tmp_path / "b.safetensors", slots)
+    for name, t in tensors.items():
+        ref.write(name, t)
+    ref.close()
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+
+
+def test_writer_copy_disk_full_is_an_output_error(tmp_path, monkeypatch):
+    src = tmp_path / "src.safetensors"
+    save_file({"x": torch.arange(100.0)}, src)
+
+    def enospc(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "copy_file_range", enospc, raising=False)
+    w = sio.ShardWriter(tmp_path / "a.safetensors", [sio.Slot("x", torch.float32, (100,))])
+    with sio.read_header(src) as f, pytest.raises(OutputError, match="No space left") as exc:
+        w.copy_from("x", src, f.tensors["x"].begin, 400)
+    assert "free disk space" in exc.value.hint
+    w.abort()

@@ -172,3 +172,102 @@ def test_an_error_before_the_answer_kills_and_reaps_the_child(tiny_llama, monkey
         ck.close()
     with pytest.raises(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)  # reaped already: no such child
+
+
+# ------------------------------------------------------------------------------------- known layouts (no child)
+# each KNOWN architecture -> the tiny model(s) that check it against transformers' own rule: (arch, tied, config edits)
+KNOWN_CASES = {
+    "LlamaForCausalLM": [("llama", False, {}), ("llama", True, {}),
+                         ("llama", False, {"attention_bias": True, "mlp_bias": True})],
+    "MistralForCausalLM": [("mistral", None, {})],
+    "Qwen2ForCausalLM": [("qwen2", True, {}), ("qwen2", False, {})],
+    "Qwen3ForCausalLM": [("qwen3", None, {}), ("qwen3", None, {"attention_bias": True})],
+    "Gemma2ForCausalLM": [("gemma2", None, {})],
+    "Gemma3ForCausalLM": [("gemma3", None, {})],
+    "Phi3ForCausalLM": [("phi3", None, {})],
+    "GPT2LMHeadModel": [("gpt2", None, {})],
+}
+
+
+def _save_variant(folder, arch, tied, edits):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from conftest import tiny_config
+
+    cfg = tiny_config(arch, tied)
+    for k, v in edits.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def test_every_known_layout_is_checked_against_transformers():
+    from qtool.convert.selection import KNOWN
+
+    assert set(KNOWN_CASES) == set(KNOWN)
+
+
+@pytest.mark.parametrize("arch", list(KNOWN_CASES))
+def test_known_layout_equals_transformers_rule(tmp_path, arch):
+    """The selection read from the keys is transformers' own (select: the meta model and replace_with_bnb_linear's
+    rule), for every variant; so the converter may skip the transformers import for these architectures."""
+    from qtool.convert.selection import KNOWN_TRANSFORMERS_MAJOR, known_selection
+
+    import transformers
+
+    assert int(transformers.__version__.split(".")[0]) == KNOWN_TRANSFORMERS_MAJOR, \
+        "the KNOWN layouts were checked against another transformers: check them again, then update the major"
+    for i, (name, tied, edits) in enumerate(KNOWN_CASES[arch]):
+        folder = _save_variant(tmp_path / str(i), name, tied, edits)
+        ck = open_checkpoint(folder)
+        try:
+            known = known_selection(ck.config, ck.keys)
+            assert known is not None, (name, tied, edits)
+            assert known == select(ck.config, ck.folder, ck.keys), (name, tied, edits)
+            assert known.model_class == arch and "known layout" in known.method
+        finally:
+            ck.close()
+
+
+@pytest.mark.parametrize("change", ["extra key", "missing projection", "layer beyond the config", "no prefix",
+                                    "skip", "other transformers", "unknown architecture", "fewer layers in config"])
+def test_known_layout_declines_what_it_does_not_account_for(tiny_llama, monkeypatch, change):
+    """Anything the layout does not match exactly goes to transformers (None): the answer is never guessed."""
+    import qtool.convert.selection as s
+
+    ck = open_checkpoint(tiny_llama)
+    ck.close()
+    config, keys, skip = dict(ck.config), list(ck.keys), None
+    assert s.known_selection(config, keys) is not None
+    if change == "extra key":
+        keys.append("model.layers.0.mlp.extra_proj.weight")
+    elif change == "missing projection":
+        keys.remove("model.layers.1.self_attn.v_proj.weight")
+    elif change == "layer beyond the config":
+        keys.append("model.layers.2.mlp.up_proj.weight")
+    elif change == "no prefix":
+        keys = [k.removeprefix("model.") for k in keys]
+    elif change == "skip":
+        skip = ["model.layers.0.mlp"]
+    elif change == "other transformers":
+        monkeypatch.setattr(s, "_transformers_major", lambda: s.KNOWN_TRANSFORMERS_MAJOR + 1)
+    elif change == "unknown architecture":
+        config["architectures"] = ["LlamaForSequenceClassification"]
+    else:
+        config["num_hidden_layers"] = 1
+    assert s.known_selection(config, keys, skip) is None
+
+
+def test_a_known_architecture_is_converted_without_a_child(tmp_path, tiny_llama, monkeypatch):
+    import qtool.convert.selection as s
+    from qtool.convert.pipeline import convert
+
+    def no_child(*a, **k):
+        raise AssertionError("a child was started for a known layout")
+
+    monkeypatch.setattr(s, "SelectionInChild", no_child)
+    result = convert(tiny_llama, tmp_path / "out")
+    assert "known layout of LlamaForCausalLM" in result.settings["selection"]
+    assert len([t for t in result.tensors if t.quantized]) == 14

@@ -102,6 +102,21 @@ def test_a_file_is_not_a_model_folder(tiny_llama):
         resolve(tiny_llama / "config.json")
 
 
+@pytest.mark.parametrize("spec", ["./no/such/folder", "a/b/c", "config.json"])
+def test_the_early_path_check_says_what_resolve_says(tiny_llama, spec, monkeypatch):
+    """`qtool convert` checks the source path before loading torch (qtool.convert.arguments); its message for a
+    missing folder or a file is resolve's own."""
+    from qtool.convert.arguments import check_source_path
+
+    monkeypatch.chdir(tiny_llama)
+    with pytest.raises(InputError) as early:
+        check_source_path(spec)
+    with pytest.raises(InputError) as late:
+        resolve(spec)
+    assert str(early.value) == str(late.value)
+    assert check_source_path("acme/model") is None and check_source_path(tiny_llama) == tiny_llama  # hub ids later
+
+
 # -------------------------------------------------------------------------------------------------- bad folders
 def _edit_index(folder: Path, edit) -> None:
     path = folder / "model.safetensors.index.json"
@@ -197,7 +212,7 @@ def test_quantised_tensors_without_config_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("problem, match", [
-    ("no config", "no config.json"), ("bad config", "config.json: invalid JSON"),
+    ("no config", "no config.json"), ("bad config", "config.json: cannot read"),
     ("no weights", "no safetensors weights found"),
 ])
 def test_incomplete_folder(tmp_path, problem, match):

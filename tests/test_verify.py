@@ -125,7 +125,52 @@ def test_damaged_block_constants_are_caught_against_the_source(converted, tiny_l
     _rehash(converted)
     assert verify_folder(converted).ok  # hashes and structure alone cannot see it
     r = verify_folder(converted, tiny_llama_template)
-    assert [p.split(" (")[0] for p in r.problems] == [f"{key}: constants"]
+    assert [p.split(" (")[0] for p in r.problems] == [f"{key}: 1 of 1 nested_absmax values differ",
+                                                      f"{key}: constants"]
+
+
+def test_a_changed_packed_weight_is_caught_against_the_source(converted, tiny_llama_template):
+    """A flipped nibble in a packed NF4 weight is a valid code, so only the hash sees it; once the hashes are
+    updated too, re-quantising the source with the report's settings still does (the error measure may not)."""
+    key = "model.layers.1.self_attn.o_proj.weight"
+    shard, begin, end = _locate(converted, key)
+    _patch(shard, begin + 100, bytes([shard.read_bytes()[begin + 100] ^ 0x10]))  # one code, one step
+    _rehash(converted)
+    assert verify_folder(converted).ok
+    r = verify_folder(converted, tiny_llama_template)
+    assert r.problems == [f"{key}: 1 of {end - begin} packed bytes differ (re-quantising the source with the report's "
+                          "settings gives other bytes: the weight changed after conversion)"]
+    assert r.requantized == 14 and r.requantize_note is None
+
+
+@pytest.mark.parametrize("settings", ["missing", "made on a GPU"])
+def test_when_bytes_cannot_be_rederived_verify_says_why(converted, tiny_llama_template, settings):
+    report = json.loads((converted / REPORT_NAME).read_text())
+    if settings == "missing":
+        del report["settings"]
+    else:
+        report["settings"]["device"] = "cuda"
+    (converted / REPORT_NAME).write_text(json.dumps(report))
+    if settings == "made on a GPU" and torch.cuda.is_available():
+        pytest.skip("a GPU is here: the bytes are re-derived on it")
+    r = verify_folder(converted, tiny_llama_template)
+    assert r.ok and r.requantized == 0
+    assert ("no settings" if settings == "missing" else "no GPU is here") in r.requantize_note
+    assert all(t.measured for t in r.tensors)  # the errors are still measured
+
+
+def test_requantising_uses_the_conversions_torch_thread_count(converted, tiny_llama_template, monkeypatch):
+    """The offset is torch.mean, whose last bit depends on torch's thread count: verify re-quantises with the count
+    the report names, whatever this process uses."""
+    seen = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (seen.append(n), real(n)))
+    report = json.loads((converted / REPORT_NAME).read_text())
+    assert report["settings"]["torch_threads"] == torch.get_num_threads()
+    report["settings"]["torch_threads"] = 3
+    (converted / REPORT_NAME).write_text(json.dumps(report))
+    verify_folder(converted, tiny_llama_template)
+    assert seen.count(3) == 14
 
 
 def test_changed_copy_and_missing_tensor_are_caught(converted, tiny_llama_template):

@@ -13,12 +13,14 @@ from __future__ import annotations
 import contextlib
 import importlib
 import sys
+import time
 
 import click
 
 from qtool import __version__
 from qtool.errors import QtoolError
 
+_STARTED = time.perf_counter()  # ~ when the process started: this module loads first
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 # command name -> "module:function"; loaded on demand.
@@ -121,7 +123,10 @@ class _LazyGroup(click.Group):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            result = super().invoke(ctx)
+            if ctx.invoked_subcommand and sys.stderr.isatty():  # a person is watching: say how long it took
+                click.echo(f"[qtool {ctx.invoked_subcommand}: {time.perf_counter() - _STARTED:.1f} s]", err=True)
+            return result
         except click.exceptions.NoArgsIsHelpError:
             raise
         except click.UsageError as exc:

@@ -22,8 +22,8 @@ from qtool.adapters.spec import CONVERTER_INITS, AdapterSpec
 from qtool.arch import Shape
 from qtool.errors import UsageError
 from qtool.nf4 import codec as nf4
+from qtool.train.settings import SUPPORTED as TRAINER_TYPES  # what can train from the init
 
-TRAINER_TYPES = ("llama", "mistral", "qwen2")  # = qtool.train.settings.SUPPORTED: what can train from the init
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,11 @@ class LoraInit:
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.checks: dict[str, InitCheck] = {}
         self._lock = threading.Lock()
+
+    @property
+    def keys(self) -> list[str]:
+        """The checkpoint keys of the targeted weights."""
+        return list(self._targets)
 
     def wants(self, key: str) -> bool:
         return key in self._targets

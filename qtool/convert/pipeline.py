@@ -30,13 +30,19 @@ from qtool import __version__
 from qtool.format import bnb_nf4 as layout
 
 from qtool.nf4 import codec as nf4
-from qtool.format.atomic import staging_dir, write_text
+from qtool.convert.arguments import check_settings
+from qtool.format.atomic import check_destination, staging_dir, write_text
 from qtool.errors import InputError, OutputError, VerificationError
-from qtool.format.safetensors import Readahead, ShardWriter, Slot
-from qtool.convert.selection import Selection, SelectionInChild
+from qtool.adapters.spec import AdapterSpec
+from qtool.arch import shape_from_config
+from qtool.convert.lora_init import LoraInit
+from qtool.convert.readahead import Readahead
+from qtool.format.safetensors import ShardWriter, Slot
+from qtool.convert.selection import Selection, SelectionInChild, start_selection
 from qtool.format.checkpoint import (DEFAULT_MAX_SHARD, Checkpoint, open_checkpoint, plan_shards, shard_name,
                                      write_metadata)
-from qtool.convert.verify import REPORT_NAME, TensorCheck, check_tensor, gaussian_rel_error, sha256_file
+from qtool.convert.verify import TensorCheck, check_tensor, gaussian_rel_error
+from qtool.format.report import REPORT_NAME, sha256_file
 
 FLUSH_BYTES = 256 * 2**20  # output written between background fsyncs of the shard being written
 N_WORKERS = 2  # tensors converted at once, one thread each (see _in_order)
@@ -57,6 +63,7 @@ class ConvertResult:
     largest_tensor_bytes: int
     peak_rss_bytes: int
     settings: dict = field(default_factory=dict)
+    lora_init: dict | None = None  # --lora-init: the spec and, per targeted weight, the initial model's error
 
     @property
     def flagged(self) -> list[TensorCheck]:
@@ -70,6 +77,7 @@ class ConvertResult:
             "peak_rss_bytes": self.peak_rss_bytes, "shards": self.shards,
             "n_quantized": sum(t.quantized for t in self.tensors), "n_flagged": len(self.flagged),
             "tensors": [t.to_json() for t in self.tensors],
+            **({"lora_init": self.lora_init} if self.lora_init is not None else {}),
         }
 
 
@@ -127,42 +135,58 @@ def _compute_dtype(config: dict, quantize: dict, ck: Checkpoint) -> torch.dtype:
 
 def convert(src, out, *, blocksize: int = 64, double_quant: bool = True, target: str = "cuda", device: str = "cpu",
             skip: list[str] | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD, overwrite: bool = False,
-            max_rel_error: float | None = None, progress: ProgressFn | None = None) -> ConvertResult:
+            max_rel_error: float | None = None, progress: ProgressFn | None = None,
+            lora_init: AdapterSpec | None = None) -> ConvertResult:
     """Convert checkpoint ``src`` (folder or cached hub id) into folder ``out``. See the module docstring.
 
+    ``lora_init`` (an :class:`AdapterSpec` with init ``pissa`` or ``loftq``) stores each targeted weight as the NF4
+    residual of that initialisation and writes the initial adapter to ``out/qtool_lora_init`` (see
+    :mod:`qtool.convert.lora_init`).
+
     ``target`` picks which bitsandbytes backend's bytes to reproduce ('cuda' or 'cpu', see :mod:`qtool.nf4.codec`);
-    ``device`` is where the 4-bit quantisation runs ('cpu' or 'cuda'), which does not change the bytes.
+    ``device`` is where the quantisation runs ('cpu', 'cuda' or 'cuda:N'): with target 'cuda', a GPU writes the
+    bytes bitsandbytes makes on that GPU, exactly; otherwise the device does not change the bytes.
     Raises InputError/OutputError/VerificationError; on any error ``out`` is left as it was.
     """
     t0 = time.perf_counter()
     test_sleep = float(os.environ.get(TEST_SLEEP_ENV) or 0)
+    check_settings(blocksize, target, device, max_rel_error)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available", hint="use --device cpu (same bytes)")
-    if blocksize not in nf4.BLOCKSIZES:
-        raise InputError(f"--block-size {blocksize} is not one bitsandbytes supports", hint=f"use one of {nf4.BLOCKSIZES}")
+        raise InputError(f"--device {device}: no CUDA device is available", hint="use --device cpu")
     ck = open_checkpoint(src)
     with contextlib.closing(ck):
-        # which tensors: decided in a child process (before any thread starts here), while the disk reads ahead
-        with SelectionInChild(ck.config, ck.folder, ck.keys, skip) as selecting, \
+        check_destination(Path(out), overwrite, inputs=(ck.folder,))  # before any work (checked again at the end)
+        init = None if lora_init is None else LoraInit(lora_init, shape_from_config(ck.config, str(ck.folder)))
+        # which tensors: known from the keys for common architectures, else decided by transformers in a child
+        # process (started before any thread here), while the disk reads ahead
+        with start_selection(ck.config, ck.folder, ck.keys, skip) as selecting, \
                 Readahead([(s.path, *s.data_range) for s in ck.shards]) as readahead:
-            # the flags' reference error; loads the CPU kernels (~0.4 s) while the child decides
-            gaussian_rel_error(blocksize)
+            gaussian_rel_error(blocksize)  # the flags' reference error (~0.1 s), while a child decides
             return _convert(ck, selecting.result(), readahead, out, blocksize, double_quant, target, device, skip,
-                            max_shard_bytes, overwrite, max_rel_error, progress, t0, test_sleep)
+                            max_shard_bytes, overwrite, max_rel_error, progress, t0, test_sleep, init)
 
 
 def _convert(ck: Checkpoint, sel: Selection, readahead: Readahead, out, blocksize, double_quant, target, device,
-             skip, max_shard_bytes, overwrite, max_rel_error, progress, t0: float, test_sleep: float) -> ConvertResult:
+             skip, max_shard_bytes, overwrite, max_rel_error, progress, t0: float, test_sleep: float,
+             init: LoraInit | None = None) -> ConvertResult:
     for key in sel.quantize:
         info = ck.info(key)
         if info.dtype not in (torch.float16, torch.bfloat16, torch.float32) or len(info.shape) != 2:
             raise InputError(f"{ck.key_shard[key].path}: Linear weight {key!r} is {info.dtype} {list(info.shape)}; "
                              "qtool quantises 2-D float16/bfloat16/float32 weights")
+    if init is not None:
+        left_out = [k for k in init.keys if k not in sel.quantize or sel.quantize[k]]  # value: transposed
+        if left_out:
+            raise InputError(f"--lora-init: {left_out[0]} is not quantised (skipped, or not in the checkpoint)",
+                             hint="target modules that the conversion quantises, or drop --skip for them")
     plan = _plan_shards(ck, sel.quantize, blocksize, double_quant, max_shard_bytes)
     total = sum(ck.info(k).nbytes for k in ck.keys)
     settings = {"blocksize": blocksize, "double_quant": double_quant, "target": target, "device": device,
                 "skip": skip or [], "source": str(ck.folder), "model_class": sel.model_class,
-                "kept_linears": sel.kept_linears}
+                "kept_linears": sel.kept_linears, "selection": sel.method,
+                # the double-quant offset is torch.mean, whose last bit depends on torch's thread count (as in
+                # bitsandbytes): `qtool verify --source` re-quantises with the same count
+                "torch_threads": torch.get_num_threads()}
     budget = 2 * max(ck.info(k).nbytes for k in ck.keys)  # bytes in flight: the RSS bound is 2x + 512 MiB
     with staging_dir(Path(out), overwrite, inputs=(ck.folder,)) as stage, \
             ThreadPoolExecutor(1, thread_name_prefix="qtool-seal") as sealer, \
@@ -172,7 +196,7 @@ def _convert(ck: Checkpoint, sel: Selection, readahead: Readahead, out, blocksiz
             name = shard_name(i, len(plan))
             writer = ShardWriter(stage / name, [s for g in groups for s in g.slots], max_tail_bytes=layout.MAX_BLOB_BYTES)
             flushing, unflushed = None, 0
-            job = lambda g: _convert_one(ck, g, writer, blocksize, double_quant, target, device)  # noqa: E731
+            job = lambda g: _convert_one(ck, g, writer, blocksize, double_quant, target, device, init)  # noqa: E731
             try:
                 for g, check in _in_order(groups, job, workers, lambda g: _cost(ck, g), budget):
                     checks.append(check)
@@ -196,8 +220,11 @@ def _convert(ck: Checkpoint, sel: Selection, readahead: Readahead, out, blocksiz
             sealed[name] = sealer.submit(_seal_shard, stage / name)  # overlaps with the next shard
         shards = {name: sealed[name].result() for name in sorted(sealed)}
         _write_metadata(ck, stage, sel, weight_map, shards, double_quant, plan)
+        if init is not None:
+            init.write(stage, shards)
         result = ConvertResult(Path(out), checks, shards, 0.0, total, sum(s["bytes"] for s in shards.values()),
-                               max(ck.info(k).nbytes for k in ck.keys), 0, settings)
+                               max(ck.info(k).nbytes for k in ck.keys), 0, settings,
+                               None if init is None else init.report())
         worst = max((t for t in checks if t.quantized), key=lambda t: t.rel_error, default=None)
         if max_rel_error is not None and worst is not None and worst.rel_error > max_rel_error:
             raise VerificationError(
@@ -274,14 +301,20 @@ def _cost(ck: Checkpoint, g: _Group) -> int:
     return nbytes * (2 if g.transpose else 1) + sum(s.nbytes for s in g.slots)
 
 
-def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, double_quant, target, device) -> TensorCheck:
-    w = ck.key_shard[g.key].tensor(g.key)
-    if not g.quantized:
-        writer.write(g.key, w)
-        return TensorCheck.copied(g.key, w)
+def _convert_one(ck: Checkpoint, g: _Group, writer: ShardWriter, blocksize, double_quant, target, device,
+                 init: LoraInit | None = None) -> TensorCheck:
+    shard, info = ck.key_shard[g.key], ck.info(g.key)
+    if not g.quantized:  # copied by the kernel, file to file: never mapped here
+        writer.copy_from(g.key, shard.path, info.begin, info.nbytes)
+        return TensorCheck.copied(g.key, info.shape, info.dtype)
+    w = shard.tensor(g.key)
     if g.transpose:
         w = w.t().contiguous()
-    if device == "cpu":  # the error is measured in the quantising pass (one read of the source instead of two)
+    if init is not None and init.wants(g.key):  # the residual of the adapter's init is what gets stored
+        qw, w_res = init.quantize(g.key, w.to(device), blocksize, double_quant, target)
+        qw, w = qw.to("cpu"), w_res.to("cpu")
+        error = None
+    elif device == "cpu":  # the error is measured in the quantising pass (one read of the source instead of two)
         qw, error = nf4.quantize_with_error(w, blocksize, double_quant, target, name=g.key)
     else:
         qw, error = nf4.quantize(w.to(device), blocksize, double_quant, target, name=g.key).to("cpu"), None

@@ -1,12 +1,17 @@
 """Which tensors get quantised: exactly the ones transformers + bitsandbytes turn into ``Linear4bit`` on load.
 
-We ask the installed transformers itself instead of keeping a list of layer names: the model class named in
-config.json is instantiated on the ``meta`` device (no memory, no weights), and the rule transformers applies in
-``replace_with_bnb_linear`` is applied to it — modules whose type is exactly ``nn.Linear`` (or GPT-2's ``Conv1D``,
-whose weight is stored transposed), minus the modules it keeps in 16-bit: the output head / tied embeddings
-(``get_keys_to_not_convert``), ``_keep_in_fp32_modules``, and ``llm_int8_skip_modules``. So the answer follows the
-user's transformers version (v5 keeps fused MoE experts unquantised, v4 quantised them) and any architecture it
-supports, with no per-architecture code here.
+The rule is transformers' own (:func:`select`): the model class named in config.json is instantiated on the ``meta``
+device (no memory, no weights), and the rule transformers applies in ``replace_with_bnb_linear`` is applied to it —
+modules whose type is exactly ``nn.Linear`` (or GPT-2's ``Conv1D``, whose weight is stored transposed), minus the
+modules it keeps in 16-bit: the output head / tied embeddings (``get_keys_to_not_convert``),
+``_keep_in_fp32_modules``, and ``llm_int8_skip_modules``. So the answer follows the user's transformers version (v5
+keeps fused MoE experts unquantised, v4 quantised them) and any architecture it supports.
+
+Asking costs seconds (importing transformers' modelling code: 2-7 s measured), so the converter asks in a forked
+child (:class:`SelectionInChild`) — except for the common architectures in ``KNOWN``, whose answer follows from the
+checkpoint's keys (:func:`known_selection`): each entry is checked against :func:`select` in
+tests/test_selection.py, it applies only with the transformers major version those tests ran on, and only to a
+checkpoint whose every key it recognises; anything else is asked of transformers.
 """
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ import re
 import signal
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from qtool import errors
 from qtool.errors import InputError
@@ -32,6 +37,7 @@ class Selection:
     skip_modules_config: list[str] | None
     kept_linears: list[str]
     model_class: str
+    method: str = field(default="", compare=False)  # how it was decided, for the report
 
 
 def _should_convert(name: str, patterns: list[str]) -> bool:
@@ -114,7 +120,10 @@ def select(config: dict, folder, keys, skip: list[str] | None = None) -> Selecti
                              hint="use module names as in the checkpoint keys, e.g. model.layers.0.mlp or lm_head")
     # With a skip list transformers drops its own default (the head); write every kept Linear so it still skips them.
     skip_config = sorted(set(skip) | set(defaults)) if skip else None
-    return Selection(quantize, skip_config, kept, type(model).__name__)
+    import transformers
+
+    return Selection(quantize, skip_config, kept, type(model).__name__,
+                     f"transformers {transformers.__version__} (meta model)")
 
 
 class SelectionInChild:
@@ -195,3 +204,107 @@ def _checkpoint_key(param: str, keys: set[str], prefix: str) -> str | None:
     if prefix and param.startswith(prefix + ".") and param[len(prefix) + 1:] in keys:
         return param[len(prefix) + 1:]  # checkpoint saved from the base model (no "model." prefix)
     return None
+
+
+# ------------------------------------------------------------------------------------------- known layouts
+@dataclass(frozen=True)
+class Layout:
+    """The parameters of a causal LM whose Linear layers are known from its class: ``linears`` in each of the
+    ``n_layers`` decoder layers under ``layers`` (quantised; ``transposed`` for Conv1D), the layers' other
+    parameters ``layer_others`` (norms; the Linear layers' biases are allowed too), and the parameters outside the
+    layers ``top`` (embeddings, final norm, and ``head``: the output Linear that transformers keeps in 16-bit; absent
+    from the files when tied)."""
+
+    layers: str
+    linears: tuple[str, ...]
+    layer_others: tuple[str, ...]
+    top: tuple[str, ...]
+    head: str = "lm_head"
+    transposed: bool = False
+    n_layers_key: str = "num_hidden_layers"
+
+
+_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                "mlp.up_proj", "mlp.down_proj")
+_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+_QK_NORMS = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
+_GEMMA_NORMS = _NORMS + ("pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight")
+_TOP = ("model.embed_tokens.weight", "model.norm.weight")
+KNOWN_TRANSFORMERS_MAJOR = 5  # the version the KNOWN entries were checked against (tests/test_selection.py)
+KNOWN: dict[str, Layout] = {
+    "LlamaForCausalLM": Layout("model.layers", _PROJECTIONS, _NORMS, _TOP),
+    "MistralForCausalLM": Layout("model.layers", _PROJECTIONS, _NORMS, _TOP),
+    "Qwen2ForCausalLM": Layout("model.layers", _PROJECTIONS, _NORMS, _TOP),
+    "Qwen3ForCausalLM": Layout("model.layers", _PROJECTIONS, _NORMS + _QK_NORMS, _TOP),
+    "Gemma2ForCausalLM": Layout("model.layers", _PROJECTIONS, _GEMMA_NORMS, _TOP),
+    "Gemma3ForCausalLM": Layout("model.layers", _PROJECTIONS, _GEMMA_NORMS + _QK_NORMS, _TOP),
+    "Phi3ForCausalLM": Layout("model.layers", ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                               "mlp.down_proj"), _NORMS, _TOP),
+    "GPT2LMHeadModel": Layout("transformer.h", ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"),
+                              ("ln_1.weight", "ln_1.bias", "ln_2.weight", "ln_2.bias"),
+                              ("transformer.wte.weight", "transformer.wpe.weight", "transformer.ln_f.weight",
+                               "transformer.ln_f.bias"), transposed=True, n_layers_key="n_layer"),
+}
+
+
+def _transformers_major() -> int | None:
+    """The installed transformers' major version, read from its metadata (importing it would cost seconds)."""
+    from importlib import metadata
+
+    try:
+        return int(metadata.version("transformers").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def known_selection(config: dict, keys, skip: list[str] | None = None) -> Selection | None:
+    """:func:`select`'s answer from the checkpoint's keys alone, for an architecture in ``KNOWN``; None (ask
+    transformers) with ``skip``, another transformers major version, or any key or layer count the layout does not
+    account for exactly (a missing projection, an extra module, another prefix)."""
+    arch = (config.get("architectures") or [None])[0]
+    layout = KNOWN.get(arch)
+    n_layers = config.get(layout.n_layers_key) if layout else None
+    if layout is None or skip or not isinstance(n_layers, int) or _transformers_major() != KNOWN_TRANSFORMERS_MAJOR:
+        return None
+    keys = list(keys)
+    linear = re.compile(rf"{re.escape(layout.layers)}\.(\d+)\.({'|'.join(map(re.escape, layout.linears))})\.weight")
+    other = re.compile(rf"{re.escape(layout.layers)}\.(\d+)\.(?:{'|'.join(map(re.escape, layout.layer_others))}|"
+                       rf"(?:{'|'.join(map(re.escape, layout.linears))})\.bias)")
+    quantize: dict[str, bool] = {}
+    for key in keys:
+        m = linear.fullmatch(key)
+        if m:
+            quantize[key] = layout.transposed
+        else:
+            m = other.fullmatch(key)
+            if not m and key not in layout.top and key != f"{layout.head}.weight":
+                return None  # a parameter the layout does not know
+        if m and int(m.group(1)) >= n_layers:
+            return None
+    if len(quantize) != n_layers * len(layout.linears) or not set(layout.top) <= set(keys):
+        return None  # incomplete: transformers' own answer names what is missing
+    return Selection(quantize, None, [layout.head], arch,
+                     f"known layout of {arch} (checked against transformers {KNOWN_TRANSFORMERS_MAJOR}.x)")
+
+
+class _Decided:
+    """A selection known already, with :class:`SelectionInChild`'s interface."""
+
+    def __init__(self, selection: Selection):
+        self.selection = selection
+
+    def __enter__(self) -> _Decided:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def result(self) -> Selection:
+        return self.selection
+
+
+def start_selection(config: dict, folder, keys, skip: list[str] | None = None):
+    """The selection for a checkpoint: :func:`known_selection` where it applies, else a :class:`SelectionInChild`
+    (started now). Use as a context manager; ``result()`` gives the :class:`Selection`."""
+    known = known_selection(config, keys, skip)
+    return _Decided(known) if known is not None else SelectionInChild(config, folder, keys, skip)

@@ -19,19 +19,14 @@ INIT_ADAPTER_DIR = "qtool_lora_init"  # in a converted folder: the initial adapt
 
 def base_fingerprint(folder) -> dict:
     """What identifies a base checkpoint's weights: the sha256 of each of its safetensors shards, from the
-    ``qtool_report.json`` that ``qtool convert`` wrote when present (and still matching the shard sizes), else
-    hashed now."""
-    from qtool.convert.verify import REPORT_NAME, sha256_file
+    ``qtool_report.json`` that ``qtool convert`` wrote when it still matches the shards, else hashed now."""
+    from qtool.format.report import reported_shard_hashes, sha256_file
 
     folder = Path(folder)
-    shards = {p.name: p.stat().st_size for p in sorted(folder.glob("*.safetensors"))}
-    try:
-        report = json.loads((folder / REPORT_NAME).read_text())["shards"]
-        if {n: m["bytes"] for n, m in report.items()} == shards:
-            return {"shards_sha256": {n: report[n]["sha256"] for n in shards}}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
-    return {"shards_sha256": {n: sha256_file(folder / n) for n in shards}}
+    hashes = reported_shard_hashes(folder)
+    if hashes is None:
+        hashes = {p.name: sha256_file(p) for p in sorted(folder.glob("*.safetensors"))}
+    return {"shards_sha256": hashes}
 
 
 def read_qtool_meta(folder) -> dict | None:

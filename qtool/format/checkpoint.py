@@ -21,6 +21,8 @@ from typing import Iterable, TypeVar
 
 import torch
 
+from qtool.arch import read_config
+from qtool.format.adapter_meta import INIT_ADAPTER_DIR
 from qtool.errors import InputError, OutputError
 from qtool.format.atomic import write_text
 from qtool.format.bnb_nf4 import is_prequantized, quantized_keys
@@ -116,13 +118,7 @@ def shard_names(folder: Path) -> list[str]:
 def open_checkpoint(spec: str | os.PathLike) -> Checkpoint:
     """Resolve ``spec`` and validate everything that can be checked before reading tensor data."""
     folder = resolve(spec)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise InputError(f"{folder}: no config.json", hint="qtool needs the Hugging Face config next to the weights")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{cfg_path}: invalid JSON ({exc})") from exc
+    config = read_config(folder, hint="qtool needs the Hugging Face config next to the weights")
     if is_prequantized(config):
         method = config["quantization_config"].get("quant_method", "?")
         raise InputError(f"{folder} is already quantised ({method}: config.json has a quantization_config)",
@@ -153,8 +149,9 @@ def other_files(folder: Path) -> list[Path]:
     """The files of ``folder`` (relative paths, sorted, subfolders included) that a derived checkpoint copies: all
     but the weights (any of WEIGHT_SUFFIXES, anywhere), hidden top-level entries (``.git``, ``.cache``...) and, at
     the top level, ``config.json`` and the index (written anew for the new weights) and qtool's reports
-    (``qtool_*.json``: they describe the source's shards). A subfolder's ``config.json`` (e.g. a sentence-transformers
-    module's) is copied."""
+    (``qtool_*.json``: they describe the source's shards), and the initial adapter of a ``--lora-init`` folder (it
+    fits that folder's residual weights only). A subfolder's ``config.json`` (e.g. a sentence-transformers module's)
+    is copied."""
     folder = Path(folder)
     out = []
     for p in sorted(folder.rglob("*")):
@@ -163,6 +160,8 @@ def other_files(folder: Path) -> list[Path]:
             continue
         if len(rel.parts) == 1 and (p.name in ("config.json", INDEX_NAME)
                                     or (p.name.startswith(REPORT_PREFIX) and p.name.endswith(REPORT_SUFFIX))):
+            continue
+        if len(rel.parts) > 1 and rel.parts[0] == INIT_ADAPTER_DIR:  # belongs to that base's residual weights
             continue
         out.append(rel)
     return out

@@ -2,7 +2,8 @@
 
 File format (https://huggingface.co/docs/safetensors): 8-byte little-endian header length N, N bytes of UTF-8 JSON
 ``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str: str}}``, then the data section;
-offsets are relative to the data section, must lie inside it and must not overlap.
+offsets are relative to the data section and, as the safetensors library requires, tile it exactly: in order of
+offsets, each tensor begins where the previous one ends, the first at 0, the last at the end of the file.
 
 The writer places every tensor at an offset fixed before any data is written, so outputs stream to disk tensor by
 tensor: tensors are grouped by element size (8, 4, 2 then 1 byte, as the safetensors library orders them, which
@@ -12,18 +13,16 @@ padded with spaces, which the format allows.
 """
 from __future__ import annotations
 
-import ctypes
+import errno
 import json
 import math
 import mmap
 import os
 import struct
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from qtool.errors import InputError, OutputError
@@ -121,137 +120,6 @@ class SafetensorsFile:
         self.close()
 
 
-class Readahead:
-    """Asks the kernel, from a background thread, to read byte ranges of files in order, staying at most
-    ``window_bytes`` ahead of what the caller has consumed (``advance``). Disk reads then overlap with whatever the
-    caller does meanwhile (imports, building the meta model, quantising). The pages go to the page cache, not to this
-    process's memory, so they do not count towards its RSS. A no-op where ``posix_fadvise`` does not exist.
-
-    With ``drop_behind``, pages that this read brought into the page cache are dropped again once consumed (the
-    caller must have unmapped them: :meth:`SafetensorsFile.release`): a chunk none of whose pages were cached before
-    is dropped when the caller has passed it, one that was (partly) cached is left alone. So a conversion leaves the
-    page cache as it found it instead of filling it with a checkpoint that is read once, and its own allocations
-    (output pages, the readahead itself) reuse the memory it frees. On a VM whose host takes back free guest memory,
-    touching fresh memory costs a host page fault per 4 KiB page (~5 us measured here): drop-behind made a cold
-    9.4 GB conversion ~20% faster.
-
-        with Readahead([(path, begin, end), ...]) as ra:
-            ...; ra.advance(nbytes)
-    """
-
-    def __init__(self, ranges: list[tuple[Path, int, int]], window_bytes: int = 2 * 2**30,
-                 chunk_bytes: int | None = None, drop_behind: bool = True, queue_bytes: int = 64 * 2**20):
-        self.ranges = list(ranges)
-        self.window_bytes = window_bytes
-        self.queue_bytes = queue_bytes  # reads queued at the disk at once, at most (beyond one chunk)
-        self.chunk_bytes = chunk_bytes  # None: the device's readahead size, see device_readahead_bytes
-        self.drop_behind = drop_behind
-        self._consumed = 0
-        self._stopped = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="qtool-readahead", daemon=True)
-
-    def __enter__(self) -> "Readahead":
-        if hasattr(os, "posix_fadvise"):
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        with self._cond:
-            self._stopped = True
-            self._cond.notify()
-        if self._thread.is_alive():
-            self._thread.join()
-
-    def advance(self, nbytes: int) -> None:
-        with self._cond:
-            self._consumed += nbytes
-            self._cond.notify()
-
-    def _run(self) -> None:
-        issued = 0
-        behind: deque[tuple[int, int, int, int]] = deque()  # chunks to drop: (fd, offset, n, bytes issued up to it)
-        queued: deque[tuple[int, int, int]] = deque()  # chunks maybe still being read: (fd, last byte, n)
-        fds: list[int] = []
-        try:
-            for path, begin, end in self.ranges:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError:
-                    return  # read errors surface where the data is used
-                fds.append(fd)
-                chunk = self.chunk_bytes or device_readahead_bytes(path)
-                for offset in range(begin, end, chunk):
-                    if not self._wait(lambda: issued - self._consumed < self.window_bytes, behind):
-                        return
-                    n = min(chunk, end - offset)
-                    cold = self.drop_behind and not any_page_cached(fd, offset, n)
-                    os.posix_fadvise(fd, offset, n, os.POSIX_FADV_WILLNEED)  # queues the reads, returns at once
-                    issued += n
-                    if cold:
-                        behind.append((fd, offset, n, issued))
-                    queued.append((fd, offset + n - 1, n))
-                    while sum(q[2] for q in queued) > self.queue_bytes:
-                        # Keep at most queue_bytes of reads queued at the disk: queued all at once, the 2 GiB window
-                        # made every other read wait behind it (the imports of `select`: 1.6 s -> 2.6 s). Reading
-                        # the last byte of an old chunk waits until the disk has got that far.
-                        q_fd, q_last, _ = queued.popleft()
-                        os.pread(q_fd, 1, q_last)
-            self._wait(lambda: False, behind)  # all issued: keep dropping behind the caller until it is done
-        except OSError:
-            return
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _wait(self, ready, behind: deque) -> bool:
-        """Wait until ``ready()`` (True) or the end (False), dropping the chunks the caller has passed meanwhile."""
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopped or ready() or (behind and behind[0][3] <= self._consumed))
-                stopped, consumed = self._stopped, self._consumed
-            while behind and behind[0][3] <= consumed:
-                fd, offset, n, _ = behind.popleft()
-                os.posix_fadvise(fd, offset, n, os.POSIX_FADV_DONTNEED)
-            if stopped:
-                return False
-            if ready():
-                return True
-
-
-def any_page_cached(fd: int, offset: int, n: int) -> bool:
-    """Whether any page of bytes ``[offset, offset + n)`` of the open file ``fd`` is in the page cache (``mincore``
-    on a short-lived mapping, which reads nothing). True where that cannot be told, so that nothing is dropped that
-    may have been cached."""
-    start = offset // mmap.PAGESIZE * mmap.PAGESIZE
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        with mmap.mmap(fd, offset + n - start, offset=start, access=mmap.ACCESS_READ) as mm:
-            view = np.frombuffer(mm, np.uint8)
-            vec = np.zeros(-(-len(mm) // mmap.PAGESIZE), np.uint8)
-            ok = libc.mincore(ctypes.c_void_p(view.ctypes.data), ctypes.c_size_t(len(mm)),
-                              ctypes.c_void_p(vec.ctypes.data)) == 0
-            del view  # the mapping cannot close while a view of it exists
-        return not ok or bool((vec & 1).any())
-    except (OSError, ValueError, AttributeError):
-        return True
-
-
-def device_readahead_bytes(path: Path) -> int:
-    """The most that one ``POSIX_FADV_WILLNEED`` call on ``path`` reads. Linux clamps each call to the larger of the
-    device's ``read_ahead_kb`` and ``max_sectors_kb`` (mm/readahead.c, ``force_page_cache_ra``) and drops the rest
-    of the range without a word: 32 MiB calls on a device with 8 MiB readahead left 3/4 of the input to be read by
-    page faults, in the converting threads. 128 KiB (the kernel's default readahead) where sysfs does not say."""
-    try:
-        st = os.stat(path)
-        dev = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}").resolve()
-        queue = dev / "queue" if (dev / "queue").is_dir() else dev.parent / "queue"  # a partition: its disk's queue
-        kib = max(int((queue / name).read_text()) for name in ("read_ahead_kb", "max_sectors_kb"))
-    except (OSError, ValueError):
-        kib = 128
-    return min(max(kib, 128), 32 * 1024) * 1024
-
-
 def _element_size(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
@@ -307,17 +175,31 @@ def read_header(path: str | Path) -> SafetensorsFile:
             raise InputError(f"{path}: tensor {name!r} has {end - begin} bytes of data but shape {shape} "
                              f"{entry['dtype']} needs {math.prod(shape) * _element_size(dtype)}")
         tensors.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end))
-    tensors.sort(key=lambda t: (t.begin, t.end))
-    reach = None  # the non-empty tensor reaching furthest so far (an empty one in between must not hide an overlap)
-    for b in tensors:
-        if not b.nbytes:
-            continue
-        if reach is not None and b.begin < reach.end:
-            raise InputError(f"{path}: tensors {reach.name!r} and {b.name!r} overlap in the data section",
-                             hint="the file is corrupt; fetch it again")
-        if reach is None or b.end > reach.end:
-            reach = b
+    _check_contiguous(path, tensors, data_start, data_len)
     return SafetensorsFile(path, {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()})
+
+
+def _check_contiguous(path: Path, tensors: list[TensorInfo], data_start: int, data_len: int) -> None:
+    """The safetensors library's rule (``Metadata::validate`` and ``read_metadata``): in order of offsets, each tensor
+    begins where the previous one ends (the first at 0) and the last ends at the end of the file. So no two tensors
+    share bytes and no byte belongs to none. Sorts ``tensors`` by offset."""
+    tensors.sort(key=lambda t: (t.begin, t.end))
+    end, prev = data_start, None
+    for t in tensors:
+        if t.begin < end:
+            raise InputError(f"{path}: tensors {prev.name!r} and {t.name!r} overlap in the data section (bytes "
+                             f"{t.begin - data_start:,}..{min(end, t.end) - data_start:,})",
+                             hint="the file is corrupt; fetch it again")
+        if t.begin > end:
+            where = f"between {prev.name!r} and {t.name!r}" if prev else f"before the first tensor {t.name!r}"
+            raise InputError(f"{path}: bytes {end - data_start:,}..{t.begin - data_start:,} of the data section belong "
+                             f"to no tensor ({where}); safetensors data must be contiguous",
+                             hint="the file is corrupt or was not written by a safetensors library; fetch it again")
+        end, prev = t.end, t
+    if end != data_start + data_len:
+        raise InputError(f"{path}: {data_start + data_len - end:,} bytes after the last tensor"
+                         f"{f' {prev.name!r}' if prev else ''} belong to no tensor; safetensors data must end with "
+                         "the file", hint="the file is corrupt or has data appended; fetch it again")
 
 
 # ----------------------------------------------------------------------------------------------------------- writing
@@ -394,6 +276,20 @@ class ShardWriter:
             _pwrite_all(self.fd, memoryview(data).cast("B") if len(data) else b"", self.data_start + self.offsets[name][0],
                         self.path)
 
+    def copy_from(self, name: str, src: Path, src_offset: int, nbytes: int) -> None:
+        """Fill fixed slot ``name`` with ``nbytes`` bytes of file ``src`` at ``src_offset``, copied by the kernel
+        (``copy_file_range``: from page cache to page cache, or a reflink where the file system shares blocks), so
+        that a tensor copied unchanged never passes through this process's memory."""
+        slot = self.slots.get(name)
+        with self._lock:
+            if slot is None or slot.tail or name in self.filled:
+                raise AssertionError(f"writer: unexpected, tail or repeated tensor {name!r}")
+            if nbytes != slot.nbytes:
+                raise AssertionError(f"writer: {name!r} is {nbytes} bytes, planned {slot.nbytes}")
+            self.filled.add(name)
+        with self._write_lock:
+            _copy_range(Path(src), src_offset, self.fd, self.data_start + self.offsets[name][0], nbytes, self.path)
+
     def close(self, sync: bool = True) -> int:
         """Write the header; return the file size. Raises AssertionError if a planned tensor never arrived.
         ``sync=False`` leaves the fsync to the caller (which may do it in the background)."""
@@ -434,6 +330,39 @@ class ShardWriter:
             os.close(self.fd)
         except OSError:
             pass
+
+
+def _copy_range(src: Path, src_offset: int, fd: int, offset: int, nbytes: int, path: Path) -> None:
+    """Copy ``nbytes`` of ``src`` from ``src_offset`` into ``fd`` at ``offset``: ``os.copy_file_range`` where the
+    kernel offers it for these files, else reads and writes of 16 MiB."""
+    try:
+        src_fd = os.open(src, os.O_RDONLY)
+    except OSError as exc:
+        raise InputError(f"{src}: cannot read ({exc.strerror})") from exc
+    try:
+        done = 0
+        if hasattr(os, "copy_file_range"):
+            try:
+                while done < nbytes:
+                    n = os.copy_file_range(src_fd, fd, nbytes - done, src_offset + done, offset + done)
+                    if n == 0:
+                        raise InputError(f"{src}: ends before byte {src_offset + nbytes:,}",
+                                         hint="the file changed while it was converted; run again")
+                    done += n
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
+                    raise OutputError(f"cannot write {path}: {exc.strerror}",
+                                      hint="free disk space (or choose another output folder) and run again"
+                                      if exc.errno == errno.ENOSPC else None) from exc
+        while done < nbytes:  # no copy_file_range between these files: through a buffer
+            chunk = os.pread(src_fd, min(16 * 2**20, nbytes - done), src_offset + done)
+            if not chunk:
+                raise InputError(f"{src}: ends before byte {src_offset + nbytes:,}",
+                                 hint="the file changed while it was converted; run again")
+            _pwrite_all(fd, chunk, offset + done, path)
+            done += len(chunk)
+    finally:
+        os.close(src_fd)
 
 
 def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:

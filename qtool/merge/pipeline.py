@@ -32,7 +32,7 @@ import torch
 
 from qtool import __version__
 from qtool.convert.pipeline import peak_rss_bytes
-from qtool.convert.verify import sha256_file
+from qtool.format.report import sha256_file
 from qtool.errors import InputError
 from qtool.format import bnb_nf4 as layout
 from qtool.format.atomic import check_destination, staging_dir, write_text
@@ -94,6 +94,33 @@ def _out_dtype(base: Base, dtype) -> torch.dtype:
     return floats.pop() if len(floats) == 1 else torch.bfloat16
 
 
+def check_base_matches(adapter_dir: Path, base_dir: Path, base_is_nf4: bool) -> None:
+    """An adapter qtool trained records the base it was trained on (``qtool_adapter.json``): merging it onto another
+    NF4 base is refused, naming the expected one. Onto a 16-bit folder: allowed for the ``zero``/``symmetric`` inits
+    (the original weights; the report says what that costs), refused for ``pissa``/``loftq``, whose base is the
+    residual the converter wrote. Adapters from elsewhere (no record) are not checked."""
+    from qtool.adapters.spec import CONVERTER_INITS
+    from qtool.format.adapter_meta import base_fingerprint, read_qtool_meta
+
+    meta = read_qtool_meta(adapter_dir)
+    if meta is None or "base" not in meta:
+        return
+    init = meta["spec"].get("init", "zero")
+    if not base_is_nf4:
+        if init in CONVERTER_INITS:
+            raise InputError(f"{adapter_dir} was trained with --init {init}: its base is the NF4 residual that "
+                             f"`qtool convert --lora-init {init}` wrote, not the 16-bit model {base_dir}",
+                             hint="merge it onto the converted folder it was trained on")
+        return
+    expected = meta["base"].get("shards_sha256", {})
+    found = base_fingerprint(base_dir).get("shards_sha256", {})
+    if expected != found:
+        want = ", ".join(f"{n} {h[:12]}" for n, h in sorted(expected.items()))
+        raise InputError(f"{adapter_dir} was trained on another base than {base_dir}: it expects the shards "
+                         f"{want} (sha256)", hint="merge onto the NF4 folder the adapter was trained on (its "
+                         f"adapter_config.json names it: base_model_name_or_path), or onto the 16-bit original")
+
+
 def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requantize_nf4: bool = False,
           max_shard_bytes: int = DEFAULT_MAX_SHARD, overwrite: bool = False, verify: bool = True,
           target: str = "cuda", progress: ProgressFn | None = None) -> MergeResult:
@@ -118,6 +145,7 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
     b = open_base(base)
     try:
         check_destination(Path(out), overwrite, (b.ck.folder, ad.path))  # fail before any work; checked again below
+        check_base_matches(ad.path, b.ck.folder, b.is_nf4)
         model = meta_model(b.ck.config, b.ck.folder)  # the model class on the meta device (imports transformers)
         b.layout_t = layout_transposed(b, model)
         targets, bias_keys, notes = match_targets(b, ad, model)

@@ -23,8 +23,15 @@ last partial block ``x * (1/absmax)``, all-zero: absmax 0     ``x / absmax``, al
 =================  =========================================  =========================================
 
 Both dequantise to the same values up to those absmax codes; transformers loads either.
-The offset is ``torch.mean`` of the fp32 absmax on the CPU whichever device quantises, so ``--device cuda`` writes
-the same bytes as the CPU.
+
+Where the work runs matters for ``target="cuda"`` only. On the CPU (the default), the reciprocal of each block's
+absmax is the IEEE one and the double-quant offset is ``torch.mean`` on the CPU: deterministic, the same on every
+machine with the same torch thread count, and equal to bitsandbytes' GPU bytes except where its fast-math
+reciprocal lands on the other side of a threshold or its GPU mean differs in the last bit (issue 13, a random
+1.7B Llama on an H200: packed bytes equal everywhere, 7 of 168 weights with some other 8-bit absmax codes, 44 of
+168 with another offset). On a CUDA tensor, :mod:`qtool.nf4.gpu_bytes` reproduces the GPU's arithmetic (``rcp.approx.ftz``,
+flush-to-zero, the mean on the device): the bytes bitsandbytes writes on that GPU, exactly. ``target="cpu"`` gives
+bitsandbytes' CPU bytes on either device (its offset, ``torch.mean`` on the CPU, depends on torch's thread count).
 """
 from __future__ import annotations
 
@@ -89,6 +96,7 @@ def _nested_lut(code: np.ndarray) -> np.ndarray:
 
 _DYNAMIC = dynamic_map_signed()
 _LUT = _nested_lut(_DYNAMIC)
+_CODE, _THRESHOLDS = nf4_code(), nf4_thresholds()
 # Double quantisation moves a block constant by at most one gap of the 8-bit code (exact nearest: half a gap; the
 # CPU look-up table may take the neighbour) times its group's nested absmax; the widest gap is 0.9/64 near +-1.
 _DYNAMIC_MAX_GAP = float(np.diff(_DYNAMIC).max())
@@ -154,16 +162,16 @@ def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 @contextlib.contextmanager
 def kernel_threads(share: int = 1):
-    """Within the block, the CPU kernels called from this thread run on ``1/share`` of numba's threads (at least
-    one; numba's thread count is a per-calling-thread setting), so that ``share`` threads can quantise at once."""
-    import numba
+    """Within the block, each CPU kernel called from this thread splits its work over ``1/share`` of the cores (at
+    least one thread), so that ``share`` threads can quantise at once without oversubscribing the CPU."""
+    from qtool.nf4 import _cpu as k
 
-    before = numba.get_num_threads()
-    numba.set_num_threads(max(1, numba.config.NUMBA_NUM_THREADS // share))
+    before = getattr(k._local, "n_threads", None)
+    k.set_threads(max(1, k.available_cores() // share))
     try:
         yield
     finally:
-        numba.set_num_threads(before)
+        k.set_threads(before)
 
 
 def _check_input(w: torch.Tensor, blocksize: int, target: str, name: str) -> None:
@@ -180,9 +188,12 @@ def _check_input(w: torch.Tensor, blocksize: int, target: str, name: str) -> Non
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, target: str = "cuda",
              name: str = "tensor") -> QuantizedWeight:
     """Quantise ``w`` to NF4 exactly as bitsandbytes ``quantize_4bit(w, blocksize, quant_type="nf4",
-    compress_statistics=double_quant)`` does on ``target``'s backend. Works on CPU tensors (numba kernels) and CUDA
-    tensors (torch kernels); both give the same bytes. Raises InputError on Inf/NaN (naming ``name``)."""
+    compress_statistics=double_quant)`` does on ``target``'s backend. Works on CPU tensors (C kernels) and CUDA
+    tensors (torch kernels); with ``target="cuda"``, a CUDA tensor gets the GPU's own bytes (see the module
+    docstring), a CPU tensor the deterministic ones. Raises InputError on Inf/NaN (naming ``name``)."""
     _check_input(w, blocksize, target, name)
+    if w.is_cuda and target == "cuda":
+        return _quantize_gpu_bytes(w, blocksize, double_quant, name)
     if w.is_cuda:
         packed, absmax_f32, n_bad = _quantize_4bit_torch(w, blocksize, target)
         _refuse_nonfinite(n_bad, name)
@@ -204,6 +215,20 @@ def quantize_with_error(w: torch.Tensor, blocksize: int = 64, double_quant: bool
     qw, error, n_bad = _quantize_cpu(w, blocksize, double_quant, target, measure=True)
     _refuse_nonfinite(n_bad, name)
     return qw, error
+
+
+def _quantize_gpu_bytes(w: torch.Tensor, blocksize: int, double_quant: bool, name: str) -> QuantizedWeight:
+    """``target="cuda"`` on a CUDA tensor: bitsandbytes' CUDA arithmetic on the GPU (:mod:`qtool.nf4.gpu_bytes`)."""
+    from qtool.nf4 import gpu_bytes
+
+    th = torch.from_numpy(_THRESHOLDS).to(w.device)
+    packed, absmax, n_bad = gpu_bytes.quantize_4bit(w, blocksize, th)
+    _refuse_nonfinite(n_bad, name)
+    if not double_quant:
+        return QuantizedWeight(packed, absmax, None, None, tuple(w.shape), w.dtype, blocksize)
+    codes, nested, offset = gpu_bytes.quantize_absmax(absmax, torch.from_numpy(_DYNAMIC).to(w.device),
+                                                      NESTED_BLOCKSIZE)
+    return QuantizedWeight(packed, codes, nested, offset, tuple(w.shape), w.dtype, blocksize)
 
 
 def _refuse_nonfinite(n_bad: int, name: str) -> None:
@@ -233,7 +258,7 @@ def _input_bits(w: torch.Tensor) -> tuple[np.ndarray, int]:
 
 
 def _quantize_cpu(w: torch.Tensor, blocksize: int, double_quant: bool, target: str, measure: bool):
-    """The numba path, two passes over ``w``: (1) each block's exact absmax; then the last partial block (if any) and
+    """The C kernels' path, two passes over ``w``: (1) each block's exact absmax; then the last partial block (if any) and
     double quantisation here, which need all of them; (2) the 4-bit codes and, with ``measure``, the reconstruction
     error against the stored constants. Returns (QuantizedWeight or None, error dict or None, number of NaN/Inf);
     with NaN/Inf in ``w`` the work stops after pass 1 (None) when it would double-quantise NaN constants."""
@@ -259,16 +284,16 @@ def _quantize_cpu(w: torch.Tensor, blocksize: int, double_quant: bool, target: s
                          target)
     zero_code = 7 if target == "cpu" else 0
     if not measure:
-        k.quantize_blocks(bits, kind, n, blocksize, nf4_thresholds(), zero_code, exact, packed, False, *_NO_MEASURE)
+        k.quantize_blocks(bits, kind, n, blocksize, _THRESHOLDS, zero_code, exact, packed)
         return qw, None, n_bad
     stored, tol, sums, counts = _measure_inputs(qw)
-    k.quantize_blocks(bits, kind, n, blocksize, nf4_thresholds(), zero_code, exact, packed, True, stored, nf4_code(),
-                      tol, NESTED_BLOCKSIZE, sums, counts)
+    k.quantize_blocks(bits, kind, n, blocksize, _THRESHOLDS, zero_code, exact, packed, True, stored, _CODE, tol,
+                      NESTED_BLOCKSIZE, sums, counts)
     return qw, _error_dict(*k.total_stats(sums, counts)), n_bad
 
 
 def _quantize_4bit_cpu(w: torch.Tensor, blocksize: int, target: str):
-    """(packed, fp32 absmax, number of NaN/Inf) from the numba path: the counterpart of :func:`_quantize_4bit_torch`
+    """(packed, fp32 absmax, number of NaN/Inf) from the C kernels' path: the counterpart of :func:`_quantize_4bit_torch`
     that the tests compare it with."""
     qw, _, n_bad = _quantize_cpu(w, blocksize, False, target, measure=False)
     return qw.packed, qw.absmax, n_bad
@@ -333,13 +358,13 @@ def quantize_absmax(absmax: torch.Tensor, target: str = "cuda") -> tuple[torch.T
     from qtool.nf4 import _cpu as k
 
     offset = absmax.mean()  # fp32 torch.mean, as bitsandbytes (its last bit follows torch's reduction order)
-    y = (absmax - offset).numpy()
+    y = absmax.numpy() - offset.numpy()  # fp32 - fp32: bitsandbytes' `absmax - offset`, without a torch operation
     codes = np.empty(y.size, np.uint8)
     nested = np.empty(-(-y.size // NESTED_BLOCKSIZE), np.float32)
     if target == "cpu":
         k.nested_codes_lut(y, NESTED_BLOCKSIZE, _LUT, codes, nested)
     else:
-        k.nested_codes_search(y, NESTED_BLOCKSIZE, _DYNAMIC, codes, nested)
+        k.nested_codes_search(y, NESTED_BLOCKSIZE, _DYNAMIC, _LUT, codes, nested)
     return torch.from_numpy(codes), torch.from_numpy(nested), float(offset.item())
 
 
@@ -347,6 +372,13 @@ def absmax_fp32(qw: QuantizedWeight) -> torch.Tensor:
     """The per-block fp32 absmax the loaders use: ``code8[q] * nested_absmax[i // 256] + offset`` (two fp32 ops)."""
     if not qw.double_quant:
         return qw.absmax
+    if not qw.absmax.is_cuda:
+        from qtool.nf4 import _cpu as k
+
+        out = np.empty(qw.absmax.numel(), np.float32)
+        k.absmax_fp32(qw.absmax.reshape(-1).contiguous().numpy(), qw.nested_absmax.contiguous().numpy(), _DYNAMIC,
+                      qw.offset, NESTED_BLOCKSIZE, out)
+        return torch.from_numpy(out)
     code = torch.from_numpy(_DYNAMIC).to(qw.absmax.device)
     scale = qw.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: qw.absmax.numel()]
     out = code[qw.absmax.long()] * scale
@@ -387,14 +419,9 @@ def reconstruction_error(w: torch.Tensor, qw: QuantizedWeight) -> dict:
 
     bits, kind = _input_bits(w.cpu())
     stored, tol, sums, counts = _measure_inputs(qw)
-    k.reconstruction_stats(bits, kind, qw.packed.reshape(-1).cpu().numpy(), stored, nf4_code(), qw.blocksize,
+    k.reconstruction_stats(bits, kind, qw.packed.reshape(-1).cpu().numpy(), stored, _CODE, qw.blocksize,
                            qw.numel, tol, NESTED_BLOCKSIZE, sums, counts)
     return _error_dict(*k.total_stats(sums, counts))
-
-
-# quantize_blocks' measurement arguments when it does not measure (typed like the real ones: one compiled kernel)
-_NO_MEASURE = (np.empty(0, np.float32), np.empty(0, np.float32), np.empty(0), NESTED_BLOCKSIZE, np.empty((0, 4)),
-               np.empty((0, 2), np.int64))
 
 
 def _measure_inputs(qw: QuantizedWeight):
@@ -408,7 +435,7 @@ def _measure_inputs(qw: QuantizedWeight):
         tol = qw.nested_absmax.cpu().numpy().astype(np.float64) * _DYNAMIC_MAX_GAP
     else:
         tol = np.zeros(-(-stored.size // NESTED_BLOCKSIZE))
-    n_groups = -(-stored.size // k.GROUP_BLOCKS)
+    n_groups = k.n_groups(qw.numel, qw.blocksize)
     return stored, tol, np.empty((n_groups, k.N_SUMS)), np.empty((n_groups, k.N_COUNTS), np.int64)
 
 

@@ -6,8 +6,9 @@ times per step (forward, recomputation, backward). Each function here is one ker
 saves less for backward (RMSNorm keeps its input and one fp32 per row; RoPE keeps nothing).
 
 Each has a torch reference with transformers' exact arithmetic; the CPU (and any machine without Triton) uses the
-reference, so CPU logits stay bit-identical to transformers'. On the GPU the kernels round the same way in the
-forward (the backward accumulates in fp32); tests/test_fused_cuda.py compares them with the references.
+reference, so CPU logits stay bit-identical to transformers'. On the GPU the RoPE and SwiGLU forwards are
+bit-identical to the references and RMSNorm's is within one rounding (the backward accumulates in fp32);
+tests/test_fused_cuda.py compares them, and data/gpu/ records the H200 runs.
 """
 from __future__ import annotations
 

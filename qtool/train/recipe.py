@@ -14,9 +14,8 @@ import torch
 
 from qtool.adapters.spec import CONVERTER_INITS, UNTARGETED_METHODS
 from qtool.errors import QtoolError, UsageError
-from qtool.train.settings import TrainSettings, check_inputs
 from qtool.train.measure import MemoryMonitor, compare_with_plan, plan_settings
-
+from qtool.train.settings import TrainSettings, check_inputs
 
 
 @dataclass

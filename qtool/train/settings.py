@@ -2,7 +2,6 @@
 so that a wrong flag or path is reported in a fraction of a second, before anything heavy is imported."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,15 +100,10 @@ def decoder_shape(config: dict, where: str = "config.json"):
 
 def read_shape(folder):
     """The shape of a model folder's config.json, checked for the trainer."""
-    folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise InputError(f"{folder}: no config.json", hint="pass a folder written by qtool convert")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{cfg_path}: cannot read ({exc})") from exc
-    return decoder_shape(config, str(cfg_path))
+    from qtool.arch import read_config
+
+    config = read_config(folder, hint="pass a folder written by qtool convert")
+    return decoder_shape(config, str(Path(folder) / "config.json"))
 
 
 def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False, given=()):
