@@ -422,6 +422,15 @@ def test_train_saves_an_adapter_that_loads_back(smollm2_nf4_cpu, shakespeare_pat
     with torch.no_grad():
         plain = load_decoder(smollm2_nf4_cpu, compute_dtype=torch.float32)(ids)
         assert not torch.allclose(model(ids), plain, atol=1e-3)
+    if method == "prefix":  # and PEFT reads it onto transformers' model of the folder: the same logits, bf16
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        ours = load_decoder(smollm2_nf4_cpu, compute_dtype=torch.bfloat16)
+        load_adapter_into(ours, res.adapter)
+        hf = AutoModelForCausalLM.from_pretrained(smollm2_nf4_cpu, device_map="cpu").train()
+        with torch.no_grad():
+            assert torch.equal(ours(ids), PeftModel.from_pretrained(hf, res.adapter)(ids).logits)
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU
