@@ -380,6 +380,28 @@ def test_plan_shows_the_method_and_its_inference_cost():
     assert r.exit_code == 2 and "--method adapter has no rank" in r.output
 
 
+def test_planner_seq_len_bound_leaves_the_prefix_its_positions():
+    """The fit search stops at the longest --seq-len that qtool train accepts with the prefix before it."""
+    from qtool.plan.planner import knob_limit, largest_fitting
+    from qtool.train.settings import _prefix_problems
+
+    for name, want in (("smollm2-135m", 8192 - 16 - 1), ("mistral-7b", 4096 - 16)):  # positions; sliding window
+        shape = known_shape(name)
+        value, why = knob_limit(shape, Settings(method="prefix", prefix_len=16), "seq_len")
+        assert value == want and "prefix of 16" in why, (name, value, why)
+        train = TrainSettings(method="prefix", prefix_len=16, seq_len=value)
+        assert not _prefix_problems(train, shape) and _prefix_problems(train.__class__(
+            method="prefix", prefix_len=16, seq_len=value + 1), shape)
+    fit = largest_fitting(known_shape("smollm2-135m"), Settings(method="prefix", prefix_len=16), 10**12)
+    assert fit.value == 8192 - 17 and fit.limited
+    assert knob_limit(known_shape("smollm2-135m"), Settings(), "seq_len")[0] == 8192  # LoRA: all positions
+    r = CliRunner().invoke(main, ["plan", "smollm2-135m", "--method", "prefix", "--prefix-len", "16"])
+    assert "8,175 (capped)" in r.output, r.output
+    notes = [plan(known_shape("smollm2-135m"), Settings(method="prefix", prefix_len=16, seq_len=s)).notes
+             for s in (8175, 8176)]
+    assert not any("to generate into" in n for n in notes[0]) and any("to generate into" in n for n in notes[1])
+
+
 def test_measured_latency_comes_from_a_matching_record(tmp_path):
     shape = known_shape("llama-2-7b")
     record = {"model": "llama-2-7b", "device": "NVIDIA H200", "inference": [

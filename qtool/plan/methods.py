@@ -104,6 +104,22 @@ def kept_bytes(shape: Shape, st: Settings) -> list[tuple[str, int]]:
     return rows
 
 
+def seq_len_bound(shape: Shape, st: Settings) -> tuple[int, str] | None:
+    """Prefix: the longest ``--seq-len`` that ``qtool train`` accepts with the ``l`` prefix positions before the
+    sequence (qtool.train.settings): below ``max_positions - l`` (one position left to generate into) and, for the
+    qtool trainer, ``l + s`` within a sliding window. None for the other methods (all positions are the sequence's)."""
+    if st.method != "prefix":
+        return None
+    l = st.prefix_len
+    value, why = shape.max_positions - l - 1, (f"max_position_embeddings of {shape.name} less the prefix of {l} "
+                                               "and one position to generate into")
+    window = shape.sliding_window if st.profile == "qtool" else None
+    if window and window - l < value:
+        value, why = window - l, (f"{window:,}-token sliding window of {shape.name} less the prefix of {l} (the "
+                                  "qtool trainer attends over both and does not apply the window)")
+    return max(value, 1), why
+
+
 # --- inference ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -186,9 +186,10 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
     notes = [shape.note] if shape.note else []
     if st.seq_len > shape.max_positions:
         notes.append(f"--seq-len {st.seq_len} exceeds {shape.name}'s max_position_embeddings ({shape.max_positions})")
-    if st.method == "prefix" and st.prefix_len + st.seq_len > shape.max_positions:
-        notes.append(f"--prefix-len {st.prefix_len} + --seq-len {st.seq_len} exceeds {shape.name}'s "
-                     f"max_position_embeddings ({shape.max_positions}): the prefix takes positions before the sequence")
+    if st.method == "prefix" and st.prefix_len + st.seq_len >= shape.max_positions:
+        notes.append(f"--prefix-len {st.prefix_len} + --seq-len {st.seq_len} leave no position of {shape.name}'s "
+                     f"{shape.max_positions} (max_position_embeddings) to generate into: the prefix takes positions "
+                     "before the sequence, and qtool train refuses this")
     if st.profile == "qtool" and shape.model_type not in ("llama", "mistral", "qwen2"):
         notes.append(f"the qtool trainer builds Llama-family decoders; {shape.model_type} is planned with the "
                      "Llama activation formulas (use --profile hf for transformers)")
@@ -250,6 +251,9 @@ def knob_limit(shape: Shape, settings: Settings, knob: str) -> tuple[int, str]:
         lins = {lin.name: lin for lin in layer_linears(shape)}
         name = min(st.module_ranks(shape), key=lambda n: min(lins[n].n_in, lins[n].n_out))
         return min(lins[name].n_in, lins[name].n_out), f"min(in, out) of {name}"
+    if knob == "seq_len" and methods.seq_len_bound(shape, st) is not None:
+        value, why = methods.seq_len_bound(shape, st)
+        return (value, why) if value < _LIMITS[knob] else (_LIMITS[knob], "search bound")
     if knob == "seq_len":
         window = shape.sliding_window if st.profile == "qtool" else None
         if window and window < min(shape.max_positions, _LIMITS[knob]):
