@@ -2,8 +2,9 @@
 GPU. Two parts, each writing JSON and printing a short table last.
 
     python bench/methods_compare.py cpu --out bench/results/methods_compare_cpu.json      # (a) ~1-2 h, 2 cores
-    python bench/methods_compare.py gpu --out data/methods/h200.json                      # (b) one H200, < 8 min
-    python bench/methods_compare.py gpu --smoke --out /tmp/methods_smoke.json             # (b)'s code on the CPU
+    python bench/methods_compare.py gpu --out-dir data/methods                           # (b) one H200, < 4 min
+    python bench/methods_compare.py gpu --smoke --out-dir /tmp/methods_smoke              # (b)'s code on the CPU
+    bash bench/device/methods_h200.sh                                                     # (b) as one device call
 
 The budget: LoRA rank ``--rank`` on q,k,v,o, and the adapter size and prefix length whose trainable counts are
 nearest to it (``qtool.plan.methods.matched_specs``, what ``qtool plan --compare-methods`` prints).
@@ -15,7 +16,8 @@ AdamW) and held-out blocks; the held-out loss every ``--eval-every`` steps. ``--
 (one learning rate for all by default: no per-method tuning). Writes the JSON, a PNG of the held-out curves and
 the training loss (running mean of 10 steps) beside it.
 
-(b) ``gpu``: a Llama-2-7B-shaped model with random weights.
+(b) ``gpu``: each of ``--models`` (default: a Llama-2-7B-shaped model and SmolLM2-135M's shape) with random weights;
+one JSON per model, ``OUT_DIR/<model>.json``.
   * training: qtool's trainer (random NF4 weights made on the GPU, paged AdamW 32-bit, checkpointing, CUDA graph),
     ``--train-steps`` steps of ``--train-seq`` tokens per method: tokens/s (median step after the graph capture),
     peak allocated/reserved, and ``qtool plan``'s peak allocated for the same settings (its error in %);
@@ -25,7 +27,8 @@ the training loss (running mean of 10 steps) beside it.
     ``prefix`` (``l`` key/value vectors per layer in the KV cache before the prompt, as PEFT's PREFIX_TUNING runs:
     a DynamicCache, transformers' mask and positions). Decode: per-token latency after a 512-token prompt, 128
     greedy steps timed with CUDA events, median over interleaved rounds; prefill: tokens/s of 2048 tokens.
-  The JSON is what ``qtool plan`` reads from data/methods/ to show measured decode latency per method.
+  The JSONs are what ``qtool plan`` reads from data/methods/ to show measured decode latency per method (the record
+  whose ``model`` is the planned shape's name).
 """
 from __future__ import annotations
 
@@ -200,7 +203,7 @@ def _hf_config(shape, smoke: bool):
     return LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
                        num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads,
                        num_key_value_heads=shape.n_kv_heads, max_position_embeddings=max(shape.max_positions, 4096),
-                       head_dim=shape.head_dim)
+                       head_dim=shape.head_dim, tie_word_embeddings=shape.tied_embeddings)
 
 
 def build_inference(shape, specs: dict, args, device) -> dict:
@@ -328,35 +331,53 @@ def infer_gpu(shape, specs: dict, args, device) -> list[dict]:
 
 def run_gpu(args) -> None:
     import dataclasses
+    import gc
 
     import torch
 
     from qtool.arch import known_shape
 
-    t0 = time.perf_counter()
     device = torch.device("cpu" if args.smoke else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run with --smoke on the CPU")
-    shape = known_shape(args.model)
     if args.smoke:  # the code paths on a tiny shape, in seconds
-        shape = dataclasses.replace(shape, name=f"{args.model} (smoke)", hidden=128, intermediate=352, n_layers=2,
-                                    n_heads=4, n_kv_heads=4, head_dim=32, vocab=1000)
         args.train_seq, args.train_steps, args.prompt, args.new_tokens, args.prefill, args.rounds = 64, 3, 32, 4, 64, 2
-    specs = _budget(shape, args.rank)
-    training = [] if args.skip_training else train_gpu(shape, specs, args, device)
-    inference = infer_gpu(shape, specs, args, device)
+    records = []
+    for model in args.models.split(","):
+        t0 = time.perf_counter()
+        shape = known_shape(model)
+        if args.smoke:
+            shape = dataclasses.replace(shape, name=f"{model} (smoke)", hidden=128, intermediate=352, n_layers=2,
+                                        n_heads=4, n_kv_heads=4, head_dim=32, vocab=1000)
+        specs = _budget(shape, args.rank)
+        training = [] if args.skip_training else train_gpu(shape, specs, args, device)
+        inference = infer_gpu(shape, specs, args, device)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        record = {"date": time.strftime("%Y-%m-%d"), "model": shape.name, "shape": "random weights",
+                  "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                  "versions": _versions(), "cuda": torch.version.cuda,
+                  "budget": {k: s.to_json() for k, s in specs.items()},
+                  "n_trainable": {k: s.n_trainable(shape) for k, s in specs.items()},
+                  "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
+                  "training": training, "inference": inference, "seconds": time.perf_counter() - t0}
+        _write(args.out_dir / f"{model}.json", record)
+        records.append(record)
+        _print_gpu(record, args)
+    _print_summary(records, args.out_dir)
+
+
+def _versions() -> dict:
     import importlib.metadata as md
 
-    versions = {p: md.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes")
-                if _installed(md, p)}
-    record = {"date": time.strftime("%Y-%m-%d"), "model": shape.name, "shape": "random weights",
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-              "versions": versions, "cuda": torch.version.cuda, "budget": {k: s.to_json() for k, s in specs.items()},
-              "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
-              "training": training, "inference": inference, "seconds": time.perf_counter() - t0}
-    _write(args.out, record)
-    print(f"\n{shape.name}, random weights, on {record['device']}; budget of LoRA r={args.rank} on q,k,v,o "
-          f"({specs['lora'].n_trainable(shape):,} params)")
+    return {p: md.version(p) for p in ("torch", "transformers", "peft", "bitsandbytes") if _installed(md, p)}
+
+
+def _print_gpu(record: dict, args) -> None:
+    training, inference = record["training"], record["inference"]
+    print(f"\n{record['model']}, random weights, on {record['device']}; budget of LoRA r={args.rank} on q,k,v,o "
+          f"({record['n_trainable']['lora']:,} params); {record['seconds']:.0f} s")
     if training:
         print(f"training, seq {args.train_seq} x batch 1 (qtool train, CUDA graph, paged AdamW):")
         print(f"  {'method':<9} {'config':<28} {'trainable':>11} {'tokens/s':>9} {'peak alloc GiB':>14} "
@@ -374,7 +395,26 @@ def run_gpu(args) -> None:
     for r in inference:
         print(f"  {r['variant']:<14} {r['decode_ms_per_token']:>15.2f} {r['decode_vs_base_pct']:>+7.1f}% "
               f"{r['prefill_tokens_per_s']:>14,.0f} {r['prefill_vs_base_pct']:>+7.1f}%")
-    print(f"wrote {args.out} in {record['seconds']:.0f} s")
+
+
+def _print_summary(records: list[dict], out_dir: Path) -> None:
+    """The short table printed last: per model and method, training tokens/s and peak vs plan, decode vs base."""
+    print("\nsummary (model, method: train tok/s, peak alloc GiB / plan GiB (err), decode ms/token (vs base), "
+          "prefill tok/s):")
+    for rec in records:
+        train = {r["method"]: r for r in rec["training"]}
+        for inf in rec["inference"]:
+            method = {"lora-unmerged": "lora", "lora-merged": None}.get(inf["variant"], inf["variant"])
+            t = train.get(method)
+            if t is None or "error" in t:
+                tr = "train " + ("FAILED" if t else "-")
+            else:
+                err = "-" if t["plan_error_pct"] is None else f"{t['plan_error_pct']:+.1f}%"
+                tr = (f"train {t['tokens_per_s']:,.0f} tok/s, {(t['peaks'].get('peak_allocated_bytes') or 0) / 2**30:.2f}"
+                      f" / {t['planned_peak_allocated_bytes'] / 2**30:.2f} GiB ({err})")
+            print(f"  {rec['model']:<14} {inf['variant']:<14} {tr:<48} decode {inf['decode_ms_per_token']:6.2f} ms "
+                  f"({inf['decode_vs_base_pct']:+.1f}%), prefill {inf['prefill_tokens_per_s']:,.0f} tok/s")
+    print(f"wrote {', '.join(str(out_dir / (r['model'] + '.json')) for r in records)}")
 
 
 def _installed(md, name: str) -> bool:
@@ -405,7 +445,8 @@ def main() -> None:
     cpu.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "methods_compare_cpu.json")
     cpu.set_defaults(func=run_cpu)
     gpu = sub.add_parser("gpu", help="(b) training speed and memory, decode and prefill latency, 7B shapes")
-    gpu.add_argument("--model", default="llama-2-7b", help="a known shape (qtool plan --list-models)")
+    gpu.add_argument("--models", default="llama-2-7b,smollm2-135m",
+                     help="known shapes, comma-separated (qtool plan --list-models)")
     gpu.add_argument("--rank", type=int, default=16)
     gpu.add_argument("--train-seq", type=int, default=2048)
     gpu.add_argument("--train-steps", type=int, default=10)
@@ -415,7 +456,8 @@ def main() -> None:
     gpu.add_argument("--prefill", type=int, default=2048)
     gpu.add_argument("--rounds", type=int, default=4)
     gpu.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the code, not the figures")
-    gpu.add_argument("--out", type=Path, required=True)
+    gpu.add_argument("--out-dir", type=Path, required=True, help="one <model>.json per model (data/methods/ is "
+                     "what qtool plan reads)")
     gpu.set_defaults(func=run_gpu)
     args = ap.parse_args()
     args.func(args)
