@@ -3,7 +3,7 @@ GPU. Two parts, each writing JSON and printing a short table last.
 
     python bench/methods_compare.py cpu --out bench/results/methods_compare_cpu.json      # (a) ~1-2 h, 2 cores
     python bench/methods_compare.py cpu --steps 60 --seq-len 128 --eval-every 15 --eval-blocks 8 --warmup-steps 5 \
-        --no-checkpointing                     # (a) short: ~16 min on the shared 2-core machine (the committed result)
+        --no-checkpointing                     # (a) short: ~12 min on the shared 2-core machine (the committed result)
     python bench/methods_compare.py gpu --out-dir data/methods                           # (b) one H200, < 4 min
     python bench/methods_compare.py gpu --smoke --out-dir /tmp/methods_smoke              # (b)'s code on the CPU
     bash bench/device/methods_h200.sh                                                     # (b) as one device call
