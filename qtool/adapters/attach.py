@@ -1,4 +1,6 @@
-"""Putting adapters on a model: wrap the Linears that an :class:`AdapterSpec` targets, initialised as it says."""
+"""Putting adapters on a model: wrap the Linears that an :class:`AdapterSpec` targets, initialised as it says, or add
+the modules of the other methods (Houlsby adapters, a prefix); and loading a saved adapter of any of them back onto a
+model for inference (:func:`load_adapter_into`)."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +8,8 @@ import torch
 from qtool.adapters.adalora import AdaLoRALinear, adalora_init
 from qtool.adapters.init import symmetric_init, zero_init
 from qtool.adapters.lora import LoRALinear
+from qtool.adapters.houlsby import HoulsbyAdapter
+from qtool.adapters.prefix import PrefixTuning
 from qtool.adapters.spec import CONVERTER_INITS, AdapterSpec, adalora_scale
 from qtool.errors import InputError
 
@@ -13,14 +17,15 @@ _TRAINER_INITS = {"zero": zero_init, "symmetric": symmetric_init}
 
 
 def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: torch.dtype = torch.float32,
-                    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-                    ) -> dict[str, LoRALinear | AdaLoRALinear]:
+                    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.nn.Module]:
     """Wrap every Linear of ``model`` (a :class:`qtool.train.model.Decoder`) that ``spec`` targets in a
     :class:`LoRALinear`; returns ``{module path: module}``. Factors are drawn module by module in forward order
     from one generator seeded with ``seed`` (``zero``, ``symmetric``), or taken from ``initial`` (module path ->
     ``(A, B)``) for the inits the converter made (``pissa``, ``loftq``: the base already holds the residual).
     Adapters attached before are removed first. ``spec.method == "adalora"``: :class:`AdaLoRALinear` modules at the
-    initial rank instead, P and Q drawn from the same generator."""
+    initial rank instead, P and Q drawn from the same generator. Houlsby adapters and a prefix are added as the
+    module docstrings of :mod:`qtool.adapters.houlsby` and :mod:`qtool.adapters.prefix` say (paths
+    ``model.layers.{i}.attn_adapter`` / ``mlp_adapter``, and ``prefix``)."""
     shape = model.shape
     spec.checked(shape)
     ranks = spec.module_ranks(shape)
@@ -52,6 +57,7 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
                                                      base.device)
         holder[name] = attached[path] = LoRALinear(base, a, b, alpha=spec.alpha_of(name), dropout=spec.dropout,
                                                    use_rslora=spec.use_rslora, offset=offset)
+    attached.update(_attach_own_modules(model, spec, gen, adapter_dtype))
     model.uses_rng = spec.dropout > 0
     return attached
 
@@ -61,4 +67,80 @@ def detach_adapters(model) -> None:
     for holder, name in model.linears().values():
         if isinstance(holder[name], (LoRALinear, AdaLoRALinear)):
             holder[name] = holder[name].base
+    for layer in model.layers:
+        layer.attn_adapter = layer.mlp_adapter = None
+    model.prefix = None
     model.uses_rng = False
+
+
+def _attach_own_modules(model, spec: AdapterSpec, gen: torch.Generator, dtype: torch.dtype) -> dict:
+    """The methods with modules of their own: two Houlsby adapters per layer (attention block, then MLP block,
+    layer by layer, drawn from ``gen`` in that order), or the model's prefix."""
+    shape, device, attached = model.shape, model.embed.device, {}
+    if spec.method == "adapter":
+        for i, layer in enumerate(model.layers):
+            for block in ("attn", "mlp"):
+                module = HoulsbyAdapter.initial(shape.hidden, spec.adapter_size, gen, dtype, device)
+                setattr(layer, f"{block}_adapter", module)
+                attached[f"model.layers.{i}.{block}_adapter"] = module
+    elif spec.method == "prefix":
+        model.prefix = attached["prefix"] = PrefixTuning.initial(shape, spec.prefix_len, spec.prefix_projection, gen,
+                                                                 dtype, device)
+    return attached
+
+
+def houlsby_modules(model) -> dict[str, HoulsbyAdapter]:
+    """``{path: module}`` of the model's Houlsby adapters (``model.layers.{i}.attn_adapter`` / ``mlp_adapter``)."""
+    return {f"model.layers.{i}.{block}_adapter": getattr(layer, f"{block}_adapter")
+            for i, layer in enumerate(model.layers) for block in ("attn", "mlp")
+            if getattr(layer, f"{block}_adapter") is not None}
+
+
+def load_adapter_into(model, folder, *, dtype: torch.dtype = torch.float32) -> AdapterSpec:
+    """Put the adapter saved in ``folder`` on ``model`` (a :class:`qtool.train.model.Decoder` of the base it was
+    trained on) for inference, replacing any adapter it has: a PEFT LoRA (``qtool train --method lora`` or PEFT),
+    a PEFT ``PREFIX_TUNING`` prefix (``--method prefix`` or PEFT, without reparameterisation at load time: PEFT saves
+    the vectors) or qtool's Houlsby format (``--method adapter``). Returns the adapter's spec as far as the files
+    tell it. Raises InputError naming the file when the folder holds none of these or does not fit the model."""
+    from pathlib import Path
+
+    from qtool.format import houlsby_adapter, peft_adapter, prefix_adapter
+    from qtool.format.adapter_meta import read_qtool_meta
+
+    folder = Path(folder)
+    shape, device = model.shape, model.embed.device
+    meta = read_qtool_meta(folder) if folder.is_dir() else None
+    detach_adapters(model)
+    if meta is not None and meta["spec"].get("method") == "adapter":
+        spec, tensors = houlsby_adapter.load_houlsby(folder, shape)
+        for i, layer in enumerate(model.layers):
+            for block in ("attn", "mlp"):
+                t = {k: v.to(device=device, dtype=dtype) for k, v in tensors[f"model.layers.{i}.{block}_adapter"].items()}
+                setattr(layer, f"{block}_adapter", HoulsbyAdapter(t["down.weight"], t["down.bias"], t["up.weight"],
+                                                                  t["up.bias"], houlsby_adapter.activation_of(spec)))
+        return spec
+    if prefix_adapter.is_prefix_folder(folder):
+        prefix = prefix_adapter.load_prefix(folder, shape)
+        model.prefix = PrefixTuning(shape.n_layers, shape.n_kv_heads, shape.head_dim,
+                                    prefix.embeddings.to(device=device, dtype=dtype))
+        return AdapterSpec(method="prefix", prefix_len=prefix.length)
+    adapter = peft_adapter.load_adapter(folder)
+    if adapter.fan_in_fan_out:
+        raise InputError(f"{folder}: fan_in_fan_out factors are for GPT-2's Conv1D; this model has Linear layers")
+    linears = model.linears()
+    for path, f in adapter.modules.items():
+        if path not in linears:
+            raise InputError(f"{folder}: module {path} is not a Linear of this {shape.model_type} model",
+                             hint="load the adapter onto the model it was trained on")
+        if f.bias is not None:
+            raise InputError(f"{folder}: {path} has a lora_B bias; qtool's LoRA layer has none",
+                             hint="merge it with qtool merge, or load it with PEFT")
+        holder, name = linears[path]
+        base = holder[name]
+        if (f.in_features, f.out_features) != (base.in_features, base.out_features):
+            raise InputError(f"{folder}: {path} factors are {f.out_features}x{f.in_features}, the model's Linear is "
+                             f"{base.out_features}x{base.in_features}", hint="load it onto the model it was trained on")
+        holder[name] = LoRALinear(base, f.a.to(device=device, dtype=dtype), f.b.to(device=device, dtype=dtype),
+                                  alpha=f.alpha, use_rslora=bool(adapter.config.get("use_rslora", False)))
+    ranks = sorted({f.rank for f in adapter.modules.values()})
+    return AdapterSpec(targets=",".join(sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})), rank=ranks[-1])

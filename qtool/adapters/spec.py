@@ -23,6 +23,14 @@ Initialisations (``init``), and what the model is at step 0:
 AdaLoRA (``method="adalora"``, :class:`AdaLoRASchedule`): every adapted module starts at ``rank`` (= init_r) and the
 rank budget is shrunk during training to ``target_rank`` per module on average (Zhang et al. 2023; see
 :mod:`qtool.adapters.adalora`). Its own initialisation (λ = 0, P and Q Gaussian) makes step 0 the base model.
+Methods that add modules of their own instead of a bypass of chosen Linears (``UNTARGETED_METHODS``; targets, rank,
+alpha, init, rslora and dropout do not apply to them):
+
+* ``adapter`` — Houlsby bottleneck adapters (:mod:`qtool.adapters.houlsby`), ``adapter_size`` m: two per layer,
+  ``2·(2·h·m + h + m)`` trainable parameters per layer; the up-projection starts at zero, so step 0 is the base.
+* ``prefix`` — prefix tuning (:mod:`qtool.adapters.prefix`), ``prefix_len`` l trainable key/value vectors per layer
+  (``2·L·l·kv_dim``), produced during training by a reparameterisation MLP of hidden width ``prefix_projection``
+  when it is not 0 (PEFT's ``prefix_projection`` / ``encoder_hidden_size``).
 """
 from __future__ import annotations
 
@@ -37,18 +45,28 @@ from qtool.errors import UsageError
 if TYPE_CHECKING:
     from qtool.arch import Linear, Shape
 
-METHODS = ("lora", "adalora")
+METHODS = ("lora", "adalora", "adapter", "prefix")
+UNTARGETED_METHODS = ("adapter", "prefix")  # their own modules, no bypass of chosen Linears
+ADAPTER_ACTIVATION = "gelu"  # the non-linearity between the two products (Houlsby et al. 2019's code uses GELU)
 INITS = ("zero", "symmetric", "pissa", "loftq")
 CONVERTER_INITS = ("pissa", "loftq")  # they need the 16-bit weights: made by `qtool convert --lora-init`
 PRESETS = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
 PRESET_ALIASES = {"all": "all-linear", "attn": "qkvo"}
 DEFAULT_TARGETS = "qkvo"
+# Settings that only LoRA reads (field -> flag), and those only one other method reads (field -> (method, flag)):
+# given with another method they would be ignored silently, so they are reported instead (ignored_flag_problems).
+LORA_FLAGS = {"targets": "--targets", "rank": "--rank", "alpha": "--alpha", "init": "--init", "dropout": "--dropout",
+              "use_rslora": "--rslora"}
+METHOD_FLAGS = {"adapter_size": ("adapter", "--adapter-size"), "prefix_len": ("prefix", "--prefix-len"),
+                "prefix_projection": ("prefix", "--prefix-projection")}
+_WHERE = {"adapter": "Houlsby adapters go after every attention and MLP block (their size: --adapter-size)",
+          "prefix": "the prefix goes into every attention layer (its length: --prefix-len)"}
 _TARGETS_HINT = "use qkvo, mlp, all-linear or module names, each optionally =RANK (e.g. q_proj=8,v_proj=32)"
 
 
 @dataclass(frozen=True)
 class AdapterSpec:
-    """A LoRA adapter's description. ``targets`` is the spec string above; per-module ranks and alphas come from it
+    """An adapter's description (LoRA unless ``method`` says otherwise). ``targets`` is the spec string above; per-module ranks and alphas come from it
     and from ``alpha_pattern`` (module name -> alpha). The scaling of a module is ``alpha / rank`` (rsLoRA:
     ``alpha / sqrt(rank)``), as in PEFT."""
 
@@ -62,12 +80,17 @@ class AdapterSpec:
     method: str = "lora"
     loftq_iter: int = 1
     adalora: AdaLoRASchedule | None = None  # method "adalora": the budget schedule (None: the defaults)
+    adapter_size: int = 64  # method "adapter": the bottleneck width m
+    prefix_len: int = 20  # method "prefix": key/value vectors per layer
+    prefix_projection: int = 0  # method "prefix": hidden width of the reparameterisation MLP while training; 0: none
 
     # --- per module
     def module_ranks(self, shape: Shape) -> dict[str, int]:
         """``{module name within a layer: rank}`` for the adapted Linears of ``shape`` (names as in
         :meth:`qtool.arch.Shape.linears`), in forward order. Raises UsageError on an unknown name or a malformed
         rank (:meth:`target_problems` lists them without raising)."""
+        if self.method in UNTARGETED_METHODS:
+            return {}  # no Linear gets a bypass
         ranks, problems = _parse_targets(self.targets, self.rank, shape)
         if problems:
             raise UsageError(list(problems), hint=_TARGETS_HINT)
@@ -75,6 +98,8 @@ class AdapterSpec:
 
     def target_problems(self, shape: Shape) -> list[str]:
         """What is wrong with ``targets`` for ``shape``: unknown names, malformed ranks, ranks beyond a module."""
+        if self.method in UNTARGETED_METHODS:
+            return []
         ranks, problems = _parse_targets(self.targets, self.rank, shape)
         if not ranks and not problems:
             return [f"--targets {self.targets!r} selects no module"]
@@ -98,9 +123,47 @@ class AdapterSpec:
 
     def n_trainable(self, shape: Shape) -> int:
         """Trainable parameters of the whole model: ``r (d_in + d_out)`` per adapted Linear and layer (AdaLoRA: plus
-        the r singular values, at the initial rank)."""
+        the r singular values, at the initial rank); for the other methods see :meth:`trainable_tensors`."""
+        if self.method in UNTARGETED_METHODS:
+            return sum(self.trainable_tensors(shape))
         extra = 1 if self.method == "adalora" else 0
         return shape.n_layers * sum(r * (lin.n_in + lin.n_out + extra) for lin, r in self.adapted(shape))
+
+    def trainable_tensors(self, shape: Shape) -> list[int]:
+        """Element counts of every trainable tensor, in the order they are made. LoRA: A (r x in) and B (out x r)
+        per adapted Linear per layer. Adapter: per layer and block (attention, MLP) down (m x h), its bias (m), up
+        (h x m), its bias (h) — Houlsby §2.1's ``2hm + h + m`` per adapter. Prefix: without reparameterisation one
+        (l x 2·L·kv) tensor; with it PEFT's ``PrefixEncoder``: an (l x kv) embedding and the MLP
+        kv -> p -> 2·L·kv with biases (peft tuners/prefix_tuning/model.py; tests compare with PEFT's count)."""
+        if self.method == "adapter":
+            h, m = shape.hidden, self.adapter_size
+            return [m * h, m, h * m, h] * 2 * shape.n_layers
+        if self.method == "prefix":
+            out, kv, p = 2 * shape.n_layers * shape.kv_dim, shape.kv_dim, self.prefix_projection
+            if not p:
+                return [self.prefix_len * out]
+            return [self.prefix_len * kv, p * kv, p, out * p, out]
+        if self.method == "adalora":  # P (r x in), λ (r), Q (out x r) at the initial rank
+            return [n for lin, r in self.adapted(shape) for n in (r * lin.n_in, r, lin.n_out * r)] * shape.n_layers
+        return [n for lin, r in self.adapted(shape) for n in (r * lin.n_in, lin.n_out * r)] * shape.n_layers
+
+    def n_stored(self, shape: Shape) -> int:
+        """Parameters the saved adapter holds for inference: the trained ones, except that a prefix trained through
+        the reparameterisation MLP keeps only its output, the key/value vectors (``2·L·l·kv``), as PEFT saves it."""
+        if self.method == "prefix":
+            return 2 * shape.n_layers * self.prefix_len * shape.kv_dim
+        return self.n_trainable(shape)
+
+    def describe(self) -> str:
+        """The adapter in a few words, for table headers."""
+        if self.method == "adapter":
+            return f"Houlsby adapters, size {self.adapter_size}"
+        if self.method == "prefix":
+            return f"prefix of {self.prefix_len}" + (f" (trained through an MLP of {self.prefix_projection})"
+                                                      if self.prefix_projection else "")
+        if self.method == "adalora":
+            return f"AdaLoRA rank {self.rank} -> {(self.adalora or AdaLoRASchedule()).target_rank} on {self.targets}"
+        return f"LoRA rank {self.rank} on {self.targets}"
 
     # --- checks
     def problems(self, shape: Shape | None = None) -> list[str]:
@@ -118,8 +181,8 @@ class AdapterSpec:
             p.append(f"--dropout must be in [0, 1) (got {self.dropout})")
         if self.loftq_iter < 1:
             p.append(f"--loftq-iter must be at least 1 (got {self.loftq_iter})")
-        if self.method == "adalora":
-            p += self.adalora_problems()
+        p += self.adalora_problems()
+        p += self.method_problems(shape)
         return p + (self.target_problems(shape) if shape is not None else [])
 
     def adalora_problems(self) -> list[str]:
@@ -139,6 +202,20 @@ class AdapterSpec:
             p.append("alpha_pattern: AdaLoRA has one alpha for every module (PEFT's AdaLoraConfig)")
         return p
 
+    def method_problems(self, shape: Shape | None = None) -> list[str]:
+        """What is wrong with the adapter and prefix settings (for ``shape`` when given)."""
+        p = []
+        if self.method == "adapter" and (not isinstance(self.adapter_size, int) or self.adapter_size < 1):
+            p.append(f"--adapter-size must be at least 1 (got {self.adapter_size}): the bottleneck needs a width")
+        elif self.method == "adapter" and shape is not None and self.adapter_size > shape.hidden:
+            p.append(f"--adapter-size {self.adapter_size} is larger than the hidden size {shape.hidden}: a "
+                     f"bottleneck wider than its input is no bottleneck; use at most {shape.hidden}")
+        if self.method == "prefix" and (not isinstance(self.prefix_len, int) or self.prefix_len < 1):
+            p.append(f"--prefix-len must be at least 1 (got {self.prefix_len})")
+        if self.method == "prefix" and (not isinstance(self.prefix_projection, int) or self.prefix_projection < 0):
+            p.append(f"--prefix-projection must be 0 (none) or a hidden width (got {self.prefix_projection})")
+        return p
+
     def checked(self, shape: Shape | None = None) -> AdapterSpec:
         problems = self.problems(shape)
         if problems:
@@ -155,6 +232,10 @@ class AdapterSpec:
              "use_rslora": self.use_rslora, "loftq_iter": self.loftq_iter}
         if self.adalora is not None:
             d["adalora"] = asdict(self.adalora)
+        if self.method == "adapter":
+            d.update(adapter_size=self.adapter_size, adapter_activation=ADAPTER_ACTIVATION)
+        if self.method == "prefix":
+            d.update(prefix_len=self.prefix_len, prefix_projection=self.prefix_projection)
         return d
 
     @classmethod
@@ -164,7 +245,23 @@ class AdapterSpec:
                    init=d.get("init", "zero"), dropout=float(d.get("dropout", 0.0)),
                    use_rslora=bool(d.get("use_rslora", False)), method=d.get("method", "lora"),
                    loftq_iter=int(d.get("loftq_iter", 1)),
-                   adalora=AdaLoRASchedule(**d["adalora"]) if d.get("adalora") else None)
+                   adalora=AdaLoRASchedule(**d["adalora"]) if d.get("adalora") else None,
+                   adapter_size=int(d.get("adapter_size", 64)), prefix_len=int(d.get("prefix_len", 20)),
+                   prefix_projection=int(d.get("prefix_projection", 0)))
+
+
+def ignored_flag_problems(method: str, fields) -> list[str]:
+    """One problem per flag among ``fields`` (settings field names the user set) that ``method`` ignores."""
+    fields = list(fields)
+    p = []
+    lora = [LORA_FLAGS[f] for f in LORA_FLAGS if f in fields]
+    if method in UNTARGETED_METHODS and lora:
+        it = "it" if len(lora) == 1 else "them"
+        p.append(f"{', '.join(lora)} given with --method {method}, which ignores {it}: {_WHERE[method]}, with no "
+                 f"rank, target or LoRA init; drop {it}")
+    p += [f"{flag} given with --method {method}, which ignores it; it sizes --method {owner}"
+          for f, (owner, flag) in METHOD_FLAGS.items() if f in fields and owner != method]
+    return p
 
 
 @functools.lru_cache(maxsize=256)

@@ -97,6 +97,9 @@ def merge_cmd(base_dir, adapter_dir, out, dtype, requantize, target, max_shard_s
     # imported torch yet is concerned (the `qtool` command imports it lazily); a value in the environment wins.
     if "torch" not in sys.modules:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from qtool.merge.refusal import refuse_unmergeable
+
+    refuse_unmergeable(adapter_dir)  # a Houlsby adapter or a prefix: the reason at once, before torch loads
     from qtool.merge.pipeline import REPORT_NAME, merge
 
     with byte_progress("merging") as progress:

@@ -6,7 +6,7 @@ import click
 
 from qtool.cli import CONTEXT_SETTINGS, table
 from qtool.errors import UsageError
-from qtool.plan.settings import ALIASES, ATTENTIONS, BLOCKSIZES, DTYPES, LOSSES, OPTIMIZERS, PROFILES
+from qtool.plan.settings import ALIASES, ATTENTIONS, BLOCKSIZES, DTYPES, LOSSES, METHODS, OPTIMIZERS, PROFILES
 from qtool.units import fmt_bytes, fmt_both
 
 UNITS = "GB = 10^9 bytes, GiB = 2^30 bytes"
@@ -55,13 +55,58 @@ def _max_seq(row: dict) -> str:
     return f"{row['max_seq_len']:,}" + (" (capped)" if row["max_seq_len_limited"] else "")
 
 
-def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str) -> str:
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def _measured(m: dict | None) -> str:
+    if not m or m.get("decode_vs_base_pct") is None:
+        return "-"
+    return f"{m['decode_vs_base_pct']:+.1f}%" + (f" ({m['merged_decode_vs_base_pct']:+.1f}% merged)"
+                                                  if m.get("merged_decode_vs_base_pct") is not None else "")
+
+
+INFERENCE_FOOTNOTE = ("inference in 16-bit, batch 1: extra FLOPs per token count matmuls (multiply-add = 2); LoRA "
+                      "runs unmerged unless merged (then 0); the prefix's KV cache is per sequence; decode vs base: "
+                      "measured by bench/methods_compare.py --gpu (data/methods/), '-' when no record matches")
+
+
+def _inference_table(costs: list[dict]) -> str:
+    rows = [(c["method"], c["config"], f"{c['n_trainable']:,}", f"{c['extra_flops_per_token'] / 1e6:,.1f}",
+             "0" if c["mergeable"] else "-", _mib(c["extra_weight_bytes"]), _mib(c["extra_kv_cache_bytes"]),
+             f"{c['positions_taken']:,}", "yes" if c["mergeable"] else "no", _measured(c["measured"]))
+            for c in costs]
+    return table(rows, ("method", "config", "trainable", "extra MFLOP/token", "merged", "weights MiB",
+                        "KV cache MiB/seq", "positions taken", "mergeable", "decode vs base"), "llrrrrrrll")
+
+
+def _render_compare(shape, settings, rows: list[dict]) -> str:
+    head = (f"{shape.name} ({shape.model_type}, {shape.n_params():,} params) - the methods at the trainable-"
+            f"parameter budget of LoRA rank {settings.rank} on {settings.targets}; seq {settings.seq_len} x batch "
+            f"{settings.batch_size}; profile {settings.profile}")
+    train_rows = [(r["method"], r["config"], f"{r['n_trainable']:,}", *_gb_gib(r["peak_allocated_bytes"]),
+                   *_gb_gib(r["peak_nvml_bytes"])) for r in rows]
+    return "\n".join([head, "", "training (one step, as qtool train runs it):",
+                      table(train_rows, ("method", "config", "trainable", "peak alloc GB", "GiB", "NVML GB", "GiB"),
+                            "llrrrrr"), "", "inference:", _inference_table([r["inference"] for r in rows]),
+                      INFERENCE_FOOTNOTE,
+                      "sizes: adapter m and prefix l are the integers whose trainable count is nearest LoRA's "
+                      "(L·2·(2hm + h + m) and 2·L·l·kv); AdaLoRA ends at LoRA's rank on average, from 1.5x it "
+                      "(its training peak; inference: the plain LoRA it exports to)", "", f"units: {UNITS}"])
+
+
+def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str, inference=None) -> str:
     st, shape = p.settings, p.shape
     ranks = sorted(set(st.module_ranks(shape).values()))
-    method = (f"AdaLoRA init rank {'/'.join(map(str, ranks))} -> target {st.spec.adalora.target_rank}"
-              if st.method == "adalora" else f"LoRA rank {'/'.join(map(str, ranks))}")
+    if st.method == "adalora":
+        what = (f"AdaLoRA init rank {'/'.join(map(str, ranks))} -> target {st.spec.adalora.target_rank} on "
+                f"{st.targets}")
+    elif st.method == "lora":
+        what = f"LoRA rank {'/'.join(map(str, ranks))} on {st.targets}"
+    else:
+        what = st.spec.describe()
     head = (f"{shape.name} ({shape.model_type}, {shape.n_params():,} params) - profile {st.profile}; "
-            f"{method} on {st.targets} ({p.n_trainable:,} trainable); "
+            f"{what} ({p.n_trainable:,} trainable); "
             f"seq {st.seq_len} x batch {st.batch_size}; checkpointing {'on' if st.grad_checkpointing else 'off'}; "
             f"{st.optimizer}; {st.attention} attention; {st.loss} loss")
     rows = [(r.name, *_gb_gib(r.bytes), r.where, r.counter) for r in p.rows]
@@ -88,6 +133,8 @@ def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str
                      else f"; at {fit.value + 1:,} it does not fit")
             lines += ["", f"{target}: largest --{knob} that fits is {fit.value:,} "
                       f"(NVML used {fmt_both(fit.plan.peak_nvml_bytes)}){bound}"]
+    if inference is not None:
+        lines += ["", "inference:", _inference_table([inference]), INFERENCE_FOOTNOTE]
     if p.notes:
         lines += ["", "notes:"] + [f"- {note}" for note in p.notes]
     lines += ["", f"units: {UNITS}; --fit takes either (24GB, 24GiB) or a GPU name"]
@@ -116,10 +163,18 @@ def _list_models(as_json: bool) -> str:
 @click.option("--params", help="A bare parameter count (65e9, 7B); the closest known shape is assumed.")
 @click.option("--profile", type=_SettingChoice(PROFILES), default="qtool", show_default=True,
               help="Whose training step: qtool (qtool train) or hf (transformers + PEFT + bitsandbytes).")
+@click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
+              help="What is trained: lora, adalora (P, λ, Q at --init-rank, the peak: pruning masks, frees nothing; "
+                   "and their importance EMAs), adapter (Houlsby) or prefix (prefix tuning).")
+@click.option("--adapter-size", type=int, default=64, show_default=True, help="--method adapter: bottleneck width.")
+@click.option("--prefix-len", type=int, default=20, show_default=True, help="--method prefix: vectors per layer.")
+@click.option("--prefix-projection", type=int, default=0, show_default=True,
+              help="--method prefix: hidden width of the reparameterisation MLP while training (0: none).")
+@click.option("--compare-methods", is_flag=True,
+              help="Plan lora, adalora, adapter and prefix side by side at the trainable-parameter budget of --rank on "
+                   "--targets: training memory and inference cost.")
 @click.option("--rank", "-r", type=int, default=16, show_default=True,
               help="LoRA rank of every targeted module (--targets can set one per module).")
-@click.option("--method", type=click.Choice(("lora", "adalora")), default="lora", show_default=True,
-              help="adalora: P, λ, Q at --init-rank (the peak: pruning masks, frees nothing), their importance EMAs.")
 @click.option("--init-rank", type=int, default=None, help="AdaLoRA: the initial rank of every module.  [default: 12]")
 @click.option("--target-rank", type=int, default=None,
               help="AdaLoRA: the average final rank (checked; no byte depends on it).  [default: 8]")
@@ -152,14 +207,18 @@ def _list_models(as_json: bool) -> str:
               help="What --fit solves for, the other settings fixed.  [default: seq-len]")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (with --list-models too).")
 @click.option("--list-models", is_flag=True, help="List the known model names with their shapes and exit.")
-def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, list_models, **options):
-    """Plan the GPU memory of QLoRA training: every byte on a named row, the peak, and what fits.
+def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, list_models, compare_methods,
+             **options):
+    """Plan the GPU memory of QLoRA training: every byte on a named row, the peak, and what fits; and what the
+    trained adapter costs at inference.
 
     \b
     Examples:
       qtool plan --params 65e9 --rank 16
       qtool plan llama-2-7b --targets all-linear --seq-len 4096 --profile hf
       qtool plan ./llama2-7b-nf4 --fit "RTX 4090" --solve batch-size --json
+      qtool plan llama-2-7b --method prefix --prefix-len 64
+      qtool plan llama-2-7b --compare-methods --rank 16
     """
     if list_models:
         click.echo(_list_models(as_json))
@@ -179,9 +238,33 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
         raise UsageError("--init-rank is an AdaLoRA setting; add --method adalora")
     from qtool.plan import planner
 
+    from click.core import ParameterSource
+
+    from qtool.adapters.spec import ignored_flag_problems
+
+    ctx = click.get_current_context()
+    ignored = ignored_flag_problems(options["method"], [name for name in ctx.params if ctx.get_parameter_source(name)
+                                                        == ParameterSource.COMMANDLINE])
+    if ignored:
+        raise UsageError(ignored)
     shape = _shape(model_arg or model, params)
     settings = planner.Settings(double_quant=not no_double_quant, **options)
+    if compare_methods:
+        if settings.method != "lora" or fit_to:
+            raise UsageError("--compare-methods plans all four methods at LoRA's budget: drop --method"
+                             + (" and --fit" if fit_to else ""), hint="set the budget with --rank and --targets")
+        rows = planner.compare_methods(shape, settings)
+        if as_json:
+            import json
+
+            click.echo(json.dumps({"model": shape.name, "methods": rows}, indent=1))
+        else:
+            click.echo(_render_compare(shape, settings, rows))
+        return
     p = planner.plan(shape, settings)
+    from qtool.plan import methods
+
+    inference = methods.inference_cost(shape, p.settings.spec, methods.load_records()).to_json()
     gpus = planner.fit_table(shape, settings)
     seq_limit = planner.knob_limit(shape, settings, "seq_len")
     fit, fit_label = None, ""
@@ -189,11 +272,12 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
         fit_label, capacity = planner.capacity_bytes(fit_to)
         fit = planner.largest_fitting(shape, settings, capacity, (solve or "seq-len").replace("-", "_"))
     if not as_json:
-        click.echo(_render(p, gpus, seq_limit, fit, fit_label))
+        click.echo(_render(p, gpus, seq_limit, fit, fit_label, inference))
         return
     import json
 
     out = p.to_dict()
+    out["inference"] = inference
     out["fit_table"] = gpus
     out["seq_len_limit"] = {"value": seq_limit[0], "reason": seq_limit[1]}
     if fit is not None:

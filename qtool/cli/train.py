@@ -15,7 +15,20 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Plain text, or JSONL with a 'text' field; packed into --seq-len blocks, the last 5% held out.")
-@click.option("--out", default=None, type=click.Path(file_okay=False), help="Adapter folder (PEFT format).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Adapter folder: PEFT's format for lora and prefix, qtool's for adapter.")
+@click.option("--method", default="lora", show_default=True, type=click.Choice(METHODS),
+              help="lora: low-rank bypass of chosen Linears (merges into W); adalora: P·diag(λ)·Q from "
+                   "--init-rank, the rank budget shrunk to --target-rank per module on average, spent where the "
+                   "importance scores say; adapter: Houlsby bottleneck adapters after every attention and MLP "
+                   "block; prefix: trainable keys/values in every attention.")
+@click.option("--adapter-size", default=64, show_default=True, type=int,
+              help="--method adapter: the bottleneck width m (1 to the hidden size).")
+@click.option("--prefix-len", default=20, show_default=True, type=int,
+              help="--method prefix: key/value vectors per layer (they take positions before the sequence).")
+@click.option("--prefix-projection", default=0, show_default=True, type=int,
+              help="--method prefix: train the prefix through an MLP of this hidden width (PEFT's prefix_projection; "
+                   "0: train the vectors directly, started from the keys/values of the text's first tokens).")
 @click.option("--steps", default=100, show_default=True, type=int, help="Optimizer steps.")
 @click.option("--seq-len", default=512, show_default=True, type=int, help="Tokens per training sequence.")
 @click.option("--batch-size", default=1, show_default=True, type=int, help="Sequences per micro-batch.")
@@ -28,9 +41,6 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--init", "init", default="zero", show_default=True, type=click.Choice(INITS),
               help="zero: B=0 (step 0 = base); symmetric: A, B non-zero, offset frozen (step 0 = base); "
                    "pissa, loftq: made by `qtool convert --lora-init` from the 16-bit model.")
-@click.option("--method", default="lora", show_default=True, type=click.Choice(METHODS),
-              help="lora: a fixed rank per module; adalora: P·diag(λ)·Q from --init-rank, the rank budget shrunk to "
-                   "--target-rank per module on average, spent where the importance scores say.")
 @click.option("--init-rank", type=int, default=None, help="AdaLoRA: the rank every module starts at.  [default: 12]")
 @click.option("--target-rank", type=int, default=None,
               help="AdaLoRA: the average rank per module at the end (budget = target-rank x modules).  [default: 8]")
@@ -57,30 +67,40 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--rslora", is_flag=True, help="Scale the bypass by alpha/sqrt(rank) instead of alpha/rank.")
 @click.option("--eval-blocks", default=32, show_default=True, type=int,
               help="Held-out blocks for the loss before and after training (at most 5% of the data).")
+@click.option("--eval-every", default=0, show_default=True, type=int,
+              help="Also measure the held-out loss every this many steps (0: before and after only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the init, the data order and dropout.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, export, **kw):
-    """Train LoRA adapters on a converted NF4 checkpoint; report GPU memory measured beside the plan.
+    """Train adapters (LoRA, AdaLoRA, Houlsby adapters or a prefix) on a converted NF4 checkpoint; report GPU memory
+    measured beside the plan.
 
     \b
     Examples:
       qtool train ./llama2-7b-nf4 --data text.txt --steps 200 --seq-len 2048 --out ./adapter
       qtool train ./smollm2-nf4 --data shakespeare.txt --steps 20 --seq-len 256 --targets all-linear --json
       qtool train ./smollm2-nf4 --data shakespeare.txt --targets q_proj=8,v_proj=32 --init symmetric
-      qtool train ./smollm2-nf4 --data shakespeare.txt --method adalora --init-rank 12 --target-rank 8 --tinit 20 \
-          --tfinal 40 --steps 200 --targets all-linear --out ./ada --export lora
+      qtool train ./smollm2-nf4 --data shakespeare.txt --method adalora --init-rank 12 --target-rank 8
+      qtool train ./smollm2-nf4 --data shakespeare.txt --method prefix --prefix-len 64 --out ./prefix
+      qtool train ./smollm2-nf4 --data shakespeare.txt --method adapter --adapter-size 32 --out ./houlsby
     """
+    from click.core import ParameterSource
+
     from qtool.errors import UsageError
     from qtool.train.settings import TrainSettings, check_inputs
 
-    if kw["method"] == "adalora" and click.get_current_context().get_parameter_source("rank").name == "COMMANDLINE":
+    ctx = click.get_current_context()
+    if kw["method"] == "adalora" and ctx.get_parameter_source("rank") == ParameterSource.COMMANDLINE:
         raise UsageError("--rank is LoRA's; AdaLoRA starts at --init-rank and ends at --target-rank per module",
                          hint="use --init-rank R0 --target-rank R")
     _check_export(export, kw["method"], out)
+    fields = {"rslora": "use_rslora"}
+    given = {fields.get(name, name) for name in ctx.params
+             if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
     st = TrainSettings(use_rslora=rslora, max_grad_norm=max_grad_norm or None, **kw)
-    check_inputs(model_dir, data, out, st, overwrite=overwrite)  # flags and paths first: no torch imported yet
+    check_inputs(model_dir, data, out, st, overwrite=overwrite, given=given)  # flags and paths first: no torch yet
     from qtool.cli import progress_bar
     from qtool.train.recipe import run
 
@@ -92,11 +112,13 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{st.batch_size * st.seq_len * st.grad_accum / seconds:,.0f}")
 
     def eval_progress(phase, done, total):
-        bar = bars.get(phase) or bars.setdefault(phase, progress_bar(total, f"held-out loss {phase} training"))
+        label = f"held-out loss {phase}" + (" training" if phase in ("before", "after") else "")
+        bar = bars.get(phase) or bars.setdefault(phase, progress_bar(total, label))
         bar.update(done - bar.n)
 
     try:
-        result = run(model_dir, data, out, st, overwrite=overwrite, progress=progress, eval_progress=eval_progress)
+        result = run(model_dir, data, out, st, overwrite=overwrite, progress=progress, eval_progress=eval_progress,
+                     given=given)
     finally:
         for bar in bars.values():
             bar.close()
@@ -115,6 +137,8 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
     click.echo(f"held-out loss {result.eval_loss_before:.4f} -> {result.eval_loss:.4f} "
                f"({result.eval_loss - result.eval_loss_before:+.4f}); training loss of the first/last step "
                f"{result.losses[0]:.4f} / {result.losses[-1]:.4f} (one batch each)")
+    if len(result.eval_curve) > 2:
+        click.echo("held-out loss by step: " + ", ".join(f"{step}: {loss:.4f}" for step, loss in result.eval_curve))
     from tabulate import tabulate
 
     rows = [[r["name"], f"{r['planned_bytes'] / 2**30:.2f}",

@@ -376,3 +376,16 @@ def _pwrite_all(fd: int, data, offset: int, path: Path) -> None:
         raise OutputError(f"cannot write {path}: {exc.strerror}",
                           hint="free disk space (or choose another output folder) and run again"
                           if exc.errno == 28 else None) from exc
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a small dict of tensors as one safetensors file. Not atomic by itself: write into a staging folder
+    (:func:`qtool.format.atomic.staging_dir`), which is removed on error."""
+    writer = ShardWriter(path, [Slot(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
+    try:
+        for key, t in tensors.items():
+            writer.write(key, t)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise

@@ -41,6 +41,7 @@ from qtool.format.peft_adapter import Adapter, load_adapter
 from qtool.format.safetensors import ShardWriter, Slot
 from qtool.merge.base import Base, layout_transposed, match_targets, open_base
 from qtool.merge.math import add_update, delta_weight, merge_rounded, requantize, update_kept
+from qtool.merge.refusal import refuse_unmergeable
 from qtool.merge.verify import VERIFY_TOLERANCE, verify_merged  # noqa: F401 (VERIFY_TOLERANCE: public)
 from qtool.nf4 import codec as nf4
 
@@ -138,6 +139,8 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
         phases[name] = now - lap
         lap = now
 
+    if not isinstance(adapter, Adapter):
+        refuse_unmergeable(adapter)  # Houlsby adapters and prefixes: the reason, before anything is read
     ad = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
     b = open_base(base)
     try:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
+from qtool.plan import methods
 from qtool.plan import resident as items
 from qtool.plan import transient as acts
 from qtool.plan.settings import (ATTENTIONS, BLOCKSIZES, DEVICES, DTYPES, LOSSES, OPTIMIZERS, PROFILES,  # noqa: F401
@@ -78,18 +79,20 @@ def plan(shape: Shape, settings: Settings) -> Plan:
     emb, head = items.embedding_bytes(shape, st)
     norms = items.norm_and_bias_bytes(shape, st)
     rounding = items.resident_rounding_bytes(shape, st)
-    numels = items.lora_tensors(shape, st)
+    numels = (items.lora_tensors(shape, st) if st.method in ("lora", "adalora")
+              else methods.trainable_tensors(shape, st))
+    what = methods.label(st)
     param_bytes = items.DTYPE_BYTES[st.adapter_dtype]
     lora = items.tensors_alloc(numels, param_bytes)
     opt_device, opt_paged = items.optimizer_state_bytes(numels, st.optimizer, param_bytes)
     frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
     n_workspaces = items.cublas_workspaces(st)
     if st.grad_accum > 1:
-        grads = [Row(f"LoRA gradients, accumulated over {st.grad_accum} micro-batches", lora)]
+        grads = [Row(f"{what} gradients, accumulated over {st.grad_accum} micro-batches", lora)]
     elif items.gradients_persist(st):
-        grads = [Row("LoRA gradients (allocated before the CUDA graph capture, kept)", lora)]
+        grads = [Row(f"{what} gradients (allocated before the CUDA graph capture, kept)", lora)]
     elif st.method == "adalora":  # its orthogonality term is back-propagated first: all P, Q gradients at once
-        grads = [Row("LoRA gradients (AdaLoRA: the regulariser's backward makes them before the layers')", lora)]
+        grads = [Row("AdaLoRA gradients (the regulariser's backward makes them before the layers')", lora)]
     else:
         grads = []
     adalora = st.method == "adalora"
@@ -98,8 +101,7 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         Row(f"embeddings ({frozen})", emb),
         *([Row(f"lm_head ({frozen})", head)] if head else []),
         Row(f"norms and biases ({frozen})", norms),
-        Row(f"AdaLoRA P, λ, Q at the initial rank ({sum(numels):,} params, {st.adapter_dtype})" if adalora else
-            f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})", lora),
+        Row(f"{what} ({sum(numels):,} params, {st.adapter_dtype})", lora),
         *([Row("AdaLoRA importance EMAs (sensitivity, uncertainty; fp32)", items.adalora_ema_bytes(numels))]
           if adalora else []),
         *([Row("LoRA initial factors, frozen (symmetric init: the offset -s·B0·A0)", lora)]
@@ -160,12 +162,14 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
                     (n - 1) * acts.layer_saved_bytes(shape, st) + acts.layer_saved_bytes(shape, st, first=True))]
         layer = []
         first_kept = [Row("activations saved by layer 0", acts.layer_saved_bytes(shape, st, first=True))]
+    extra = [Row(name, n) for name, n in methods.kept_bytes(shape, st)]
+    kept, first_kept = kept + extra, first_kept + extra
     backward, moment = acts.layer_backward_bytes(shape, st)
-    mlp_grads = acts.layer_grad_bytes(shape, st)
+    mlp_grads = acts.layer_grad_bytes(shape, st) + methods.mlp_grad_bytes(shape, st)
     loss_name = "logits and cross-entropy (fp32, " + ("chunked)" if st.loss == "chunked" else "full)")
     tokens_h = acts.widths(st)[0] * shape.hidden * st.batch_size * st.seq_len
     step = [row for row in (
-        Row("LoRA gradients", lora_bytes if grads_now else 0),
+        Row(f"{methods.label(st)} gradients", lora_bytes if grads_now else 0),
         Row("optimizer step temporaries", items.optimizer_step_bytes(
             numels, st.optimizer, items.DTYPE_BYTES[st.adapter_dtype]))) if row.bytes]
     return {
@@ -176,7 +180,7 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
                                      acts.norm_backward_bytes(shape, st) + tokens_h)]),
         "backward of the last decoder layer": (kept + layer + [positions], [
             Row(f"backward transient: {moment}", backward),
-            *([Row("LoRA gradients of its MLP", mlp_grads)] if grads_now and mlp_grads else [])]),
+            *([Row(f"{methods.label(st)} gradients of its MLP", mlp_grads)] if grads_now and mlp_grads else [])]),
         "optimizer step": ([], step),
         # AdaLoRA: the sensitivity of every element at once, beside the gradients, just before the step
         **({"AdaLoRA importance update": ([], [row for row in (
@@ -186,7 +190,7 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
         # back-propagated last, layer 0 holds one layer's activations but the fresh gradients of all the others
         **({"backward of the first decoder layer": (first_kept + [positions], [
             Row(f"backward transient: {moment}", backward),
-            Row(f"LoRA gradients of layers 1-{n - 1} and of layer 0's MLP",
+            Row(f"{methods.label(st)} gradients of layers 1-{n - 1} and of layer 0's MLP",
                 lora_bytes * (n - 1) // n + mlp_grads)])} if grads_now and n > 1 else {}),
     }
 
@@ -195,6 +199,10 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
     notes = [shape.note] if shape.note else []
     if st.seq_len > shape.max_positions:
         notes.append(f"--seq-len {st.seq_len} exceeds {shape.name}'s max_position_embeddings ({shape.max_positions})")
+    if st.method == "prefix" and st.prefix_len + st.seq_len >= shape.max_positions:
+        notes.append(f"--prefix-len {st.prefix_len} + --seq-len {st.seq_len} leave no position of {shape.name}'s "
+                     f"{shape.max_positions} (max_position_embeddings) to generate into: the prefix takes positions "
+                     "before the sequence, and qtool train refuses this")
     if st.profile == "qtool" and shape.model_type not in ("llama", "mistral", "qwen2"):
         notes.append(f"the qtool trainer builds Llama-family decoders; {shape.model_type} is planned with the "
                      "Llama activation formulas (use --profile hf for transformers)")
@@ -253,10 +261,16 @@ def knob_limit(shape: Shape, settings: Settings, knob: str) -> tuple[int, str]:
     sequence, so beyond the window it no longer computes the model's attention; transformers, the hf profile, applies
     the window). A rank stops at min(in, out) of the smallest targeted module; a batch at the search bound."""
     st = settings.check(shape)
+    if knob == "rank" and not st.module_ranks(shape):
+        raise UsageError(f"--solve rank: --method {st.method} has no rank",
+                         hint="solve for seq-len or batch-size, or plan --method lora")
     if knob == "rank":
         lins = {lin.name: lin for lin in layer_linears(shape)}
         name = min(st.module_ranks(shape), key=lambda n: min(lins[n].n_in, lins[n].n_out))
         return min(lins[name].n_in, lins[name].n_out), f"min(in, out) of {name}"
+    if knob == "seq_len" and methods.seq_len_bound(shape, st) is not None:
+        value, why = methods.seq_len_bound(shape, st)
+        return (value, why) if value < _LIMITS[knob] else (_LIMITS[knob], "search bound")
     if knob == "seq_len":
         window = shape.sliding_window if st.profile == "qtool" else None
         if window and window < min(shape.max_positions, _LIMITS[knob]):
@@ -355,3 +369,26 @@ def plan_for_record(record: dict) -> Plan:
     model = record["model"]
     shape = shape_from_config({"model_type": "llama", **model}, name=model.get("name", record.get("id", "record")))
     return plan(shape, settings_from_record(record))
+
+
+# --- methods side by side ----------------------------------------------------------------------------------------
+
+def compare_methods(shape: Shape, settings: Settings) -> list[dict]:
+    """LoRA as ``settings`` give it, and AdaLoRA, Houlsby adapters and a prefix of the same trainable-parameter budget
+    (:func:`qtool.plan.methods.matched_specs`), each planned with the other settings unchanged: per method its
+    spec, trainable parameters, memory peaks and inference cost (with the bench record's measurements when present)."""
+    st = replace(settings, method="lora").check(shape)
+    records = methods.load_records()
+    rows = []
+    defaults = Settings()
+    for name, spec in methods.matched_specs(shape, st.spec).items():
+        own = {"method": name, "adapter_size": spec.adapter_size, "prefix_len": spec.prefix_len, "prefix_projection": 0}
+        if name == "adalora":
+            lora = {"rank": spec.rank, "alpha": spec.alpha, "target_rank": spec.adalora.target_rank, "init": "zero"}
+        else:
+            lora = {} if name == "lora" else {f: getattr(defaults, f) for f in ("rank", "alpha", "targets", "init")}
+        p = plan(shape, replace(st, **own, **lora))
+        rows.append({"method": name, "config": spec.describe(), "spec": spec.to_json(), "n_trainable": p.n_trainable,
+                     "peak_allocated_bytes": p.peak_allocated_bytes, "peak_nvml_bytes": p.peak_nvml_bytes,
+                     "inference": methods.inference_cost(shape, spec, records).to_json()})
+    return rows

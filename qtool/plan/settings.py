@@ -6,7 +6,8 @@ import functools
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from qtool.adapters.spec import INITS, METHODS, AdaLoRASchedule, AdapterSpec
+from qtool.adapters.spec import (INITS, LORA_FLAGS, METHOD_FLAGS, METHODS, UNTARGETED_METHODS, AdaLoRASchedule,
+                                 AdapterSpec, ignored_flag_problems)
 from qtool.errors import UsageError
 
 if TYPE_CHECKING:
@@ -53,8 +54,12 @@ class Settings:
     device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
 
     init: str = "zero"          # the symmetric init keeps its initial factors, frozen, beside the trained ones
-    method: str = "lora"        # adalora: P, λ, Q at `rank` = the initial rank (the peak: pruning masks, frees nothing)
-    target_rank: int | None = None  # adalora: the average final rank (no byte depends on it)
+    method: str = "lora"        # lora | adalora | adapter | prefix (qtool.adapters.spec; the last two: profile qtool)
+    target_rank: int | None = None  # adalora: the average final rank (no byte depends on it; `rank` = the initial
+    #                                 rank, the peak: pruning masks, frees nothing)
+    adapter_size: int = 64      # method adapter: the bottleneck width
+    prefix_len: int = 20        # method prefix: key/value vectors per layer
+    prefix_projection: int = 0  # method prefix: the reparameterisation MLP's hidden width while training (0: none)
 
     @property
     def spec(self) -> AdapterSpec:
@@ -63,7 +68,9 @@ class Settings:
             schedule = AdaLoRASchedule(**({} if self.target_rank is None else {"target_rank": self.target_rank}))
             return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha or 2 * self.rank,
                                init=self.init, method="adalora", adalora=schedule)
-        return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha or 2 * self.rank, init=self.init)
+        return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha or 2 * self.rank, init=self.init,
+                           method=self.method, adapter_size=self.adapter_size, prefix_len=self.prefix_len,
+                           prefix_projection=self.prefix_projection)
 
     def module_ranks(self, shape: Shape) -> dict[str, int]:
         """Targeted Linear name -> rank, for this shape's module names."""
@@ -101,10 +108,18 @@ class Settings:
             problems.append(f"--method {st.method!r} is not one of {', '.join(METHODS)}")
         elif st.method == "adalora":
             problems += st.spec.adalora_problems()
-        elif st.target_rank is not None:
+        elif st.method in UNTARGETED_METHODS and st.profile != "qtool":
+            problems.append(f"--method {st.method} is planned for --profile qtool only (qtool train): PEFT has "
+                            + ("no Houlsby adapters" if st.method == "adapter" else
+                               "prefix tuning, but refuses it with gradient checkpointing, and the hf profile's "
+                               "activation model has no prefix"))
+        if st.method != "adalora" and st.target_rank is not None:
             problems.append("--target-rank is an AdaLoRA setting; add --method adalora")
+        default = Settings()  # alpha changes no byte, and a checked Settings carries its default (2 x rank): not here
+        problems += ignored_flag_problems(st.method, [f for f in (*LORA_FLAGS, *METHOD_FLAGS) if hasattr(st, f)
+                                                      and f != "alpha" and getattr(st, f) != getattr(default, f)])
         if not shape_problems(shape):
-            problems += st.spec.target_problems(shape)
+            problems += st.spec.target_problems(shape) + st.spec.method_problems(shape)
         if problems:
             raise UsageError(problems)
         return replace(st, loss=loss, alpha=st.alpha if st.alpha is not None else 2 * st.rank)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from qtool.plan import methods
 from qtool.plan.resident import DTYPE_BYTES, SDPA_EFFICIENT_SUPPORTS_GQA, alloc, fused
 from qtool.plan.settings import layer_linears
 
@@ -118,13 +119,16 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
         attn = (cb if fa2_casts else rb) * (2 * q + 2 * kv) + 4 * nh + mask
     else:
         attn = rb * (q + 2 * kv) + 4 * nh * s + (2 * nh * s if kernel == "eager" and rb == 2 else 0)
+    if first and methods.first_attention_frozen(st):
+        attn = 0
     mlp = 3 * rb * f if shape.mlp == "gated" else rb * f
     lora = (lora_input_bytes(shape, st, attn_in, h, kept=False)
             + lora_input_bytes(shape, st, attn_out, q, kept=kernel in ("flash", "efficient") and not fa2_casts)
             + lora_input_bytes(shape, st, mlp_in, h, kept=False)
             + lora_input_bytes(shape, st, mlp_out, f, kept=False)
             + sum(lb * r for name, r in ranks.items() if name in names))
-    return T * (norms + attn + mlp + lora) + (_lora_copies(shape, st) if st.profile == "qtool" else 0)
+    return (T * (norms + attn + mlp + lora) + (_lora_copies(shape, st) if st.profile == "qtool" else 0)
+            + methods.layer_saved_extra(shape, st))
 
 
 def _fused_layer_saved(shape: Shape, st: Settings, first: bool) -> int:
@@ -141,7 +145,9 @@ def _fused_layer_saved(shape: Shape, st: Settings, first: bool) -> int:
                  if any(n in ranks for n in names))
     per_token = ((0 if first else 2 * h) + 4 + 2 * (2 * q + 2 * kv) + 4 * nh + 2 * h + 4 + 2 * 2 * f
                  + 2 * shared + sum(2 * r for r in ranks.values()))
-    return st.batch_size * st.seq_len * per_token + _lora_copies(shape, st)
+    if first and methods.first_attention_frozen(st):
+        per_token -= 4 + 2 * (2 * q + 2 * kv) + 4 * nh
+    return st.batch_size * st.seq_len * per_token + _lora_copies(shape, st) + methods.layer_saved_extra(shape, st)
 
 
 def _io_names(shape: Shape) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -250,7 +256,7 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
         "down_proj LoRA backward": 2 * rb * f * T if down.name in st.module_ranks(shape) else 0,
         "down_proj backward (dequantised weight)": dequantised_weight_bytes(down, st)
         + cb * (f + (h if rb != cb else 0)) * T,
-        "attention backward": attention - mlp_saved,
+        "attention backward": attention + methods.attention_backward_extra(shape, st) - mlp_saved,
         "post-attention RMSNorm backward": norm_backward_bytes(shape, st) - mlp_saved + 4 * h * T + 4 * T,
     }
     moment = max(moments, key=moments.get)
@@ -279,7 +285,8 @@ def _fused_layer_backward(shape: Shape, st: Settings) -> tuple[int, str]:
         "down_proj backward (dequantised weight)": (4 * f if r_down else 2 * f) * T
         + dequantised_weight_bytes(down, st) - down_saved,
         "SwiGLU backward": 6 * f * T - down_saved,
-        "attention backward": (2 * q + 2 * q + 4 * kv + 4 * q + 4 * nh + gqa) * T - mlp_saved,
+        "attention backward": (2 * q + 2 * q + 4 * kv + 4 * q + 4 * nh + gqa) * T - mlp_saved
+        + methods.attention_backward_extra(shape, st),
     }
     moment = max(moments, key=moments.get)
     return 2 * h * T + moments[moment], moment

@@ -82,9 +82,14 @@ def error_pct(planned: int | None, measured: int | None) -> float | None:
 
 def plan_settings(st, n_micro_tokens: int | None = None):
     """The planner's Settings for a :class:`qtool.train.recipe.TrainSettings` (profile ``qtool``)."""
+    from qtool.adapters.spec import METHOD_FLAGS, UNTARGETED_METHODS
     from qtool.plan.planner import Settings
 
     optimizer = st.optimizer if st.optimizer != "auto" else "paged_adamw_32bit"
+    if st.method in UNTARGETED_METHODS:  # the method's own sizes; LoRA's fields stay at their defaults
+        method = {"method": st.method, **{f: getattr(st, f) for f, (m, _) in METHOD_FLAGS.items() if m == st.method}}
+        return Settings(profile="qtool", seq_len=st.seq_len, batch_size=st.batch_size, grad_accum=st.grad_accum,
+                        grad_checkpointing=st.grad_checkpointing, optimizer=optimizer, **method)
     adalora = {"method": "adalora", "target_rank": st.spec.adalora.target_rank} if st.method == "adalora" else {}
     return Settings(profile="qtool", rank=st.spec.rank, alpha=st.alpha, targets=st.targets, init=st.init,
                     seq_len=st.seq_len, batch_size=st.batch_size, grad_accum=st.grad_accum,

@@ -4,7 +4,9 @@ Numerics follow transformers' implementation in the compute dtype (RMSNorm in fp
 then cast, SDPA attention), so logits match transformers' bitsandbytes-4bit model on the same folder — bit for bit
 on the CPU in the same dtype; on a GPU the fused kernels of :mod:`qtool.train.fused` are used. The shape comes from
 :mod:`qtool.arch` (the one config reader); every Linear is a frozen :class:`NF4Linear` until
-:func:`qtool.adapters.attach.attach_adapters` wraps some of them.
+:func:`qtool.adapters.attach.attach_adapters` wraps some of them. The other methods hook in without touching the
+Linears: Houlsby adapters on each block's output (``DecoderLayer.attn_adapter`` / ``mlp_adapter``) and a prefix in
+every attention (``Decoder.prefix``); when none is attached the forward is the plain one.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from qtool.adapters.lora import LoRALinear
 from qtool.adapters.nf4_linear import NF4Linear
+from qtool.adapters.prefix import prefix_attention
 from qtool.arch import Shape
 from qtool.train import fused
 from qtool.train.loss import chunked_cross_entropy, loss_chunk_tokens
@@ -44,18 +47,26 @@ class DecoderLayer(nn.Module):
         self.proj = nn.ModuleDict(linears)  # q_proj ... down_proj: NF4Linear, or an adapter wrapping one
         self.register_buffer("input_norm", norms["input_layernorm"], persistent=False)
         self.register_buffer("post_norm", norms["post_attention_layernorm"], persistent=False)
+        self.attn_adapter = None  # Houlsby adapters (qtool.adapters.houlsby) on the attention and MLP outputs
+        self.mlp_adapter = None
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, prefix_kv=None):
+        """``prefix_kv``: this layer's prefix keys and values ``(2, n_kv, l, head_dim)`` (qtool.adapters.prefix)."""
         s, p = self.shape, self.proj
         b, t, _ = x.shape
         h = fused.rms_norm(x, self.input_norm, s.rms_norm_eps)
         q = fused.rope(p["q_proj"](h).view(b, t, s.n_heads, s.head_dim), cos, sin).transpose(1, 2)
         k = fused.rope(p["k_proj"](h).view(b, t, s.n_kv_heads, s.head_dim), cos, sin).transpose(1, 2)
         v = p["v_proj"](h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.n_kv_heads != s.n_heads)
-        x = x + p["o_proj"](o.transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim))
+        if prefix_kv is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.n_kv_heads != s.n_heads)
+        else:
+            o = prefix_attention(q, k, v, prefix_kv)
+        a = p["o_proj"](o.transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim))
+        x = x + (a if self.attn_adapter is None else self.attn_adapter(a))
         h = fused.rms_norm(x, self.post_norm, s.rms_norm_eps)
-        return x + p["down_proj"](fused.swiglu(p["gate_proj"](h), p["up_proj"](h)))
+        m = p["down_proj"](fused.swiglu(p["gate_proj"](h), p["up_proj"](h)))
+        return x + (m if self.mlp_adapter is None else self.mlp_adapter(m))
 
 
 class Decoder(nn.Module):
@@ -72,6 +83,7 @@ class Decoder(nn.Module):
         self.register_buffer("inv_freq", rope_inv_freq(shape).to(embed.device), persistent=False)
         self.grad_checkpointing = False
         self.uses_rng = False  # dropout in a layer: the recomputation must replay the same random masks
+        self.prefix = None  # prefix tuning (qtool.adapters.prefix.PrefixTuning): keys/values before every attention
 
     def linears(self) -> dict[str, tuple[nn.ModuleDict, str]]:
         """``{transformers module path: (the ModuleDict holding it, its key)}`` for every Linear of every layer."""
@@ -83,18 +95,26 @@ class Decoder(nn.Module):
         return {path: holder[name] for path, (holder, name) in self.linears().items()
                 if isinstance(holder[name], LoRALinear)}
 
-    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed)
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device, dtype=torch.float32)
+    def rope_tables(self, start: int, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin ``(n, head_dim)`` of positions ``start .. start+n-1``, computed in fp32 and cast."""
+        pos = torch.arange(start, start + n, device=device, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for layer in self.layers:
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = F.embedding(input_ids, self.embed)
+        # with a prefix the tokens sit after it: positions l .. l+t-1 (PEFT's convention, qtool.adapters.prefix)
+        start = 0 if self.prefix is None else self.prefix.length
+        cos, sin = self.rope_tables(start, input_ids.shape[1], x.dtype, input_ids.device)
+        kv = None if self.prefix is None else self.prefix.key_values(x.dtype)  # (L, 2, n_kv, l, head_dim)
+        for i, layer in enumerate(self.layers):
+            args = (x, cos, sin) if kv is None else (x, cos, sin, kv[i])
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # keep only each layer's input; its activations are recomputed in backward
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False, preserve_rng_state=self.uses_rng)
+                x = checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=self.uses_rng)
             else:
-                x = layer(x, cos, sin)
+                x = layer(*args)
         return fused.rms_norm(x, self.norm, self.shape.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

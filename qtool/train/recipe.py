@@ -1,4 +1,5 @@
-"""``qtool train``: LoRA on a converted NF4 checkpoint, measured against the plan. A recipe: setup, loop, result."""
+"""``qtool train``: adapters (LoRA, Houlsby adapters, a prefix) on a converted NF4 checkpoint, measured against the
+plan. A recipe: setup, loop, result."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from qtool.adapters.spec import CONVERTER_INITS
+from qtool.adapters.spec import CONVERTER_INITS, UNTARGETED_METHODS
 from qtool.errors import QtoolError, UsageError
 from qtool.train.measure import MemoryMonitor, compare_with_plan, plan_settings
 from qtool.train.settings import TrainSettings, check_inputs
@@ -36,6 +37,7 @@ class TrainResult:
     peaks: dict = field(default_factory=dict)  # measured after the warm-up steps
     settings: dict = field(default_factory=dict)
     adalora: dict = field(default_factory=dict)  # AdaLoRA: RankAllocator.report() (+ the budget summary after run())
+    eval_curve: list[list] = field(default_factory=list)  # [step, held-out loss] from step 0 to the last (--eval-every)
 
     @property
     def tokens_per_second(self) -> float:
@@ -147,6 +149,7 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
     order = torch.randperm(len(blocks.train), generator=gen)
     cursor = 0
     losses, step_seconds, measured_from = [], [], None
+    curve = [[0, eval_before]]
 
     def next_batch():
         nonlocal cursor, order
@@ -212,24 +215,28 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
         losses.append(total)
         if progress:
             progress(step, total, step_seconds[-1])
+        if st.eval_every and (step + 1) % st.eval_every == 0 and step + 1 < st.steps:
+            curve.append([step + 1, held_out(f"at step {step + 1}")])  # eval mode, no gradients: the graph is untouched
 
     # --- result
     eval_after = held_out("after")
+    curve.append([st.steps, eval_after])
     paged = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
                 if torch.is_tensor(t) and getattr(t, "is_paged", False))
     return TrainResult(adapter=None, device=str(device), optimizer=opt_name,
                        trainable_params=sum(p.numel() for p in params), losses=losses, step_seconds=step_seconds,
                        eval_loss=eval_after, eval_loss_before=eval_before, tokens_per_step=st.batch_size * st.seq_len * st.grad_accum,
                        paged_state_bytes=paged, cuda_graph=graph_note, memory=[s.to_json() for s in monitor.samples],
-                       peaks=monitor.peaks(measured_from or 0), settings=asdict(st),
+                       peaks=monitor.peaks(measured_from or 0), settings=asdict(st), eval_curve=curve,
                        adalora=allocator.report() if allocator else {})
 
 
 def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
         progress: Callable[[int, float, float], None] | None = None,
-        eval_progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
-    """The whole job of ``qtool train``: validate, load, pack the data, train, write the PEFT adapter atomically."""
-    shape = check_inputs(model_dir, data, out, st, overwrite=overwrite)
+        eval_progress: Callable[[str, int, int], None] | None = None, given=()) -> TrainResult:
+    """The whole job of ``qtool train``: validate, load, pack the data, train, write the adapter atomically (PEFT's
+    format for LoRA and prefix, qtool's for Houlsby adapters). ``given``: as :func:`check_inputs`."""
+    shape = check_inputs(model_dir, data, out, st, overwrite=overwrite, given=given)
     from transformers import AutoTokenizer
 
     from qtool.format import peft_adapter as adapter_io
@@ -245,6 +252,8 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
     if st.init in CONVERTER_INITS:
         initial = {m: (f.a, f.b) for m, f in adapter_io.load_adapter(model_dir / adapter_io.INIT_ADAPTER_DIR).modules.items()}
     model = load_decoder(model_dir, st.spec, device=device, compute_dtype=compute_dtype, seed=st.seed, initial=initial)
+    if st.method == "prefix" and not st.prefix_projection:
+        init_prefix_from_text(model, blocks, st.prefix_len)
     try:
         result = train(model, blocks, st, device=device, progress=progress, eval_progress=eval_progress)
     except torch.cuda.OutOfMemoryError as exc:
@@ -256,6 +265,7 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
         from qtool.adapters.budget import summarise
 
         result.adalora["summary"] = summarise(result.adalora["ranks"], result.adalora["init_rank"])
+    log = {"qtool_train_log.json": json.dumps(result.to_json(), indent=1)}
     if out is not None and st.method == "adalora":
         from qtool.adapters.adalora import adalora_modules
         from qtool.adapters.budget import BUDGET_JSON, HEATMAP_PNG, heatmap_png
@@ -265,13 +275,41 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
         result.adalora["heatmap"] = str(Path(out) / HEATMAP_PNG) if png else f"not written: {why}"
         result.adapter = save_adalora(
             out, adalora_modules(model), st.spec, base_dir=model_dir, overwrite=overwrite,
-            extra_files={"qtool_train_log.json": json.dumps(result.to_json(), indent=1),
-                         BUDGET_JSON: json.dumps(result.adalora, indent=1), **({HEATMAP_PNG: png} if png else {})})
+            extra_files={**log, BUDGET_JSON: json.dumps(result.adalora, indent=1),
+                         **({HEATMAP_PNG: png} if png else {})})
+    elif out is not None and st.method in UNTARGETED_METHODS:
+        result.adapter = save_own_modules(out, model, st.spec, base_dir=model_dir, overwrite=overwrite, extra_files=log)
     elif out is not None:
         result.adapter = adapter_io.save_trained(
-            out, model.lora_modules(), st.spec, base_dir=model_dir, overwrite=overwrite,
-            extra_files={"qtool_train_log.json": json.dumps(result.to_json(), indent=1)})
+            out, model.lora_modules(), st.spec, base_dir=model_dir, overwrite=overwrite, extra_files=log)
     return result
+
+
+def init_prefix_from_text(model, blocks, prefix_len: int) -> None:
+    """Start the prefix as the base model's keys and values of the first ``prefix_len`` tokens of the training text
+    (Li & Liang §7.2: real words' activations; see :mod:`qtool.adapters.prefix`)."""
+    from qtool.adapters.prefix import kv_of_tokens
+
+    tokens = blocks.train.reshape(-1)[:prefix_len]
+    if tokens.numel() < prefix_len:
+        raise QtoolError(f"--prefix-len {prefix_len}: the training text has only {tokens.numel()} tokens to start "
+                         "the prefix from", hint="give more text or a shorter --prefix-len")
+    model.prefix.load_flat(kv_of_tokens(model, tokens))
+
+
+def save_own_modules(out, model, spec, *, base_dir, overwrite: bool = False, extra_files=None) -> Path:
+    """Write a Houlsby adapter (qtool's format) or a prefix (PEFT's PREFIX_TUNING) trained on ``model``."""
+    if spec.method == "adapter":
+        from qtool.adapters.attach import houlsby_modules
+        from qtool.format.houlsby_adapter import save_houlsby
+
+        return save_houlsby(out, houlsby_modules(model), spec, model.shape, base_dir=base_dir, overwrite=overwrite,
+                            extra_files=extra_files)
+    from qtool.format.prefix_adapter import save_prefix
+
+    with torch.no_grad():
+        flat = model.prefix.flat()
+    return save_prefix(out, flat, model.shape, spec, base_dir=base_dir, overwrite=overwrite, extra_files=extra_files)
 
 
 def oom_error(shape, st: TrainSettings, capacity: int, model_dir) -> QtoolError:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from qtool.adapters.spec import ADALORA_INIT_RANK, CONVERTER_INITS, AdaLoRASchedule, AdapterSpec
+from qtool.adapters.spec import (ADALORA_INIT_RANK, CONVERTER_INITS, LORA_FLAGS, METHOD_FLAGS, AdaLoRASchedule,
+                                 AdapterSpec, ignored_flag_problems)
 from qtool.errors import InputError, UsageError
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
@@ -41,7 +42,7 @@ class TrainSettings:
     eval_blocks: int = 32  # at most this many held-out blocks
     device: str = "auto"
     measure_after: int = 2  # steps before memory peaks are reset (optimizer state appears at the first step)
-    method: str = "lora"  # lora | adalora (then the fields below; qtool.adapters.adalora)
+    method: str = "lora"  # lora | adalora | adapter (Houlsby) | prefix (see qtool.adapters.spec)
     init_rank: int | None = None  # AdaLoRA: the rank every module starts at (12)
     target_rank: int | None = None  # AdaLoRA: the average rank the budget falls to (8)
     tinit: int | None = None  # AdaLoRA: steps before the budget starts to fall (0)
@@ -50,6 +51,10 @@ class TrainSettings:
     beta1: float | None = None  # AdaLoRA: EMA of the sensitivity (0.85)
     beta2: float | None = None  # AdaLoRA: EMA of its uncertainty (0.85)
     orth_reg: float | None = None  # AdaLoRA: weight of the orthogonality regulariser (0.5)
+    adapter_size: int = 64  # adapter: the bottleneck width m
+    prefix_len: int = 20  # prefix: key/value vectors per layer
+    prefix_projection: int = 0  # hidden width of the prefix's reparameterisation MLP while training; 0: none
+    eval_every: int = 0  # also measure the held-out loss every this many steps (0: before and after only)
 
     @property
     def spec(self) -> AdapterSpec:
@@ -61,10 +66,22 @@ class TrainSettings:
                                use_rslora=self.use_rslora, method="adalora",
                                adalora=AdaLoRASchedule(**given, total_steps=self.steps))
         return AdapterSpec(targets=self.targets, rank=self.rank, alpha=self.alpha, init=self.init,
-                           dropout=self.dropout, use_rslora=self.use_rslora, method=self.method)
+                           dropout=self.dropout, use_rslora=self.use_rslora, method=self.method,
+                           adapter_size=self.adapter_size, prefix_len=self.prefix_len,
+                           prefix_projection=self.prefix_projection)
 
-    def problems(self) -> list[str]:
-        p = []
+    def ignored_flags(self, given=()) -> list[str]:
+        """Flags that the method would ignore: those in ``given`` (fields the user set explicitly) or with a value
+        other than the default (:func:`qtool.adapters.spec.ignored_flag_problems`)."""
+        default = TrainSettings()
+        return ignored_flag_problems(self.method, [f for f in (*LORA_FLAGS, *METHOD_FLAGS)
+                                                   if f in given or getattr(self, f) != getattr(default, f)])
+
+    def problems(self, given=()) -> list[str]:
+        """Everything wrong with the settings alone; ``given``: the fields set explicitly (see ignored_flags)."""
+        p = self.ignored_flags(given)
+        if self.eval_every < 0:
+            p.append(f"--eval-every must be 0 (off) or a step count (got {self.eval_every})")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "eval_blocks"):
             if getattr(self, name) < 1:
                 p.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -109,13 +126,14 @@ def read_shape(folder):
     return decoder_shape(config, str(Path(folder) / "config.json"))
 
 
-def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False):
+def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False, given=()):
     """Every check that needs no torch, no tokenizer and no weights, collected and raised together (UsageError or
-    InputError) before anything heavy starts. Returns the model's shape."""
+    InputError) before anything heavy starts. ``given``: the settings fields set explicitly (the CLI's flags), so
+    that one the method ignores is reported even at its default value. Returns the model's shape."""
     from qtool.format.atomic import check_destination
     from qtool.train.data import check_data_file
 
-    problems = st.problems()
+    problems = st.problems(given)
     model_dir = Path(model_dir)
     shape = read_shape(model_dir)
     if st.seq_len > shape.max_positions:
@@ -125,6 +143,8 @@ def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = F
                         f"({shape.sliding_window}); qtool's attention is full causal, so use --seq-len <= "
                         f"{shape.sliding_window}")
     problems += [p for p in st.spec.problems(shape) if p not in problems]
+    if st.method == "prefix":
+        problems += _prefix_problems(st, shape)
     if st.init in CONVERTER_INITS and not problems:
         problems += _init_adapter_problems(model_dir, st, shape)
     if problems:
@@ -133,6 +153,23 @@ def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = F
     if out is not None:
         check_destination(Path(out), overwrite, inputs=(model_dir,))
     return shape
+
+
+def _prefix_problems(st: TrainSettings, shape) -> list[str]:
+    """The prefix takes positions 0 .. l-1 and the sequence l .. l+s-1 (PEFT's convention, qtool.adapters.prefix):
+    together they must leave the model at least one position to generate into."""
+    p = []
+    room = shape.max_positions - st.seq_len
+    if st.prefix_len >= room:
+        p.append(f"--prefix-len {st.prefix_len} with --seq-len {st.seq_len}: the prefix takes positions before the "
+                 f"sequence, so it must be below the model's {shape.max_positions} positions minus --seq-len = {room}; "
+                 + (f"use --prefix-len {room - 1} or less, or a shorter --seq-len" if room > 1
+                    else "use a shorter --seq-len"))
+    if shape.sliding_window and st.prefix_len + st.seq_len > shape.sliding_window:
+        p.append(f"--prefix-len {st.prefix_len} + --seq-len {st.seq_len} is beyond the model's sliding attention "
+                 f"window ({shape.sliding_window}); qtool's attention is full causal, so keep their sum <= "
+                 f"{shape.sliding_window}")
+    return p
 
 
 def _init_adapter_problems(model_dir: Path, st: TrainSettings, shape) -> list[str]:
