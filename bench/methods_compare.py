@@ -59,6 +59,9 @@ def _size_kw(spec) -> dict:
         return {"adapter_size": spec.adapter_size}
     if spec.method == "prefix":
         return {"prefix_len": spec.prefix_len}
+    if spec.method == "adalora":  # TrainSettings takes AdaLoRA's ranks as init_rank/target_rank (rank is LoRA's)
+        return {"init_rank": spec.rank, "target_rank": spec.adalora.target_rank, "alpha": spec.alpha,
+                "targets": spec.targets}
     return {"rank": spec.rank, "alpha": spec.alpha, "targets": spec.targets}
 
 

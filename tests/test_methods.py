@@ -491,7 +491,9 @@ def test_prefix_attention_on_cuda_equals_the_explicit_mask(n_kv):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")
 @pytest.mark.parametrize("spec", [ADAPTER, PREFIX, PREFIX_MLP], ids=["adapter", "prefix", "prefix-mlp"])
 def test_methods_train_on_cuda_with_the_graph(spec):
-    """The CUDA-graph step (fused kernels, flash attention with the prefix) trains and matches eager steps."""
+    """The CUDA-graph step (fused kernels, flash attention with the prefix) trains and matches eager steps. (Random
+    weights and random tokens: six steps need not lower a held-out loss, so "trains" is checked as every trainable
+    tensor having moved; the graph/eager agreement of all six losses is the claim.)"""
     from qtool.train.data import Blocks
     from qtool.train.recipe import train
 
@@ -507,7 +509,10 @@ def test_methods_train_on_cuda_with_the_graph(spec):
         st = TrainSettings(method=spec.method, steps=6, seq_len=128, batch_size=2, lr=1e-3, eval_blocks=2,
                            cuda_graphs=graphs, optimizer="adamw_torch", **size)
         model = random_decoder(shape, torch.device("cuda"), spec=st.spec)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in trainable]
         res = train(model, blocks, st, device=torch.device("cuda"))
-        assert res.cuda_graph == ("on" if graphs else "off") and res.eval_loss < res.eval_loss_before
+        assert res.cuda_graph == ("on" if graphs else "off")
+        assert trainable and all(not torch.equal(a, p.detach()) for a, p in zip(before, trainable))
         losses[graphs] = res.losses
     assert max(abs(a - b) for a, b in zip(losses[True], losses[False])) < 2e-2
