@@ -29,7 +29,7 @@ PLAYS = ("hamlet_gut.txt", "macbeth_gut.txt", "romeo_and_juliet_gut.txt", "lear_
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("QTOOL_FIXTURES", ROOT / ".fixtures"))
+    d = Path(os.environ.get("QTOOL_FIXTURES") or ROOT / ".fixtures")  # set but empty: the default, not the cwd
     d.mkdir(parents=True, exist_ok=True)
     return d
 
