@@ -39,7 +39,7 @@ from qtool.format.adapter_meta import QTOOL_META_NAME, base_fingerprint, read_qt
 from qtool.format.atomic import staging_dir, write_text
 from qtool.format.peft_adapter import LORA_CONFIG_DEFAULTS, PEFT_PREFIX, save_adapter
 from qtool.format.peft_config import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_adalora_config
-from qtool.format.safetensors import ShardWriter, Slot, read_header
+from qtool.format.safetensors import read_header, write_tensors
 
 # AdaLoraConfig's own keys on top of LoraConfig's (peft 0.21.2 tuners/adalora/config.py), with its defaults;
 # `r` stays LoraConfig's 8: AdaLoRA ignores it (and warns when it is not 8). tests/test_adalora.py compares the key
@@ -112,14 +112,7 @@ def save_adalora(out_dir, modules: dict, spec, *, base_dir, overwrite: bool = Fa
     files = {QTOOL_META_NAME: json.dumps(meta, indent=1), **(extra_files or {})}
     out_dir = Path(out_dir)
     with staging_dir(out_dir, overwrite) as stage:
-        writer = ShardWriter(stage / WEIGHTS_NAME, [Slot(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
-        try:
-            for key, t in tensors.items():
-                writer.write(key, t)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+        write_tensors(stage / WEIGHTS_NAME, tensors)
         write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
         for name, content in files.items():
             if isinstance(content, bytes):

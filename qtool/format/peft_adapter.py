@@ -38,7 +38,7 @@ from qtool.format.adapter_meta import INIT_ADAPTER_DIR, QTOOL_META_NAME, base_fi
 from qtool.format.atomic import staging_dir, write_text
 from qtool.format.peft_config import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_adapter_config  # noqa: F401
 from qtool.errors import InputError, VerificationError
-from qtool.format.safetensors import ShardWriter, Slot, read_header
+from qtool.format.safetensors import read_header, write_tensors
 
 PEFT_PREFIX = "base_model.model."
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -184,14 +184,7 @@ def save_adapter(out_dir, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     tensors = _check_save_inputs(config, factors, extra_files or {})
     out_dir = Path(out_dir)
     with staging_dir(out_dir, overwrite) as stage:
-        writer = ShardWriter(stage / WEIGHTS_NAME, [Slot(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()])
-        try:
-            for key, t in tensors.items():
-                writer.write(key, t)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+        write_tensors(stage / WEIGHTS_NAME, tensors)
         write_text(stage / CONFIG_NAME, json.dumps(config, indent=2, sort_keys=True))
         for name, text in (extra_files or {}).items():
             write_text(stage / name, text)
