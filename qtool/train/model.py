@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2) on converted NF4 shards.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) on converted NF4 shards.
 
 Numerics follow transformers' implementation in the compute dtype (RMSNorm in fp32 then cast, RoPE tables in fp32
 then cast, SDPA attention), so logits match transformers' bitsandbytes-4bit model on the same folder — bit for bit
@@ -47,6 +47,9 @@ class DecoderLayer(nn.Module):
         self.proj = nn.ModuleDict(linears)  # q_proj ... down_proj: NF4Linear, or an adapter wrapping one
         self.register_buffer("input_norm", norms["input_layernorm"], persistent=False)
         self.register_buffer("post_norm", norms["post_attention_layernorm"], persistent=False)
+        # qwen3: an RMSNorm over head_dim of every query and key head, before RoPE (None elsewhere)
+        self.register_buffer("q_norm", norms.get("self_attn.q_norm"), persistent=False)
+        self.register_buffer("k_norm", norms.get("self_attn.k_norm"), persistent=False)
         self.attn_adapter = None  # Houlsby adapters (qtool.adapters.houlsby) on the attention and MLP outputs
         self.mlp_adapter = None
 
@@ -55,8 +58,9 @@ class DecoderLayer(nn.Module):
         s, p = self.shape, self.proj
         b, t, _ = x.shape
         h = fused.rms_norm(x, self.input_norm, s.rms_norm_eps)
-        q = fused.rope(p["q_proj"](h).view(b, t, s.n_heads, s.head_dim), cos, sin).transpose(1, 2)
-        k = fused.rope(p["k_proj"](h).view(b, t, s.n_kv_heads, s.head_dim), cos, sin).transpose(1, 2)
+        q = fused.rope(self._head_norm(p["q_proj"](h).view(b, t, s.n_heads, s.head_dim), self.q_norm), cos, sin)
+        k = fused.rope(self._head_norm(p["k_proj"](h).view(b, t, s.n_kv_heads, s.head_dim), self.k_norm), cos, sin)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = p["v_proj"](h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
         if prefix_kv is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.n_kv_heads != s.n_heads)
@@ -67,6 +71,10 @@ class DecoderLayer(nn.Module):
         h = fused.rms_norm(x, self.post_norm, s.rms_norm_eps)
         m = p["down_proj"](fused.swiglu(p["gate_proj"](h), p["up_proj"](h)))
         return x + (m if self.mlp_adapter is None else self.mlp_adapter(m))
+
+    def _head_norm(self, heads: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """Qwen3's per-head RMSNorm of ``[b, t, heads, head_dim]`` (the identity without a weight)."""
+        return heads if weight is None else fused.rms_norm(heads, weight, self.shape.rms_norm_eps)
 
 
 class Decoder(nn.Module):

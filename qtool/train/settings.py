@@ -11,7 +11,7 @@ from qtool.errors import InputError, UsageError
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 # AdaLoRA's settings (None: AdaLoraConfig's default); with --method lora none may be given
 ADALORA_FIELDS = ("init_rank", "target_rank", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg")
 ROPE_TYPES = ("default", "llama3")
