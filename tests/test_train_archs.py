@@ -78,3 +78,33 @@ def test_qwen3_logits_and_loss_equal_transformers(converted):
     with torch.no_grad():
         assert torch.equal(ours(ids), hf(ids).logits)
         assert ours.loss(ids).item() == pytest.approx(hf(ids, labels=ids).loss.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ sliding window
+def test_qwen3_window_applies_from_max_window_layers(converted):
+    """Qwen3 with ``use_sliding_window``: layer 0 (below ``max_window_layers``) attends over everything, layer 1
+    within the window — bit-equal to transformers, and different from windowing both layers."""
+    from dataclasses import replace
+
+    folder = converted("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    ours, hf = load_decoder(folder), _oracle(folder)
+    assert (ours.shape.sliding_window, ours.shape.full_attention_layers) == (8, (0,))
+    ids = _ids(24)
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert torch.equal(ours(ids), want)
+        ours.shape = replace(ours.shape, full_attention_layers=())
+        assert not torch.equal(ours(ids), want)
+
+
+def test_window_gradients_survive_checkpointing(converted):
+    folder = converted("mistral", sliding_window=8)
+    grads = []
+    for gc in (False, True):
+        model = load_decoder(folder, AdapterSpec("all-linear", rank=4), **FP32)
+        for m in model.lora_modules().values():
+            torch.nn.init.normal_(m.lora_b, std=0.05, generator=torch.Generator().manual_seed(1))
+        model.grad_checkpointing = gc
+        model.loss(_ids(24)).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0

@@ -40,6 +40,25 @@ def rope_inv_freq(shape: Shape) -> torch.Tensor:
     return inv
 
 
+def window_mask(n: int, window: int, device) -> torch.Tensor:
+    """The ``(n, n)`` boolean sliding-window causal mask, True where query i sees key j: ``i - window < j <= i``
+    (transformers masking_utils: ``sliding_window_overlay`` on ``causal_mask_function``), so each query sees itself
+    and the ``window - 1`` keys before it. One bool per pair, built in place (no int64 index grid: at 32k tokens that
+    would be 8 GiB), shared by every head, batch row and layer."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_().triu_(1 - window)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of ``q (b, nh, t, d)`` over ``k, v (b, n_kv, t, d)`` under a ``(t, t)`` boolean mask. k and v are repeated
+    to the query heads, as transformers does when it has a mask (sdpa_attention.py ``use_gqa_in_sdpa``): on CUDA the
+    memory-efficient kernel takes masks but not grouped-query heads, and flash takes no mask; on the CPU it keeps the
+    arithmetic identical to transformers'."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k, v = (t[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, shape: Shape, linears: dict[str, NF4Linear], norms: dict[str, torch.Tensor]):
         super().__init__()
@@ -53,8 +72,9 @@ class DecoderLayer(nn.Module):
         self.attn_adapter = None  # Houlsby adapters (qtool.adapters.houlsby) on the attention and MLP outputs
         self.mlp_adapter = None
 
-    def forward(self, x, cos, sin, prefix_kv=None):
-        """``prefix_kv``: this layer's prefix keys and values ``(2, n_kv, l, head_dim)`` (qtool.adapters.prefix)."""
+    def forward(self, x, cos, sin, prefix_kv=None, window_mask=None):
+        """``prefix_kv``: this layer's prefix keys and values ``(2, n_kv, l, head_dim)`` (qtool.adapters.prefix);
+        ``window_mask``: the ``(t, t)`` boolean sliding-window mask (:func:`window_mask`) when this layer has one."""
         s, p = self.shape, self.proj
         b, t, _ = x.shape
         h = fused.rms_norm(x, self.input_norm, s.rms_norm_eps)
@@ -62,10 +82,12 @@ class DecoderLayer(nn.Module):
         k = fused.rope(self._head_norm(p["k_proj"](h).view(b, t, s.n_kv_heads, s.head_dim), self.k_norm), cos, sin)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = p["v_proj"](h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        if prefix_kv is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.n_kv_heads != s.n_heads)
-        else:
+        if prefix_kv is not None:
             o = prefix_attention(q, k, v, prefix_kv)
+        elif window_mask is not None:
+            o = window_attention(q, k, v, window_mask)
+        else:  # the fast path: flash attention on CUDA, grouped-query k and v as they are
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.n_kv_heads != s.n_heads)
         a = p["o_proj"](o.transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim))
         x = x + (a if self.attn_adapter is None else self.attn_adapter(a))
         h = fused.rms_norm(x, self.post_norm, s.rms_norm_eps)
@@ -116,8 +138,12 @@ class Decoder(nn.Module):
         start = 0 if self.prefix is None else self.prefix.length
         cos, sin = self.rope_tables(start, input_ids.shape[1], x.dtype, input_ids.device)
         kv = None if self.prefix is None else self.prefix.key_values(x.dtype)  # (L, 2, n_kv, l, head_dim)
+        t, window = input_ids.shape[1], self.shape.sliding_window
+        # a window shorter than the sequence needs a mask (alive for the whole forward and backward: t^2 bytes);
+        # otherwise it changes nothing and the layers keep is_causal, the fast path
+        mask = window_mask(t, window, input_ids.device) if window and t > window and kv is None else None
         for i, layer in enumerate(self.layers):
-            args = (x, cos, sin) if kv is None else (x, cos, sin, kv[i])
+            args = (x, cos, sin, None if kv is None else kv[i], mask if self.shape.window_of(i) else None)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # keep only each layer's input; its activations are recomputed in backward
                 x = checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=self.uses_rng)
