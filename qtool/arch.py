@@ -23,9 +23,9 @@ _ARCHS = {
     "qwen3": ("rms", "gated", "split"), "gemma": ("rms", "gated", "split"), "gemma2": ("rms", "gated", "split"),
     "gemma3_text": ("rms", "gated", "split"), "phi3": ("rms", "gated", "phi3"), "gpt_neox": ("layer", "plain", "neox"),
 }
-_MOE_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "jamba", "olmoe",
+MOE_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "jamba", "olmoe",
               "granitemoe", "phimoe", "llama4", "gpt_oss"}
-_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ def shape_from_config(config: dict, name: str = "config") -> Shape:
         config = {**config["text_config"]}
         model_type = config.get("model_type", "gemma3_text")
     model_type = {"gemma3": "gemma3_text"}.get(model_type, model_type)
-    if model_type in _MOE_TYPES or any(config.get(k) for k in _MOE_KEYS):
+    if model_type in MOE_TYPES or any(config.get(k) for k in MOE_KEYS):
         raise InputError(f"{name}: {model_type or 'this model'} is a mixture-of-experts model, which qtool does not "
                          "support", hint="plan a dense model (llama, mistral, qwen2/3, gemma, phi3, gpt_neox)")
     if model_type not in _ARCHS:

@@ -18,6 +18,9 @@ FP32 = dict(compute_dtype=torch.float32)
 # features that make it differ from Llama switched on.
 CONFIGS = {
     "qwen3": dict(head_dim=32),  # q_dim 128 != hidden 64: head_dim is not hidden / heads
+    # half of each head rotated (Phi-4-mini's kind of config), and an 8-token window (Phi-3-mini-4k has 2047)
+    "phi3": dict(sliding_window=8, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                    "partial_rotary_factor": 0.5}),
 }
 
 
@@ -108,3 +111,66 @@ def test_window_gradients_survive_checkpointing(converted):
         model.loss(_ids(24)).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------------ Phi-3
+def test_phi3_logits_equal_transformers_with_partial_rotary_and_window(converted):
+    from dataclasses import replace
+
+    from qtool.train.model import rope_inv_freq
+
+    folder = converted("phi3")
+    ours, hf = load_decoder(folder), _oracle(folder)
+    assert set(ours.layers[0].proj) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    assert (ours.shape.rotary_dim, ours.shape.head_dim, ours.shape.sliding_window) == (8, 16, 8)
+    ids = _ids(24)
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert torch.equal(ours(ids), want)
+        assert ours.loss(ids).item() == pytest.approx(hf(ids, labels=ids).loss.item(), rel=1e-5)
+        full = replace(ours.shape, rope=tuple((k, 1.0 if k == "partial_rotary_factor" else v)
+                                              for k, v in ours.shape.rope))
+        again = load_decoder(folder)
+        again.shape, again.inv_freq = full, rope_inv_freq(full)
+        assert not torch.equal(again(ids), want)  # rotating every feature is another model
+
+
+def test_phi3_lora_round_trips_through_peft_and_merges(converted, tmp_path):
+    """--targets qkvo,mlp on Phi-3 are PEFT's qkv_proj, o_proj, gate_up_proj, down_proj; the saved adapter loads in
+    PEFT on transformers' model with our logits, and `qtool merge` folds it into the fused weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from qtool.format.peft_adapter import save_trained
+    from qtool.merge.pipeline import merge
+
+    folder = converted("phi3")
+    spec = AdapterSpec("qkvo,mlp", rank=4)
+    model = load_decoder(folder, spec, **FP32)
+    assert {p.rsplit(".", 1)[-1] for p in model.lora_modules()} == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    with torch.no_grad():
+        for m in model.lora_modules().values():
+            m.lora_b.normal_(0, 0.05, generator=torch.Generator().manual_seed(2))
+    out = save_trained(tmp_path / "adapter", model.lora_modules(), spec, base_dir=folder)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["target_modules"]) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
+    ids = _ids(24)
+    bf16 = load_decoder(folder, spec)  # the compute dtype of transformers' bnb model of this folder
+    for name, m in bf16.lora_modules().items():
+        m.lora_a.data.copy_(model.lora_modules()[name].lora_a)
+        m.lora_b.data.copy_(model.lora_modules()[name].lora_b)
+    peft = PeftModel.from_pretrained(_oracle(folder), out)
+    rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        a, b = bf16(ids).float(), peft(ids).logits.float()
+        for name, p in peft.named_parameters():  # PEFT's own bypass in bf16: the rounding floor
+            if "lora_" in name:
+                p.data = p.data.bfloat16()
+        c = peft(ids).logits.float()
+        ours = model(ids)
+    # our bypass runs in bf16, PEFT's in fp32: we differ from PEFT no more than PEFT in bf16 differs from itself
+    assert rel(a, b) <= 2 * rel(c, b) and rel(a, b) < 0.05, (rel(a, b), rel(c, b))
+    merged = merge(folder, out, tmp_path / "merged", dtype="fp32")
+    dense = AutoModelForCausalLM.from_pretrained(merged.out, device_map="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        assert rel(ours, dense(ids).logits) < 1e-4  # W0 (the NF4 dequantised) + s·B·A, no bypass

@@ -180,6 +180,12 @@ def _fused_layer_saved(shape: Shape, st: Settings, first: bool) -> int:
             + methods.layer_saved_extra(shape, st))
 
 
+def _fused_gate_up(shape: Shape) -> bool:
+    """Phi-3's one gate_up_proj: the backward of its chunk into gate and up concatenates their two gradients into a
+    new [T, 2f] tensor while both still exist (allocation trace, tests/test_plan.py)."""
+    return any(lin.name == "gate_up_proj" for lin in layer_linears(shape))
+
+
 def _io_names(shape: Shape) -> tuple[list[str], list[str], list[str], list[str]]:
     """Module names grouped by the input they share: attention input, attention output, MLP input, MLP output."""
     attn = [lin.name for lin in layer_linears(shape) if lin.group == "attn"]
@@ -214,9 +220,9 @@ def norm_backward_bytes(shape: Shape, st: Settings) -> int:
 
 
 def position_bytes(shape: Shape, st: Settings) -> int:
-    """cos and sin of the rotary embedding ([1, s, head_dim] each, hidden-state dtype) and int64 position ids;
+    """cos and sin of the rotary embedding ([1, s, rotary_dim] each, hidden-state dtype) and int64 position ids;
     shared by all layers and alive for the whole step. qtool on the GPU keeps no position ids."""
-    return st.seq_len * (2 * widths(st)[0] * shape.head_dim + (0 if fused(st) else 8))
+    return st.seq_len * (2 * widths(st)[0] * shape.rotary_dim + (0 if fused(st) else 8))
 
 
 def loss_chunk_tokens(vocab: int) -> int:
@@ -282,7 +288,8 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
     attention = (rb * (2 * q + 2 * _kv_saved(shape, st, kernel)) * T if kernel in ("flash", "efficient")
                  else probs_grads * 4 * nh * s * T)
     moments = {
-        "MLP product backward": (3 if shape.mlp == "gated" else 2) * rb * f * T - m_saved,
+        "MLP product backward": (3 if shape.mlp == "gated" else 2) * rb * f * T - m_saved
+        + (2 * rb * f * T if _fused_gate_up(shape) else 0),
         "down_proj LoRA backward": 2 * rb * f * T if down.name in st.module_ranks(shape) else 0,
         "down_proj backward (dequantised weight)": dequantised_weight_bytes(down, st)
         + cb * (f + (h if rb != cb else 0)) * T,
@@ -297,7 +304,8 @@ def _fused_layer_backward(shape: Shape, st: Settings) -> tuple[int, str]:
     """qtool on the GPU: the incoming gradient of the layer output (2h per token) and the largest of
     * down_proj backward: the LoRA branch's input grad (2f, when down_proj is adapted), its dequantised weight
       (2hf) and the base branch's input grad (2f), added in place; down's saved input and x A^T are freed by then;
-    * SwiGLU backward: the grad of its output and of gate and up (3 x 2f) beside the saved gate and up;
+    * SwiGLU backward: the grad of its output and of gate and up (3 x 2f) beside the saved gate and up (Phi-3:
+      and their concatenation into the gate_up_proj output's grad, 2 x 2f);
     * flash attention backward, the MLP's tensors freed: the grad of out (2q), of q, k, v (2q + 4kv), FA2's fp32 dq
       accumulator (4q) and softmax_d (4nh), and for GQA k and v grads expanded to q's heads before the sum (4q).
     The gate/up products come after SwiGLU with less (their weight replaces the freed gate and up)."""
@@ -314,7 +322,7 @@ def _fused_layer_backward(shape: Shape, st: Settings) -> tuple[int, str]:
     moments = {
         "down_proj backward (dequantised weight)": (4 * f if r_down else 2 * f) * T
         + dequantised_weight_bytes(down, st) - down_saved,
-        "SwiGLU backward": 6 * f * T - down_saved,
+        "SwiGLU backward": 6 * f * T - down_saved + (4 * f * T if _fused_gate_up(shape) else 0),
         "attention backward": (2 * q + 2 * q + 4 * kv + 4 * q + 4 * nh + gqa) * T - mlp_saved
         + methods.attention_backward_extra(shape, st),
     }

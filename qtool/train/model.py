@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM2) on converted NF4 shards.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM2) on converted NF4 shards.
 
 Numerics follow transformers' implementation in the compute dtype (RMSNorm in fp32 then cast, RoPE tables in fp32
 then cast, SDPA attention), so logits match transformers' bitsandbytes-4bit model on the same folder — bit for bit
@@ -25,8 +25,9 @@ from qtool.train import fused
 from qtool.train.loss import chunked_cross_entropy, loss_chunk_tokens
 
 def rope_inv_freq(shape: Shape) -> torch.Tensor:
-    """RoPE inverse frequencies, fp32; ``llama3`` applies Llama 3.1's wavelength-dependent scaling."""
-    d, rope = shape.head_dim, shape.rope_params
+    """RoPE inverse frequencies of the rotated features (``shape.rotary_dim``), fp32; ``llama3`` applies Llama 3.1's
+    wavelength-dependent scaling."""
+    d, rope = shape.rotary_dim, shape.rope_params
     inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if rope["rope_type"] == "llama3":
         factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
@@ -77,11 +78,7 @@ class DecoderLayer(nn.Module):
         ``window_mask``: the ``(t, t)`` boolean sliding-window mask (:func:`window_mask`) when this layer has one."""
         s, p = self.shape, self.proj
         b, t, _ = x.shape
-        h = fused.rms_norm(x, self.input_norm, s.rms_norm_eps)
-        q = fused.rope(self._head_norm(p["q_proj"](h).view(b, t, s.n_heads, s.head_dim), self.q_norm), cos, sin)
-        k = fused.rope(self._head_norm(p["k_proj"](h).view(b, t, s.n_kv_heads, s.head_dim), self.k_norm), cos, sin)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        v = p["v_proj"](h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+        q, k, v = self.attention_inputs(x, cos, sin)
         if prefix_kv is not None:
             o = prefix_attention(q, k, v, prefix_kv)
         elif window_mask is not None:
@@ -91,12 +88,40 @@ class DecoderLayer(nn.Module):
         a = p["o_proj"](o.transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim))
         x = x + (a if self.attn_adapter is None else self.attn_adapter(a))
         h = fused.rms_norm(x, self.post_norm, s.rms_norm_eps)
-        m = p["down_proj"](fused.swiglu(p["gate_proj"](h), p["up_proj"](h)))
+        if "gate_up_proj" in p:  # phi3: the gate's rows, then the up projection's (Phi3MLP chunks in that order)
+            gate, up = p["gate_up_proj"](h).chunk(2, dim=-1)
+        else:
+            gate, up = p["gate_proj"](h), p["up_proj"](h)
+        m = p["down_proj"](fused.swiglu(gate, up))
         return x + (m if self.mlp_adapter is None else self.mlp_adapter(m))
+
+    def attention_inputs(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``(b, n_heads, t, head_dim)``, k and v ``(b, n_kv_heads, t, head_dim)`` of the layer input ``x``: the
+        input norm, the projections (phi3: one qkv_proj, q's rows then k's then v's), qwen3's per-head norms, RoPE."""
+        s, p = self.shape, self.proj
+        b, t, _ = x.shape
+        h = fused.rms_norm(x, self.input_norm, s.rms_norm_eps)
+        if "qkv_proj" in p:
+            q, k, v = p["qkv_proj"](h).split((s.q_dim, s.kv_dim, s.kv_dim), dim=-1)
+            v = v.contiguous()  # attention saves v: as a view it would keep all of q, k, v alive until backward
+        else:
+            q, k, v = p["q_proj"](h), p["k_proj"](h), p["v_proj"](h)
+        q = _rope(self._head_norm(q.view(b, t, s.n_heads, s.head_dim), self.q_norm), cos, sin)
+        k = _rope(self._head_norm(k.view(b, t, s.n_kv_heads, s.head_dim), self.k_norm), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
 
     def _head_norm(self, heads: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         """Qwen3's per-head RMSNorm of ``[b, t, heads, head_dim]`` (the identity without a weight)."""
         return heads if weight is None else fused.rms_norm(heads, weight, self.shape.rms_norm_eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of the first ``cos.shape[-1]`` features of each head of ``x [b, t, heads, head_dim]``; the rest pass
+    unchanged (Phi-3's ``partial_rotary_factor``, as transformers' apply_rotary_pos_emb)."""
+    n = cos.shape[-1]
+    if n == x.shape[-1]:
+        return fused.rope(x, cos, sin)
+    return torch.cat((fused.rope(x[..., :n], cos, sin), x[..., n:]), dim=-1)
 
 
 class Decoder(nn.Module):
@@ -126,7 +151,7 @@ class Decoder(nn.Module):
                 if isinstance(holder[name], LoRALinear)}
 
     def rope_tables(self, start: int, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``(n, head_dim)`` of positions ``start .. start+n-1``, computed in fp32 and cast."""
+        """cos and sin ``(n, rotary_dim)`` of positions ``start .. start+n-1``, computed in fp32 and cast."""
         pos = torch.arange(start, start + n, device=device, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)

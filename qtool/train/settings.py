@@ -7,11 +7,13 @@ from pathlib import Path
 
 from qtool.adapters.spec import (ADALORA_INIT_RANK, CONVERTER_INITS, LORA_FLAGS, METHOD_FLAGS, AdaLoRASchedule,
                                  AdapterSpec, ignored_flag_problems)
+from qtool.arch import MOE_KEYS, MOE_TYPES
 from qtool.errors import InputError, UsageError
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # the model types qtool train builds (qtool.train.model)
+SUPPORTED_NAMES = "Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM2"
 # AdaLoRA's settings (None: AdaLoraConfig's default); with --method lora none may be given
 ADALORA_FIELDS = ("init_rank", "target_rank", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg")
 ROPE_TYPES = ("default", "llama3")
@@ -107,14 +109,22 @@ def decoder_shape(config: dict, where: str = "config.json"):
     from qtool.arch import shape_from_config
 
     mt = config.get("model_type")
+    still = "the converted folder still trains with transformers + PEFT/TRL as it is"
+    if mt in MOE_TYPES or any(config.get(k) for k in MOE_KEYS):
+        raise InputError(f"{where}: model_type {mt!r} is a mixture-of-experts model, which qtool train does not build "
+                         "(its experts and router are not a Llama-family MLP)",
+                         hint=f"qtool train supports {', '.join(SUPPORTED)} ({SUPPORTED_NAMES}); {still}")
     if mt not in SUPPORTED:
         raise InputError(f"{where}: model_type {mt!r} is not supported by qtool train",
-                         hint=f"supported: {', '.join(SUPPORTED)} (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2); the "
-                              "converted folder still loads in transformers, PEFT and TRL as it is")
+                         hint=f"supported: {', '.join(SUPPORTED)} ({SUPPORTED_NAMES}); {still}")
     shape = shape_from_config(config, where)
     rope_type = shape.rope_params["rope_type"]
+    if rope_type == "longrope":
+        raise InputError(f"{where}: RoPE type 'longrope' (Phi-3 128k, Phi-3.5, Phi-4-mini) is not supported by qtool "
+                         "train", hint=f"supported: {', '.join(ROPE_TYPES)} (the 4k Phi-3 models use 'default'); {still}")
     if rope_type not in ROPE_TYPES:
-        raise InputError(f"{where}: RoPE type {rope_type!r} is not supported", hint=f"supported: {', '.join(ROPE_TYPES)}")
+        raise InputError(f"{where}: RoPE type {rope_type!r} is not supported",
+                         hint=f"supported: {', '.join(ROPE_TYPES)}; {still}")
     return shape
 
 
