@@ -222,7 +222,7 @@ _TABLE = {
     "pythia-6.9b": ("gpt_neox", 4096, 16384, 32, 32, 32, 128, 50432, False, 2048),
 }
 # Models of the table whose every layer attends within a window (their config.json's sliding_window).
-_SLIDING_WINDOWS = {"mistral-7b": 4096}
+_SLIDING_WINDOWS = {"mistral-7b": 4096, "phi-3-mini": 2047}
 _ALIASES = {
     "llama-7b": "llama-1-7b", "llama-13b": "llama-1-13b", "llama-30b": "llama-1-33b", "llama-33b": "llama-1-33b",
     "llama-65b": "llama-1-65b", "llama-1-30b": "llama-1-33b", "meta-llama-3-8b": "llama-3-8b",

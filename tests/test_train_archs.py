@@ -174,3 +174,131 @@ def test_phi3_lora_round_trips_through_peft_and_merges(converted, tmp_path):
     dense = AutoModelForCausalLM.from_pretrained(merged.out, device_map="cpu", dtype=torch.float32)
     with torch.no_grad():
         assert rel(ours, dense(ids).logits) < 1e-4  # W0 (the NF4 dequantised) + s·B·A, no bypass
+
+
+# ------------------------------------------------------------------------------------------ every architecture
+@pytest.mark.parametrize("arch,overrides", [("qwen3", {}), ("phi3", {}), ("mistral", {"sliding_window": 8})],
+                         ids=["qwen3", "phi3", "mistral-window"])
+def test_training_lowers_the_loss_of_a_fixed_batch(converted, arch, overrides):
+    """A few AdamW steps at a high learning rate on one fixed batch (all-linear LoRA, fp32): the loss falls."""
+    model = load_decoder(converted(arch, **overrides), AdapterSpec("all-linear", rank=8), **FP32)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids, losses = _ids(24), []
+    for _ in range(8):
+        loss = model.loss(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert torch.isfinite(torch.tensor(losses)).all() and losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("name", ["qwen3-8b", "phi-3-mini", "mistral-7b"])
+def test_random_decoder_builds_each_architecture(name):
+    """The GPU bench builds real-size random models with random_decoder; here the same shapes, two layers."""
+    from dataclasses import replace
+
+    from qtool.arch import known_shape
+    from qtool.train.load import random_decoder
+
+    shape = replace(known_shape(name), n_layers=2, vocab=512)
+    model = random_decoder(shape, "cpu", spec=AdapterSpec("all-linear", rank=4), compute_dtype=torch.float32)
+    assert {lin.name for lin in shape.linears()} == set(model.layers[0].proj)
+    assert (model.layers[0].q_norm is not None) == (shape.model_type == "qwen3")
+    with torch.no_grad():
+        logits = model(torch.randint(0, 512, (1, 8)))
+    assert logits.shape == (1, 8, 512) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "mixtral", "num_local_experts": 8}, {"model_type": "qwen2_moe", "num_experts": 60},
+    {"model_type": "qwen3_moe", "num_experts": 128}, {"model_type": "llama", "num_local_experts": 4},
+    {"model_type": "gpt_neox"}, {"model_type": "gemma2"}])
+def test_unsupported_models_are_refused_naming_the_type_and_what_works(config):
+    from qtool.train.settings import SUPPORTED, decoder_shape
+
+    base = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 256}
+    with pytest.raises(InputError) as err:
+        decoder_shape({**base, **config}, "m/config.json")
+    text = str(err.value)
+    assert f"model_type {config['model_type']!r}" in text and "m/config.json" in text
+    assert ", ".join(SUPPORTED) in text and "transformers + PEFT/TRL" in text
+    assert ("mixture-of-experts" in text) == any(k.startswith("num_") and "expert" in k for k in config)
+
+
+def test_longrope_is_refused_clearly():
+    from qtool.train.settings import decoder_shape
+
+    config = {"model_type": "phi3", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "vocab_size": 256, "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
+                                                  "long_factor": [2.0] * 8}}
+    with pytest.raises(InputError, match=r"(?s)'longrope' \(Phi-3 128k.*4k Phi-3 models use 'default'"):
+        decoder_shape(config)
+
+
+def test_plan_counts_what_the_new_architectures_keep():
+    """qwen3-8b: q/k-norm inputs (and rstd) per head, in both the CPU and the fused GPU plan. mistral-7b beyond its
+    window: the (s, s) bool mask, a 16-bit copy of it per layer call and k/v repeated — none of it at the window."""
+    from dataclasses import replace
+
+    from qtool.arch import known_shape
+    from qtool.plan import transient as acts
+    from qtool.plan.planner import Settings, plan
+
+    qwen = known_shape("qwen3-8b")
+    plain = replace(qwen, model_type="qwen2")  # the same numbers without q/k norms (qwen2: biases, not kept)
+    for device in ("cuda", "cpu"):
+        st = Settings(seq_len=2048, device=device).check(qwen)
+        extra = acts.layer_saved_bytes(qwen, st) - acts.layer_saved_bytes(plain, st)
+        width = 2 if device == "cuda" else 4  # the fused norm keeps bf16 input, the torch one its fp32 upcast
+        assert extra == 2048 * (width * (qwen.q_dim + qwen.kv_dim) + 4 * (qwen.n_heads + qwen.n_kv_heads)), device
+    mistral = known_shape("mistral-7b")
+    at, beyond = (Settings(seq_len=s).check(mistral) for s in (4096, 8192))
+    assert acts.window_mask_bytes(mistral, at) == 0 and acts.window_mask_bytes(mistral, beyond) == 8192 ** 2
+    assert acts.attention_kernel(mistral, at) == "flash" and acts.attention_kernel(mistral, beyond) == "efficient"
+    p = plan(mistral, beyond)
+    assert any(r.name == "attention mask" and r.bytes == 8192 ** 2 for r in p.rows)
+    assert any("builds one (seq x seq) boolean mask" in n for n in p.notes)
+    # per layer: k and v repeated to the 32 query heads, and the bf16 copy of the mask
+    unmasked = replace(mistral, sliding_window=None)
+    extra = acts.layer_saved_bytes(mistral, beyond) - acts.layer_saved_bytes(unmasked, beyond)
+    assert extra == 8192 * 2 * 2 * (mistral.q_dim - mistral.kv_dim) + 2 * 8192 * 8192
+    phi = known_shape("phi-3-mini")  # its config.json: sliding_window 2047, so 4096 tokens need the mask
+    assert acts.window_mask_bytes(phi, Settings(seq_len=4096).check(phi)) == 4096 ** 2
+    assert acts.window_mask_bytes(phi, Settings(seq_len=2047).check(phi)) == 0
+
+
+# ------------------------------------------------------------------------------------------------------- GPU
+GPU_CONFIGS = {  # head dims and rotary dims powers of two: the Triton RoPE path
+    "qwen3": {"model_type": "qwen3", "head_dim": 128},
+    "phi3": {"model_type": "phi3", "sliding_window": 48, "partial_rotary_factor": 0.5},
+    "mistral-window": {"model_type": "mistral", "sliding_window": 48},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI is CPU-only)")
+@pytest.mark.parametrize("arch", list(GPU_CONFIGS))
+def test_new_architectures_train_on_cuda_with_the_graph(arch):
+    """Fused kernels (q/k norms, partial RoPE), the efficient-kernel window at seq 64 > 48, the CUDA-graph step:
+    finite, falling loss on a learnable sequence, and graph replay equal to eager steps."""
+    from qtool.train.data import Blocks
+    from qtool.train.load import random_decoder
+    from qtool.train.recipe import TrainSettings, train
+    from qtool.train.settings import decoder_shape
+
+    shape = decoder_shape({"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 3,
+                           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                           **GPU_CONFIGS[arch]})
+    pattern = torch.arange(64).repeat(40, 1) % 13
+    blocks = Blocks(pattern[:36], pattern[36:], 0)
+    runs = {}
+    for graphs in (False, True):
+        model = random_decoder(shape, "cuda", spec=AdapterSpec("all-linear", rank=8))
+        runs[graphs] = train(model, blocks, TrainSettings(steps=8, seq_len=64, batch_size=2, grad_accum=2, lr=3e-3,
+                                                          measure_after=2, cuda_graphs=graphs),
+                             device=torch.device("cuda"))
+    assert runs[True].cuda_graph == "on" and runs[False].cuda_graph == "off"
+    losses = torch.tensor(runs[True].losses)
+    assert torch.isfinite(losses).all() and losses[-1] < 0.7 * losses[0], losses
+    assert torch.allclose(losses, torch.tensor(runs[False].losses), rtol=2e-3)
