@@ -60,7 +60,7 @@ class Shape:
     source: str = "table"          # where the shape came from, for the report
     note: str = ""                 # an assumption the user should know about (e.g. the shape picked for --params)
     declared_params: int | None = None  # the count given with --params; the fp16 line is declared_params * 2
-    sliding_window: int | None = None  # attention window (Mistral v0.1: 4096, Phi-3-mini-4k: 2047), None: full attention
+    sliding_window: int | None = None  # attention window (Mistral v0.1: 4096, Phi-3-mini-4k: 2047); None: full
     full_attention_layers: tuple[int, ...] = ()  # layers exempt from the window (Qwen2/3 below max_window_layers)
     rms_norm_eps: float = 1e-6
     rope: tuple[tuple[str, object], ...] = (("rope_theta", 10000.0), ("rope_type", "default"))  # sorted (key, value)

@@ -261,10 +261,10 @@ def fits(p: Plan, capacity: int) -> bool:
 
 def knob_limit(shape: Shape, settings: Settings, knob: str) -> tuple[int, str]:
     """The largest value :func:`largest_fitting` considers for ``knob``, and why (a phrase that reads after "the").
-    A seq-len stops at the model's
-    position limit (config.json's max_position_embeddings: no more positions were trained, and absolute position
-    embeddings have no more rows); a sliding window is no limit (both trainers apply it with a mask; a prefix is
-    bounded by :func:`qtool.plan.methods.seq_len_bound`). A rank stops at min(in, out) of the smallest targeted module; a batch at the search bound."""
+    A seq-len stops at the model's position limit (config.json's max_position_embeddings: no more positions were
+    trained, and absolute position embeddings have no more rows); a sliding window is no limit (both trainers apply
+    it with a mask; a prefix is bounded by :func:`qtool.plan.methods.seq_len_bound`). A rank stops at min(in, out)
+    of the smallest targeted module; a batch at the search bound."""
     st = settings.check(shape)
     if knob == "rank" and not st.module_ranks(shape):
         raise UsageError(f"--solve rank: --method {st.method} has no rank",

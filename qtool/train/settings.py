@@ -121,7 +121,8 @@ def decoder_shape(config: dict, where: str = "config.json"):
     rope_type = shape.rope_params["rope_type"]
     if rope_type == "longrope":
         raise InputError(f"{where}: RoPE type 'longrope' (Phi-3 128k, Phi-3.5, Phi-4-mini) is not supported by qtool "
-                         "train", hint=f"supported: {', '.join(ROPE_TYPES)} (the 4k Phi-3 models use 'default'); {still}")
+                         "train",
+                         hint=f"supported: {', '.join(ROPE_TYPES)} (the 4k Phi-3 models use 'default'); {still}")
     if rope_type not in ROPE_TYPES:
         raise InputError(f"{where}: RoPE type {rope_type!r} is not supported",
                          hint=f"supported: {', '.join(ROPE_TYPES)}; {still}")
