@@ -23,9 +23,9 @@ _ARCHS = {
     "qwen3": ("rms", "gated", "split"), "gemma": ("rms", "gated", "split"), "gemma2": ("rms", "gated", "split"),
     "gemma3_text": ("rms", "gated", "split"), "phi3": ("rms", "gated", "phi3"), "gpt_neox": ("layer", "plain", "neox"),
 }
-_MOE_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "jamba", "olmoe",
+MOE_TYPES = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "jamba", "olmoe",
               "granitemoe", "phimoe", "llama4", "gpt_oss"}
-_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,8 @@ class Shape:
     source: str = "table"          # where the shape came from, for the report
     note: str = ""                 # an assumption the user should know about (e.g. the shape picked for --params)
     declared_params: int | None = None  # the count given with --params; the fp16 line is declared_params * 2
-    sliding_window: int | None = None  # attention window of every layer (Mistral v0.1: 4096), None for full attention
+    sliding_window: int | None = None  # attention window (Mistral v0.1: 4096, Phi-3-mini-4k: 2047); None: full
+    full_attention_layers: tuple[int, ...] = ()  # layers exempt from the window (Qwen2/3 below max_window_layers)
     rms_norm_eps: float = 1e-6
     rope: tuple[tuple[str, object], ...] = (("rope_theta", 10000.0), ("rope_type", "default"))  # sorted (key, value)
 
@@ -89,6 +90,16 @@ class Shape:
     def n_norms_per_layer(self) -> int:
         """gemma2/3 wrap both blocks in pre- and post-norms; everything else has two."""
         return 4 if self.model_type in ("gemma2", "gemma3_text") else 2
+
+    def window_of(self, layer: int) -> int | None:
+        """The attention window of decoder layer ``layer``: a query at position i sees keys i - window < j <= i
+        (transformers' sliding_window_overlay); None for full causal attention."""
+        return None if layer in self.full_attention_layers else self.sliding_window
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading features of each head that RoPE rotates (Phi-3's ``partial_rotary_factor``; all by default)."""
+        return int(self.head_dim * self.rope_params.get("partial_rotary_factor", 1.0))
 
     @property
     def qk_norm(self) -> bool:
@@ -211,7 +222,7 @@ _TABLE = {
     "pythia-6.9b": ("gpt_neox", 4096, 16384, 32, 32, 32, 128, 50432, False, 2048),
 }
 # Models of the table whose every layer attends within a window (their config.json's sliding_window).
-_SLIDING_WINDOWS = {"mistral-7b": 4096}
+_SLIDING_WINDOWS = {"mistral-7b": 4096, "phi-3-mini": 2047}
 _ALIASES = {
     "llama-7b": "llama-1-7b", "llama-13b": "llama-1-13b", "llama-30b": "llama-1-33b", "llama-33b": "llama-1-33b",
     "llama-65b": "llama-1-65b", "llama-1-30b": "llama-1-33b", "meta-llama-3-8b": "llama-3-8b",
@@ -259,7 +270,7 @@ def shape_from_config(config: dict, name: str = "config") -> Shape:
         config = {**config["text_config"]}
         model_type = config.get("model_type", "gemma3_text")
     model_type = {"gemma3": "gemma3_text"}.get(model_type, model_type)
-    if model_type in _MOE_TYPES or any(config.get(k) for k in _MOE_KEYS):
+    if model_type in MOE_TYPES or any(config.get(k) for k in MOE_KEYS):
         raise InputError(f"{name}: {model_type or 'this model'} is a mixture-of-experts model, which qtool does not "
                          "support", hint="plan a dense model (llama, mistral, qwen2/3, gemma, phi3, gpt_neox)")
     if model_type not in _ARCHS:
@@ -285,6 +296,7 @@ def shape_from_config(config: dict, name: str = "config") -> Shape:
         dtype=str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"),
         attention_bias=bool(config.get("attention_bias", False)), mlp_bias=bool(config.get("mlp_bias", False)),
         source=f"config:{name}", sliding_window=_sliding_window(model_type, config),
+        full_attention_layers=_full_attention_layers(model_type, config),
         rms_norm_eps=float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-6))), rope=_rope(config))
 
 
@@ -293,6 +305,8 @@ def _rope(config: dict) -> tuple[tuple[str, object], ...]:
     sorted (key, value) pairs with ``rope_type`` (``type`` in old configs) and ``rope_theta`` always present."""
     rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
     rope.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    if "partial_rotary_factor" in config:  # 4.x Phi-3 configs keep it at the top level
+        rope.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
     rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
     return _frozen(rope)
 
@@ -306,16 +320,31 @@ def _frozen(value):
 
 def _sliding_window(model_type: str, config: dict) -> int | None:
     """The attention window, as transformers reads it: Mistral's ``sliding_window`` (4096 when the key is absent,
-    MistralConfig's default; null from v0.2 on) for every layer; Qwen2/3's only with ``use_sliding_window`` (off in
-    released configs; it then applies from layer ``max_window_layers`` on — taken here as every layer, which errs on
-    the safe side for a --seq-len check). Gemma 2/3 window alternate layers, which is not modelled."""
+    MistralConfig's default; null from v0.2 on) and Phi-3's (null by default; 2047 in Phi-3-mini-4k) for every layer;
+    Qwen2/3's only with ``use_sliding_window`` (off in released configs; then from layer ``max_window_layers`` on,
+    :func:`_full_attention_layers`). Gemma 2/3 window alternate layers, which is not modelled."""
     if model_type == "mistral":
         window = config.get("sliding_window", 4096)
+    elif model_type == "phi3":
+        window = config.get("sliding_window")
     elif model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
         window = config.get("sliding_window")
     else:
         window = None
     return int(window) if window else None
+
+
+def _full_attention_layers(model_type: str, config: dict) -> tuple[int, ...]:
+    """Qwen2/3 with a window: the layers that still attend over everything — those whose ``layer_types`` entry is not
+    "sliding_attention" (transformers 5 saves the list), else those below ``max_window_layers`` (Qwen2Config and
+    Qwen3Config derive the list that way)."""
+    if model_type not in ("qwen2", "qwen3") or not config.get("use_sliding_window"):
+        return ()
+    n = int(config.get("num_hidden_layers", 0))
+    types = config.get("layer_types")
+    if isinstance(types, list) and len(types) == n:
+        return tuple(i for i, t in enumerate(types) if t != "sliding_attention")
+    return tuple(range(min(int(config.get("max_window_layers", 28)), n)))
 
 
 def read_config(folder, hint: str = "qtool needs the Hugging Face config.json of the model") -> dict:

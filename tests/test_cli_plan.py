@@ -145,7 +145,8 @@ def test_max_seq_len_is_capped_at_the_model_positions():
     assert (data["fit"]["value"], data["fit"]["limited"]) == (8192, True)
     assert data["seq_len_limit"] == {"value": 8192, "reason": "max_position_embeddings of smollm2-135m"}
     window = run("-m", "mistral-7b", "--fit", "H200").stdout
-    assert "at the 4,096-token sliding window of mistral-7b, which the qtool trainer does not apply" in window
+    assert "32,768" in window and "max_position_embeddings of mistral-7b" in window  # the window is no limit now
+    assert "builds one (seq x seq) boolean mask" in run("-m", "mistral-7b", "--seq-len", "8192").stdout
     roomy = json.loads(run("-m", "llama-3.1-8b", "--json").stdout)["fit_table"]  # 131,072 positions: memory binds
     assert not roomy[0]["max_seq_len_limited"] and roomy[0]["gpu"] == "RTX 4090" and roomy[0]["max_seq_len"] < 131072
 

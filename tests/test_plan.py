@@ -108,12 +108,14 @@ def test_allocator_booking_follows_the_caching_allocator_rules():
 
 
 def test_attention_kernel_is_the_one_sdpa_picks():
-    """bf16 (qtool): flash. fp32 (hf): efficient for equal heads or k/v repeated by transformers (it does so when it
-    has a mask, here Mistral's sliding window at seq >= 4096), math for GQA passed to SDPA as enable_gqa."""
+    """bf16 (qtool): flash, and efficient with k/v repeated beyond a sliding window (qtool's own mask). fp32 (hf):
+    efficient for equal heads or k/v repeated by transformers (it does so when it has a mask, here Mistral's sliding
+    window at seq >= 4096), math for GQA passed to SDPA as enable_gqa."""
     def kernel(name, **settings):
         return acts.attention_kernel(known_shape(name), Settings(**settings).check(known_shape(name)))
 
-    assert kernel("llama-3-8b") == "flash" and kernel("mistral-7b", seq_len=8192) == "flash"
+    assert kernel("llama-3-8b") == "flash" and kernel("mistral-7b", seq_len=4096) == "flash"
+    assert kernel("mistral-7b", seq_len=4097) == "efficient"
     assert kernel("llama-2-7b", profile="hf") == "efficient"
     assert kernel("llama-3-8b", profile="hf") == "math"
     assert kernel("mistral-7b", profile="hf", seq_len=2048) == "math"
@@ -322,14 +324,33 @@ def test_qtool_transient_matches_allocation_trace(one_thread, gc, targets, seq_l
     reference paths (qtool.train.fused *_ref, qtool.nf4.codec dequantisation, eager steps with gradients freed), which
     ``device="cpu"`` plans; the GPU paths (Triton kernels, flash SDPA, CUDA graph) are checked against the H200
     records in test_replays_recorded_measurements."""
+    config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 11 // 4,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": vocab}
+    _check_qtool_trace(config, gc, targets, seq_len, batch_size)
+
+
+@pytest.mark.parametrize("gc,extra", [
+    (False, {"model_type": "qwen3", "head_dim": 128}), (True, {"model_type": "qwen3", "head_dim": 128}),
+    (False, {"model_type": "mistral", "sliding_window": 96}), (True, {"model_type": "mistral", "sliding_window": 96}),
+    (False, {"model_type": "phi3"}), (True, {"model_type": "phi3", "partial_rotary_factor": 0.5})],
+    ids=["qwen3", "qwen3-gc", "window", "window-gc", "phi3", "phi3-gc"])
+def test_qtool_transient_of_other_architectures_matches_allocation_trace(one_thread, gc, extra):
+    """The same check for what the other architectures add: Qwen3's q/k norms (head_dim 128 != hidden / heads), a
+    sliding window shorter than the sequence (its bool mask, the efficient kernel's 16-bit copy of it per layer, k
+    and v repeated), Phi-3's fused qkv_proj and gate_up_proj."""
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2000, **extra}
+    _check_qtool_trace(config, gc, "all-linear" if gc else "qkvo", 384, 1)
+
+
+def _check_qtool_trace(config: dict, gc: bool, targets: str, seq_len: int, batch_size: int) -> None:
     import torch
     from qtool.adapters.spec import AdapterSpec
     from qtool.train.load import random_decoder
     from qtool.train.settings import decoder_shape
 
     warnings.filterwarnings("ignore")
-    config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": hidden * 11 // 4,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": vocab}
+    vocab = config["vocab_size"]
     shape = shape_from_config(config)
     names = tuple(lin.name for lin in shape.linears() if targets == "all-linear" or lin.group == "attn")
     model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec(",".join(names), rank=16))
@@ -384,11 +405,11 @@ def test_largest_fitting_is_the_boundary(knob):
 @pytest.mark.parametrize("name,profile,limit,reason", [
     ("smollm2-135m", "qtool", 8192, "max_position_embeddings of smollm2-135m"),
     ("llama-2-7b", "hf", 4096, "max_position_embeddings of llama-2-7b"),
-    ("mistral-7b", "qtool", 4096, "sliding window of mistral-7b, which the qtool trainer does not apply"),
+    ("mistral-7b", "qtool", 32768, "max_position_embeddings of mistral-7b"),
     ("mistral-7b", "hf", 32768, "max_position_embeddings of mistral-7b")])
 def test_seq_len_search_stops_at_the_model_limit(name, profile, limit, reason):
     """No seq-len beyond the positions a model has (an H200 has memory for far more of these short-context
-    models); the qtool trainer attends over the whole sequence, so for it a sliding window is the limit too."""
+    models); a sliding window is no limit: both trainers apply it."""
     shape, st = known_shape(name), Settings(profile=profile)
     fit = largest_fitting(shape, st, GPUS["H200"] * 2**20, "seq_len")
     assert (fit.value, fit.limited, fit.limit) == (limit, True, limit) and reason in fit.limit_reason

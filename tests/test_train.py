@@ -154,7 +154,7 @@ def test_unsupported_architecture(tmp_path, smollm2_nf4_cpu, shakespeare_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = "gpt_neox"
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InputError, match="supported: llama, mistral, qwen2"):
+    with pytest.raises(InputError, match="supported: llama, mistral, qwen2, qwen3, phi3 .*transformers \\+ PEFT/TRL"):
         run(folder, shakespeare_path, None, TrainSettings(steps=1))
 
 
@@ -221,7 +221,27 @@ def test_blocks_pack_and_hold_out(smollm2_nf4_cpu, shakespeare_path):
     assert b.n_tokens >= (len(b.train) + 5) * 128
 
 
-def test_seq_len_beyond_sliding_window_is_refused(tmp_path, smollm2_nf4_cpu, shakespeare_path):
+def test_seq_len_beyond_sliding_window_equals_transformers(tmp_path):
+    """Mistral with an 8-token window at --seq-len 24: the window applied (a query sees itself and the 7 keys before
+    it, as transformers' sliding_window_overlay), bit-equal to transformers' bnb-4bit model; a window one shorter or
+    longer, or none, gives other logits (so the mask is really used, and its off-by-one is transformers')."""
+    from dataclasses import replace
+
+    from tests.test_train_archs import _build, _oracle
+
+    folder = _build(tmp_path, "mistral", sliding_window=8)
+    ours, hf = load_decoder(folder), _oracle(folder)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+        assert torch.equal(ours(ids), want)
+        assert ours.loss(ids).item() == pytest.approx(hf(ids, labels=ids).loss.item(), rel=1e-5)
+        for other in (7, 9, None):
+            ours.shape = replace(ours.shape, sliding_window=other)
+            assert not torch.equal(ours(ids), want), other
+
+
+def test_prefix_beyond_sliding_window_is_refused(tmp_path, smollm2_nf4_cpu, shakespeare_path):
     import shutil
 
     folder = tmp_path / "mistral"
@@ -229,8 +249,8 @@ def test_seq_len_beyond_sliding_window_is_refused(tmp_path, smollm2_nf4_cpu, sha
     cfg = json.loads((folder / "config.json").read_text())
     cfg.update(model_type="mistral", sliding_window=32)
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UsageError, match="sliding attention window"):
-        run(folder, shakespeare_path, None, TrainSettings(steps=1, seq_len=64))
+    with pytest.raises(UsageError, match=r"prefix-len 8 \+ --seq-len 32 is beyond the model's sliding attention"):
+        run(folder, shakespeare_path, None, TrainSettings(steps=1, seq_len=32, method="prefix", prefix_len=8))
 
 
 # ------------------------------------------------------------------------------------- adapters, inits, loading

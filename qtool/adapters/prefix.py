@@ -136,27 +136,17 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torc
 def kv_of_tokens(model, ids: torch.Tensor) -> torch.Tensor:
     """The base model's keys (rotary embedding at positions ``0 .. l-1`` applied) and values of the ``l`` tokens
     ``ids``, as an ``(l, 2·L·kv)`` fp32 prefix (the layout above): what a KV cache holds after reading them. Runs
-    ``model`` (a :class:`qtool.train.model.Decoder`) without its prefix and Houlsby adapters' effect is included
-    if it has any (it has none when the prefix is the method)."""
-    from qtool.train import fused
-
+    ``model`` (a :class:`qtool.train.model.Decoder`) layer by layer without its prefix, taking each layer's keys and
+    values as its attention computes them (``DecoderLayer.attention_inputs``: fused projections and q/k norms
+    included); Houlsby adapters' effect is included if it has any (it has none when the prefix is the method)."""
     shape = model.shape
     l = ids.shape[-1]
     ids = ids.reshape(1, l).to(model.embed.device)
-    captured: dict[tuple[int, str], torch.Tensor] = {}
-    handles = [layer.proj[name].register_forward_hook(
-        lambda mod, args, out, key=(i, name): captured.__setitem__(key, out.detach()))
-        for i, layer in enumerate(model.layers) for name in ("k_proj", "v_proj")]
-    saved, model.prefix = model.prefix, None
-    try:
-        model.hidden_states(ids)
-    finally:
-        model.prefix = saved
-        for h in handles:
-            h.remove()
-    cos, sin = model.rope_tables(0, l, model.embed.dtype, ids.device)
+    x = F.embedding(ids, model.embed)
+    cos, sin = model.rope_tables(0, l, x.dtype, ids.device)
     rows = []
-    for i in range(shape.n_layers):
-        k = fused.rope(captured[i, "k_proj"].view(1, l, shape.n_kv_heads, shape.head_dim), cos, sin)
-        rows += [k.reshape(l, shape.kv_dim), captured[i, "v_proj"].reshape(l, shape.kv_dim)]
+    for layer in model.layers:
+        _, k, v = layer.attention_inputs(x, cos, sin)  # (1, n_kv, l, head_dim)
+        rows += [k.transpose(1, 2).reshape(l, shape.kv_dim), v.transpose(1, 2).reshape(l, shape.kv_dim)]
+        x = layer(x, cos, sin)
     return torch.cat(rows, dim=1).float()

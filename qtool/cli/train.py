@@ -75,7 +75,9 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, export, **kw):
     """Train adapters (LoRA, AdaLoRA, Houlsby adapters or a prefix) on a converted NF4 checkpoint; report GPU memory
-    measured beside the plan.
+    measured beside the plan. Models: llama, mistral, qwen2, qwen3, phi3 (Llama 2/3, SmolLM2, Mistral with its
+    sliding window at any --seq-len, Qwen2/2.5/3, Phi-3 4k); mixture-of-experts and other types are refused (the
+    converted folder still trains with transformers + PEFT/TRL).
 
     \b
     Examples:
@@ -85,6 +87,7 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
       qtool train ./smollm2-nf4 --data shakespeare.txt --method adalora --init-rank 12 --target-rank 8
       qtool train ./smollm2-nf4 --data shakespeare.txt --method prefix --prefix-len 64 --out ./prefix
       qtool train ./smollm2-nf4 --data shakespeare.txt --method adapter --adapter-size 32 --out ./houlsby
+      qtool train ./phi-3-mini-nf4 --data text.txt --targets qkvo,mlp  # qkv_proj, o_proj, gate_up_proj, down_proj
     """
     from click.core import ParameterSource
 

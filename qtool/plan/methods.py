@@ -116,8 +116,8 @@ def seq_len_bound(shape: Shape, st: Settings) -> tuple[int, str] | None:
                                                "and one position to generate into")
     window = shape.sliding_window if st.profile == "qtool" else None
     if window and window - l < value:
-        value, why = window - l, (f"{window:,}-token sliding window of {shape.name} less the prefix of {l} (the "
-                                  "qtool trainer attends over both and does not apply the window)")
+        value, why = window - l, (f"{window:,}-token sliding window of {shape.name} less the prefix of {l} (qtool "
+                                  "train does not apply the window to a prefix, so both must fit in it)")
     return max(value, 1), why
 
 

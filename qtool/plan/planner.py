@@ -162,6 +162,9 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
                     (n - 1) * acts.layer_saved_bytes(shape, st) + acts.layer_saved_bytes(shape, st, first=True))]
         layer = []
         first_kept = [Row("activations saved by layer 0", acts.layer_saved_bytes(shape, st, first=True))]
+        window = acts.window_mask_bytes(shape, st)  # qtool's (s, s) window mask, shared by the saved graph
+        kept += [Row("sliding-window mask (bool, s x s)", window)] if window else []
+        first_kept += kept[1:]
     extra = [Row(name, n) for name, n in methods.kept_bytes(shape, st)]
     kept, first_kept = kept + extra, first_kept + extra
     backward, moment = acts.layer_backward_bytes(shape, st)
@@ -203,9 +206,11 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
         notes.append(f"--prefix-len {st.prefix_len} + --seq-len {st.seq_len} leave no position of {shape.name}'s "
                      f"{shape.max_positions} (max_position_embeddings) to generate into: the prefix takes positions "
                      "before the sequence, and qtool train refuses this")
-    if st.profile == "qtool" and shape.model_type not in ("llama", "mistral", "qwen2"):
-        notes.append(f"the qtool trainer builds Llama-family decoders; {shape.model_type} is planned with the "
-                     "Llama activation formulas (use --profile hf for transformers)")
+    from qtool.train.settings import SUPPORTED  # torch-free: the model types qtool train builds
+
+    if st.profile == "qtool" and shape.model_type not in SUPPORTED:
+        notes.append(f"the qtool trainer builds {', '.join(SUPPORTED)} decoders; {shape.model_type} is planned with "
+                     "the Llama activation formulas (use --profile hf for transformers)")
     if st.profile == "qtool" and st.loss == "full":
         notes.append("qtool train always uses its chunked loss; --loss full plans a full fp32-logits loss instead")
     if acts.attention_kernel(shape, st) in ("math", "eager"):
@@ -215,9 +220,10 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
         notes.append(f"at --seq-len >= {shape.sliding_window} (the sliding window) transformers builds a mask, "
                      "repeats k and v, and SDPA runs its memory-efficient kernel: no seq^2 probabilities, unlike "
                      "shorter GQA runs")
-    if st.profile == "qtool" and shape.sliding_window and st.seq_len > shape.sliding_window:
-        notes.append(f"{shape.name} attends within a {shape.sliding_window}-token window; the qtool trainer runs full "
-                     "causal attention (the same memory, different numerics beyond the window)")
+    if acts.window_mask_bytes(shape, st):
+        notes.append(f"{shape.name} attends within a {shape.sliding_window}-token window: beyond it the qtool trainer "
+                     "builds one (seq x seq) boolean mask, repeats k and v to the query heads and runs SDPA's "
+                     "memory-efficient kernel, which keeps a 16-bit copy of the mask per layer")
     if st.method == "adalora":
         notes.append(f"AdaLoRA is planned at --init-rank {st.rank}, its peak: pruning masks singular values in place "
                      "and frees nothing" + ("; the importance update and masking run between the CUDA-graph "
@@ -255,11 +261,10 @@ def fits(p: Plan, capacity: int) -> bool:
 
 def knob_limit(shape: Shape, settings: Settings, knob: str) -> tuple[int, str]:
     """The largest value :func:`largest_fitting` considers for ``knob``, and why (a phrase that reads after "the").
-    A seq-len stops at the model's
-    position limit (config.json's max_position_embeddings: no more positions were trained, and absolute position
-    embeddings have no more rows) and, for the qtool trainer, at a sliding window (it attends over the whole
-    sequence, so beyond the window it no longer computes the model's attention; transformers, the hf profile, applies
-    the window). A rank stops at min(in, out) of the smallest targeted module; a batch at the search bound."""
+    A seq-len stops at the model's position limit (config.json's max_position_embeddings: no more positions were
+    trained, and absolute position embeddings have no more rows); a sliding window is no limit (both trainers apply
+    it with a mask; a prefix is bounded by :func:`qtool.plan.methods.seq_len_bound`). A rank stops at min(in, out)
+    of the smallest targeted module; a batch at the search bound."""
     st = settings.check(shape)
     if knob == "rank" and not st.module_ranks(shape):
         raise UsageError(f"--solve rank: --method {st.method} has no rank",
@@ -272,10 +277,6 @@ def knob_limit(shape: Shape, settings: Settings, knob: str) -> tuple[int, str]:
         value, why = methods.seq_len_bound(shape, st)
         return (value, why) if value < _LIMITS[knob] else (_LIMITS[knob], "search bound")
     if knob == "seq_len":
-        window = shape.sliding_window if st.profile == "qtool" else None
-        if window and window < min(shape.max_positions, _LIMITS[knob]):
-            return window, (f"{window:,}-token sliding window of {shape.name}, which the qtool trainer does not "
-                            "apply (--profile hf does)")
         if shape.max_positions < _LIMITS[knob]:
             return shape.max_positions, f"max_position_embeddings of {shape.name}"
     return _LIMITS[knob], "search bound"

@@ -45,6 +45,21 @@ def sdpa_mask_bytes(shape: Shape, st: Settings) -> int:
     return st.batch_size * st.seq_len ** 2
 
 
+def window_mask_bytes(shape: Shape, st: Settings) -> int:
+    """qtool: the ``(s, s)`` boolean mask the trainer builds once per forward when the sequence is longer than the
+    sliding window (qtool/train/model.py ``window_mask``; shared by batch rows, heads and layers). Never with a
+    prefix: qtool train refuses a prefix and sequence beyond the window."""
+    window = shape.sliding_window
+    if st.profile != "qtool" or window is None or st.seq_len <= window or st.method == "prefix":
+        return 0
+    return st.seq_len ** 2
+
+
+def _masked(shape: Shape, st: Settings) -> bool:
+    """Attention runs with an explicit mask (transformers' or qtool's sliding window): no flash, k and v repeated."""
+    return sdpa_mask_bytes(shape, st) > 0 or window_mask_bytes(shape, st) > 0
+
+
 def attention_kernel(shape: Shape, st: Settings) -> str:
     """Which attention runs: "flash" (16-bit q, k, v: flash or cuDNN SDPA), "efficient" (memory-efficient SDPA:
     fp32, or with a mask), "math" (the SDPA fallback) or "eager". transformers passes ``enable_gqa`` when it has no
@@ -53,7 +68,7 @@ def attention_kernel(shape: Shape, st: Settings) -> str:
     is transformers' flash_attention_2, which casts fp32 q, k, v to the compute dtype."""
     if st.attention in ("eager", "flash"):
         return st.attention
-    masked = sdpa_mask_bytes(shape, st) > 0
+    masked = _masked(shape, st)
     if widths(st)[0] == 2 and not masked:
         return "flash"
     gqa = shape.n_kv_heads != shape.n_heads and not masked
@@ -63,7 +78,7 @@ def attention_kernel(shape: Shape, st: Settings) -> str:
 def _kv_saved(shape: Shape, st: Settings, kernel: str) -> int:
     """Width of the k and v attention keeps: repeated to q's heads by transformers (eager, or sdpa with a mask) and
     by the math kernel (enable_gqa repeat_interleave); flash and efficient keep them as they are."""
-    repeated = kernel in ("math", "eager") or (kernel == "efficient" and sdpa_mask_bytes(shape, st) > 0)
+    repeated = kernel in ("math", "eager") or (kernel == "efficient" and _masked(shape, st))
     return shape.q_dim if repeated else shape.kv_dim
 
 
@@ -114,9 +129,12 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
     kernel = attention_kernel(shape, st)
     kv = _kv_saved(shape, st, kernel)
     fa2_casts = st.attention == "flash" and rb != cb  # flash_attention_2 keeps 16-bit copies; out returns in rb
+    layer_mask = 0
     if kernel in ("flash", "efficient"):
         mask = 4 * s if sdpa_mask_bytes(shape, st) else 0  # convert_boolean_attn_mask, per call, [b, 1, s, s] fp32
         attn = (cb if fa2_casts else rb) * (2 * q + 2 * kv) + 4 * nh + mask
+        # qtool's window: SDPA's float copy of the shared (s, s) bool mask, per layer call, in the compute dtype
+        layer_mask = cb * window_mask_bytes(shape, st)
     else:
         attn = rb * (q + 2 * kv) + 4 * nh * s + (2 * nh * s if kernel == "eager" and rb == 2 else 0)
     if first and methods.first_attention_frozen(st):
@@ -127,7 +145,7 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
             + lora_input_bytes(shape, st, mlp_in, h, kept=False)
             + lora_input_bytes(shape, st, mlp_out, f, kept=False)
             + sum(lb * r for name, r in ranks.items() if name in names))
-    return (T * (norms + attn + mlp + lora) + (_lora_copies(shape, st) if st.profile == "qtool" else 0)
+    return (T * (norms + attn + mlp + lora) + layer_mask + (_lora_copies(shape, st) if st.profile == "qtool" else 0)
             + methods.layer_saved_extra(shape, st))
 
 
@@ -137,17 +155,35 @@ def _fused_layer_saved(shape: Shape, st: Settings, first: bool) -> int:
     needs no gradient); RoPE nothing (it keeps only cos and sin); flash SDPA q, k, v as they are (GQA not expanded),
     out and the fp32 logsumexp (2(2q + 2kv) + 4nh), out doubling as o_proj's input; SwiGLU gate and up (2 x 2f).
     Each group of adapted modules its shared input (attention input 2h, MLP input 2h, down_proj input 2f) and each
-    adapted module x A^T (2r); the NF4 products keep nothing. Plus the bf16 copies of A and B (not per token)."""
+    adapted module x A^T (2r); the NF4 products keep nothing. Plus the bf16 copies of A and B (not per token).
+    Qwen3's q/k norms keep their inputs and rstd per head; beyond a sliding window the memory-efficient kernel runs
+    instead of flash, with k and v repeated to q's heads and a bf16 copy of the (s, s) mask per layer (the GPU
+    window terms follow torch's SDPA code; no H200 record covers them yet)."""
     h, f, q, kv, nh = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim, shape.n_heads
     ranks = st.module_ranks(shape)
     attn_in, _, mlp_in, mlp_out = _io_names(shape)
     shared = sum(width for names, width in ((attn_in, h), (mlp_in, h), (mlp_out, f))
                  if any(n in ranks for n in names))
+    window = window_mask_bytes(shape, st)
+    if window:  # the memory-efficient kernel: k and v repeated to q's heads, and its bf16 copy of the mask
+        kv = q
+    # qwen3's q/k norms: the Triton RMSNorm of each head keeps its bf16 input and an fp32 rstd (RoPE keeps nothing)
+    qk_norms = 2 * (q + shape.kv_dim) + 4 * (nh + shape.n_kv_heads) if shape.qk_norm else 0
     per_token = ((0 if first else 2 * h) + 4 + 2 * (2 * q + 2 * kv) + 4 * nh + 2 * h + 4 + 2 * 2 * f
-                 + 2 * shared + sum(2 * r for r in ranks.values()))
+                 + 2 * shared + sum(2 * r for r in ranks.values()) + qk_norms)
+    layer_mask = 0
     if first and methods.first_attention_frozen(st):
-        per_token -= 4 + 2 * (2 * q + 2 * kv) + 4 * nh
-    return st.batch_size * st.seq_len * per_token + _lora_copies(shape, st) + methods.layer_saved_extra(shape, st)
+        per_token -= 4 + 2 * (2 * q + 2 * kv) + 4 * nh + qk_norms
+    elif window:  # convert_boolean_attn_mask then padded to a multiple of 16 columns (aten preprocess_mask)
+        layer_mask = alloc(2 * st.seq_len * -(-st.seq_len // 16) * 16)
+    return (st.batch_size * st.seq_len * per_token + layer_mask + _lora_copies(shape, st)
+            + methods.layer_saved_extra(shape, st))
+
+
+def _fused_gate_up(shape: Shape) -> bool:
+    """Phi-3's one gate_up_proj: the backward of its chunk into gate and up concatenates their two gradients into a
+    new [T, 2f] tensor while both still exist (allocation trace, tests/test_plan.py)."""
+    return any(lin.name == "gate_up_proj" for lin in layer_linears(shape))
 
 
 def _io_names(shape: Shape) -> tuple[list[str], list[str], list[str], list[str]]:
@@ -184,9 +220,9 @@ def norm_backward_bytes(shape: Shape, st: Settings) -> int:
 
 
 def position_bytes(shape: Shape, st: Settings) -> int:
-    """cos and sin of the rotary embedding ([1, s, head_dim] each, hidden-state dtype) and int64 position ids;
+    """cos and sin of the rotary embedding ([1, s, rotary_dim] each, hidden-state dtype) and int64 position ids;
     shared by all layers and alive for the whole step. qtool on the GPU keeps no position ids."""
-    return st.seq_len * (2 * widths(st)[0] * shape.head_dim + (0 if fused(st) else 8))
+    return st.seq_len * (2 * widths(st)[0] * shape.rotary_dim + (0 if fused(st) else 8))
 
 
 def loss_chunk_tokens(vocab: int) -> int:
@@ -252,7 +288,8 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
     attention = (rb * (2 * q + 2 * _kv_saved(shape, st, kernel)) * T if kernel in ("flash", "efficient")
                  else probs_grads * 4 * nh * s * T)
     moments = {
-        "MLP product backward": (3 if shape.mlp == "gated" else 2) * rb * f * T - m_saved,
+        "MLP product backward": (3 if shape.mlp == "gated" else 2) * rb * f * T - m_saved
+        + (2 * rb * f * T if _fused_gate_up(shape) else 0),
         "down_proj LoRA backward": 2 * rb * f * T if down.name in st.module_ranks(shape) else 0,
         "down_proj backward (dequantised weight)": dequantised_weight_bytes(down, st)
         + cb * (f + (h if rb != cb else 0)) * T,
@@ -267,7 +304,8 @@ def _fused_layer_backward(shape: Shape, st: Settings) -> tuple[int, str]:
     """qtool on the GPU: the incoming gradient of the layer output (2h per token) and the largest of
     * down_proj backward: the LoRA branch's input grad (2f, when down_proj is adapted), its dequantised weight
       (2hf) and the base branch's input grad (2f), added in place; down's saved input and x A^T are freed by then;
-    * SwiGLU backward: the grad of its output and of gate and up (3 x 2f) beside the saved gate and up;
+    * SwiGLU backward: the grad of its output and of gate and up (3 x 2f) beside the saved gate and up (Phi-3:
+      and their concatenation into the gate_up_proj output's grad, 2 x 2f);
     * flash attention backward, the MLP's tensors freed: the grad of out (2q), of q, k, v (2q + 4kv), FA2's fp32 dq
       accumulator (4q) and softmax_d (4nh), and for GQA k and v grads expanded to q's heads before the sum (4q).
     The gate/up products come after SwiGLU with less (their weight replaces the freed gate and up)."""
@@ -284,7 +322,7 @@ def _fused_layer_backward(shape: Shape, st: Settings) -> tuple[int, str]:
     moments = {
         "down_proj backward (dequantised weight)": (4 * f if r_down else 2 * f) * T
         + dequantised_weight_bytes(down, st) - down_saved,
-        "SwiGLU backward": 6 * f * T - down_saved,
+        "SwiGLU backward": 6 * f * T - down_saved + (4 * f * T if _fused_gate_up(shape) else 0),
         "attention backward": (2 * q + 2 * q + 4 * kv + 4 * q + 4 * nh + gqa) * T - mlp_saved
         + methods.attention_backward_extra(shape, st),
     }
@@ -322,4 +360,4 @@ def mask_bytes(shape: Shape, st: Settings) -> int:
     (transformers masking_utils; :func:`sdpa_mask_bytes`)."""
     if st.attention == "eager":
         return st.batch_size * st.seq_len ** 2 * widths(st)[0]
-    return sdpa_mask_bytes(shape, st)
+    return sdpa_mask_bytes(shape, st) + window_mask_bytes(shape, st)

@@ -63,6 +63,9 @@ def build_decoder(shape: Shape, quantized, dense, *, device="cpu", compute_dtype
             linears[lin.name] = NF4Linear(qw, bias)
         norms = {n: dense_on(f"model.layers.{i}.{n}.weight", (shape.hidden,))
                  for n in ("input_layernorm", "post_attention_layernorm")}
+        if shape.qk_norm:
+            norms.update({n: dense_on(f"model.layers.{i}.{n}.weight", (shape.head_dim,))
+                          for n in ("self_attn.q_norm", "self_attn.k_norm")})
         layers.append(DecoderLayer(shape, linears, norms))
     embed = dense_on("model.embed_tokens.weight", (shape.vocab, shape.hidden))
     head = None if shape.tied_embeddings else dense_on("lm_head.weight", (shape.vocab, shape.hidden))

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2) on converted NF4 shards.
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM2) on converted NF4 shards.
 
 Numerics follow transformers' implementation in the compute dtype (RMSNorm in fp32 then cast, RoPE tables in fp32
 then cast, SDPA attention), so logits match transformers' bitsandbytes-4bit model on the same folder — bit for bit
@@ -25,8 +25,9 @@ from qtool.train import fused
 from qtool.train.loss import chunked_cross_entropy, loss_chunk_tokens
 
 def rope_inv_freq(shape: Shape) -> torch.Tensor:
-    """RoPE inverse frequencies, fp32; ``llama3`` applies Llama 3.1's wavelength-dependent scaling."""
-    d, rope = shape.head_dim, shape.rope_params
+    """RoPE inverse frequencies of the rotated features (``shape.rotary_dim``), fp32; ``llama3`` applies Llama 3.1's
+    wavelength-dependent scaling."""
+    d, rope = shape.rotary_dim, shape.rope_params
     inv = 1.0 / (rope["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
     if rope["rope_type"] == "llama3":
         factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
@@ -40,6 +41,25 @@ def rope_inv_freq(shape: Shape) -> torch.Tensor:
     return inv
 
 
+def window_mask(n: int, window: int, device) -> torch.Tensor:
+    """The ``(n, n)`` boolean sliding-window causal mask, True where query i sees key j: ``i - window < j <= i``
+    (transformers masking_utils: ``sliding_window_overlay`` on ``causal_mask_function``), so each query sees itself
+    and the ``window - 1`` keys before it. One bool per pair, built in place (no int64 index grid: at 32k tokens that
+    would be 8 GiB), shared by every head, batch row and layer."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril_().triu_(1 - window)
+
+
+def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """SDPA of ``q (b, nh, t, d)`` over ``k, v (b, n_kv, t, d)`` under a ``(t, t)`` boolean mask. k and v are repeated
+    to the query heads, as transformers does when it has a mask (sdpa_attention.py ``use_gqa_in_sdpa``): on CUDA the
+    memory-efficient kernel takes masks but not grouped-query heads, and flash takes no mask; on the CPU it keeps the
+    arithmetic identical to transformers'."""
+    n_rep = q.shape[1] // k.shape[1]
+    if n_rep > 1:
+        k, v = (t[:, :, None].expand(-1, -1, n_rep, -1, -1).flatten(1, 2) for t in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, shape: Shape, linears: dict[str, NF4Linear], norms: dict[str, torch.Tensor]):
         super().__init__()
@@ -47,26 +67,61 @@ class DecoderLayer(nn.Module):
         self.proj = nn.ModuleDict(linears)  # q_proj ... down_proj: NF4Linear, or an adapter wrapping one
         self.register_buffer("input_norm", norms["input_layernorm"], persistent=False)
         self.register_buffer("post_norm", norms["post_attention_layernorm"], persistent=False)
+        # qwen3: an RMSNorm over head_dim of every query and key head, before RoPE (None elsewhere)
+        self.register_buffer("q_norm", norms.get("self_attn.q_norm"), persistent=False)
+        self.register_buffer("k_norm", norms.get("self_attn.k_norm"), persistent=False)
         self.attn_adapter = None  # Houlsby adapters (qtool.adapters.houlsby) on the attention and MLP outputs
         self.mlp_adapter = None
 
-    def forward(self, x, cos, sin, prefix_kv=None):
-        """``prefix_kv``: this layer's prefix keys and values ``(2, n_kv, l, head_dim)`` (qtool.adapters.prefix)."""
+    def forward(self, x, cos, sin, prefix_kv=None, window_mask=None):
+        """``prefix_kv``: this layer's prefix keys and values ``(2, n_kv, l, head_dim)`` (qtool.adapters.prefix);
+        ``window_mask``: the ``(t, t)`` boolean sliding-window mask (:func:`window_mask`) when this layer has one."""
         s, p = self.shape, self.proj
         b, t, _ = x.shape
-        h = fused.rms_norm(x, self.input_norm, s.rms_norm_eps)
-        q = fused.rope(p["q_proj"](h).view(b, t, s.n_heads, s.head_dim), cos, sin).transpose(1, 2)
-        k = fused.rope(p["k_proj"](h).view(b, t, s.n_kv_heads, s.head_dim), cos, sin).transpose(1, 2)
-        v = p["v_proj"](h).view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
-        if prefix_kv is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.n_kv_heads != s.n_heads)
-        else:
+        q, k, v = self.attention_inputs(x, cos, sin)
+        if prefix_kv is not None:
             o = prefix_attention(q, k, v, prefix_kv)
+        elif window_mask is not None:
+            o = window_attention(q, k, v, window_mask)
+        else:  # the fast path: flash attention on CUDA, grouped-query k and v as they are
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=s.n_kv_heads != s.n_heads)
         a = p["o_proj"](o.transpose(1, 2).reshape(b, t, s.n_heads * s.head_dim))
         x = x + (a if self.attn_adapter is None else self.attn_adapter(a))
         h = fused.rms_norm(x, self.post_norm, s.rms_norm_eps)
-        m = p["down_proj"](fused.swiglu(p["gate_proj"](h), p["up_proj"](h)))
+        if "gate_up_proj" in p:  # phi3: the gate's rows, then the up projection's (Phi3MLP chunks in that order)
+            gate, up = p["gate_up_proj"](h).chunk(2, dim=-1)
+        else:
+            gate, up = p["gate_proj"](h), p["up_proj"](h)
+        m = p["down_proj"](fused.swiglu(gate, up))
         return x + (m if self.mlp_adapter is None else self.mlp_adapter(m))
+
+    def attention_inputs(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``(b, n_heads, t, head_dim)``, k and v ``(b, n_kv_heads, t, head_dim)`` of the layer input ``x``: the
+        input norm, the projections (phi3: one qkv_proj, q's rows then k's then v's), qwen3's per-head norms, RoPE."""
+        s, p = self.shape, self.proj
+        b, t, _ = x.shape
+        h = fused.rms_norm(x, self.input_norm, s.rms_norm_eps)
+        if "qkv_proj" in p:
+            q, k, v = p["qkv_proj"](h).split((s.q_dim, s.kv_dim, s.kv_dim), dim=-1)
+            v = v.contiguous()  # attention saves v: as a view it would keep all of q, k, v alive until backward
+        else:
+            q, k, v = p["q_proj"](h), p["k_proj"](h), p["v_proj"](h)
+        q = _rope(self._head_norm(q.view(b, t, s.n_heads, s.head_dim), self.q_norm), cos, sin)
+        k = _rope(self._head_norm(k.view(b, t, s.n_kv_heads, s.head_dim), self.k_norm), cos, sin)
+        return q.transpose(1, 2), k.transpose(1, 2), v.view(b, t, s.n_kv_heads, s.head_dim).transpose(1, 2)
+
+    def _head_norm(self, heads: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        """Qwen3's per-head RMSNorm of ``[b, t, heads, head_dim]`` (the identity without a weight)."""
+        return heads if weight is None else fused.rms_norm(heads, weight, self.shape.rms_norm_eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE of the first ``cos.shape[-1]`` features of each head of ``x [b, t, heads, head_dim]``; the rest pass
+    unchanged (Phi-3's ``partial_rotary_factor``, as transformers' apply_rotary_pos_emb)."""
+    n = cos.shape[-1]
+    if n == x.shape[-1]:
+        return fused.rope(x, cos, sin)
+    return torch.cat((fused.rope(x[..., :n], cos, sin), x[..., n:]), dim=-1)
 
 
 class Decoder(nn.Module):
@@ -96,7 +151,7 @@ class Decoder(nn.Module):
                 if isinstance(holder[name], LoRALinear)}
 
     def rope_tables(self, start: int, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin ``(n, head_dim)`` of positions ``start .. start+n-1``, computed in fp32 and cast."""
+        """cos and sin ``(n, rotary_dim)`` of positions ``start .. start+n-1``, computed in fp32 and cast."""
         pos = torch.arange(start, start + n, device=device, dtype=torch.float32)
         freqs = pos[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -108,8 +163,12 @@ class Decoder(nn.Module):
         start = 0 if self.prefix is None else self.prefix.length
         cos, sin = self.rope_tables(start, input_ids.shape[1], x.dtype, input_ids.device)
         kv = None if self.prefix is None else self.prefix.key_values(x.dtype)  # (L, 2, n_kv, l, head_dim)
+        t, window = input_ids.shape[1], self.shape.sliding_window
+        # a window shorter than the sequence needs a mask (alive for the whole forward and backward: t^2 bytes);
+        # otherwise it changes nothing and the layers keep is_causal, the fast path
+        mask = window_mask(t, window, input_ids.device) if window and t > window and kv is None else None
         for i, layer in enumerate(self.layers):
-            args = (x, cos, sin) if kv is None else (x, cos, sin, kv[i])
+            args = (x, cos, sin, None if kv is None else kv[i], mask if self.shape.window_of(i) else None)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # keep only each layer's input; its activations are recomputed in backward
                 x = checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=self.uses_rng)

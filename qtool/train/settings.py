@@ -7,11 +7,13 @@ from pathlib import Path
 
 from qtool.adapters.spec import (ADALORA_INIT_RANK, CONVERTER_INITS, LORA_FLAGS, METHOD_FLAGS, AdaLoRASchedule,
                                  AdapterSpec, ignored_flag_problems)
+from qtool.arch import MOE_KEYS, MOE_TYPES
 from qtool.errors import InputError, UsageError
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # the model types qtool train builds (qtool.train.model)
+SUPPORTED_NAMES = "Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM2"
 # AdaLoRA's settings (None: AdaLoraConfig's default); with --method lora none may be given
 ADALORA_FIELDS = ("init_rank", "target_rank", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg")
 ROPE_TYPES = ("default", "llama3")
@@ -107,14 +109,23 @@ def decoder_shape(config: dict, where: str = "config.json"):
     from qtool.arch import shape_from_config
 
     mt = config.get("model_type")
+    still = "the converted folder still trains with transformers + PEFT/TRL as it is"
+    if mt in MOE_TYPES or any(config.get(k) for k in MOE_KEYS):
+        raise InputError(f"{where}: model_type {mt!r} is a mixture-of-experts model, which qtool train does not build "
+                         "(its experts and router are not a Llama-family MLP)",
+                         hint=f"qtool train supports {', '.join(SUPPORTED)} ({SUPPORTED_NAMES}); {still}")
     if mt not in SUPPORTED:
         raise InputError(f"{where}: model_type {mt!r} is not supported by qtool train",
-                         hint=f"supported: {', '.join(SUPPORTED)} (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2); the "
-                              "converted folder still loads in transformers, PEFT and TRL as it is")
+                         hint=f"supported: {', '.join(SUPPORTED)} ({SUPPORTED_NAMES}); {still}")
     shape = shape_from_config(config, where)
     rope_type = shape.rope_params["rope_type"]
+    if rope_type == "longrope":
+        raise InputError(f"{where}: RoPE type 'longrope' (Phi-3 128k, Phi-3.5, Phi-4-mini) is not supported by qtool "
+                         "train",
+                         hint=f"supported: {', '.join(ROPE_TYPES)} (the 4k Phi-3 models use 'default'); {still}")
     if rope_type not in ROPE_TYPES:
-        raise InputError(f"{where}: RoPE type {rope_type!r} is not supported", hint=f"supported: {', '.join(ROPE_TYPES)}")
+        raise InputError(f"{where}: RoPE type {rope_type!r} is not supported",
+                         hint=f"supported: {', '.join(ROPE_TYPES)}; {still}")
     return shape
 
 
@@ -138,10 +149,6 @@ def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = F
     shape = read_shape(model_dir)
     if st.seq_len > shape.max_positions:
         problems.append(f"--seq-len {st.seq_len} is beyond the model's {shape.max_positions} positions")
-    if shape.sliding_window and st.seq_len > shape.sliding_window:
-        problems.append(f"--seq-len {st.seq_len} is beyond the model's sliding attention window "
-                        f"({shape.sliding_window}); qtool's attention is full causal, so use --seq-len <= "
-                        f"{shape.sliding_window}")
     problems += [p for p in st.spec.problems(shape) if p not in problems]
     if st.method == "prefix":
         problems += _prefix_problems(st, shape)
@@ -166,9 +173,12 @@ def _prefix_problems(st: TrainSettings, shape) -> list[str]:
                  + (f"use --prefix-len {room - 1} or less, or a shorter --seq-len" if room > 1
                     else "use a shorter --seq-len"))
     if shape.sliding_window and st.prefix_len + st.seq_len > shape.sliding_window:
+        # Not natural: the prefix sits at positions 0..l-1, so under the window later queries would stop seeing it
+        # (the prefix would steer only the first tokens), and what PEFT does there depends on which KV cache class
+        # transformers builds for the prefix; refused rather than guessed.
         p.append(f"--prefix-len {st.prefix_len} + --seq-len {st.seq_len} is beyond the model's sliding attention "
-                 f"window ({shape.sliding_window}); qtool's attention is full causal, so keep their sum <= "
-                 f"{shape.sliding_window}")
+                 f"window ({shape.sliding_window}): qtool's prefix attends over the whole prefix and sequence, so "
+                 f"keep their sum <= {shape.sliding_window} (or train LoRA, which applies the window at any --seq-len)")
     return p
 
 
