@@ -11,10 +11,11 @@ from qtool.errors import InputError, UsageError
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-SUPPORTED = ("llama", "mistral", "qwen2")
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma2", "gemma3_text")
 # AdaLoRA's settings (None: AdaLoraConfig's default); with --method lora none may be given
 ADALORA_FIELDS = ("init_rank", "target_rank", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg")
 ROPE_TYPES = ("default", "llama3")
+GEMMA_ROPE_TYPES = ("default", "linear")  # qtool.train.gemma.inv_freq
 
 
 @dataclass
@@ -109,12 +110,22 @@ def decoder_shape(config: dict, where: str = "config.json"):
     mt = config.get("model_type")
     if mt not in SUPPORTED:
         raise InputError(f"{where}: model_type {mt!r} is not supported by qtool train",
-                         hint=f"supported: {', '.join(SUPPORTED)} (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2); the "
-                              "converted folder still loads in transformers, PEFT and TRL as it is")
+                         hint=f"supported: {', '.join(SUPPORTED)} (Llama 2/3, Mistral, Qwen2/2.5, SmolLM2, Gemma 2, "
+                              "Gemma 3 text-only, e.g. gemma-3-1b); the converted folder still loads in transformers, "
+                              "PEFT and TRL as it is")
     shape = shape_from_config(config, where)
-    rope_type = shape.rope_params["rope_type"]
-    if rope_type not in ROPE_TYPES:
-        raise InputError(f"{where}: RoPE type {rope_type!r} is not supported", hint=f"supported: {', '.join(ROPE_TYPES)}")
+    gemma = mt in ("gemma2", "gemma3_text")
+    allowed = GEMMA_ROPE_TYPES if gemma else ROPE_TYPES
+    for rope in (shape.rope_params, dict(shape.rope_local)):
+        if rope and rope["rope_type"] not in allowed:
+            raise InputError(f"{where}: RoPE type {rope['rope_type']!r} is not supported for {mt}",
+                             hint=f"supported: {', '.join(allowed)}")
+    if gemma and shape.hidden_activation != "gelu_pytorch_tanh":
+        raise InputError(f"{where}: hidden_activation {shape.hidden_activation!r} is not supported for {mt}",
+                         hint="qtool train runs Gemma's gelu_pytorch_tanh MLP")
+    if gemma and config.get("use_bidirectional_attention"):
+        raise InputError(f"{where}: use_bidirectional_attention (an embedding model) is not supported",
+                         hint="qtool train trains causal language models")
     return shape
 
 
@@ -143,7 +154,10 @@ def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = F
                         f"({shape.sliding_window}); qtool's attention is full causal, so use --seq-len <= "
                         f"{shape.sliding_window}")
     problems += [p for p in st.spec.problems(shape) if p not in problems]
-    if st.method == "prefix":
+    if st.method == "prefix" and shape.model_type in ("gemma2", "gemma3_text"):
+        problems.append(f"--method prefix is not supported on {shape.model_type} (qtool.train.gemma); use --method "
+                        "lora, adalora or adapter")
+    elif st.method == "prefix":
         problems += _prefix_problems(st, shape)
     if st.init in CONVERTER_INITS and not problems:
         problems += _init_adapter_problems(model_dir, st, shape)
