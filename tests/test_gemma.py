@@ -229,3 +229,66 @@ def test_prefix_and_multimodal_gemma3_are_refused(nf4, tmp_path):
     (folder / "config.json").write_text(json.dumps({"model_type": "gemma3", "text_config": cfg}))
     with pytest.raises(InputError, match="Gemma 3 text-only"):
         check_inputs(folder, data, None, TrainSettings(steps=1, seq_len=16))
+
+
+# --------------------------------------------------------------------------------------------------------- planner
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as tests/test_plan.py's allocation traces use."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("model_type,gc,targets,seq_len,batch_size,kv_heads,window", [
+    ("gemma2", False, "qkvo", 384, 1, 4, 128), ("gemma2", True, "all-linear", 300, 2, 2, 128),
+    ("gemma3_text", False, "qkvo", 384, 1, 4, 128), ("gemma3_text", True, "all-linear", 300, 2, 2, 128),
+    ("gemma3_text", False, "all-linear", 128, 1, 2, 2048)])
+def test_plan_matches_allocation_trace(one_thread, model_type, gc, targets, seq_len, batch_size, kv_heads, window):
+    """qtool's Gemma trainer on the CPU against `qtool plan --device cpu`, as tests/test_plan.py does for Llama: the
+    soft-capped explicit attention's (b, heads, s, s) scores, the sliding layers' masks (window shorter than the
+    sequence) and the global ones' is_causal SDPA, four norms and q/k norms, the soft-capped loss, with and without
+    checkpointing. Within 2%."""
+    from qtool.arch import shape_from_config
+    from qtool.plan.settings import Settings
+    from qtool.train.load import random_decoder
+    from qtool.train.settings import decoder_shape
+    from tests.test_plan import _planned_transient, _traced_peak
+
+    config = {"model_type": model_type, "hidden_size": 256, "intermediate_size": 704, "head_dim": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": 2000,
+              "sliding_window": window, "layer_types": ["sliding_attention", "full_attention"]}
+    shape = shape_from_config(config)
+    model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec(targets, rank=16))
+    model.train()
+    model.grad_checkpointing = gc
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 2000, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        model.loss(ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    traced = _traced_peak(step)
+    planned, phase = _planned_transient(shape, Settings(rank=16, targets=targets, seq_len=seq_len, optimizer="sgd",
+                                                        batch_size=batch_size, grad_checkpointing=gc, device="cpu"))
+    assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
+
+
+def test_plan_of_the_real_models_names_the_gemma_costs():
+    from qtool.arch import known_shape
+    from qtool.plan import transient as acts
+    from qtool.plan.planner import plan
+    from qtool.plan.settings import Settings
+
+    g2, g3 = known_shape("gemma-2-2b"), known_shape("gemma-3-1b")
+    st = Settings(seq_len=2048)
+    assert acts.attention_kernel(g2, st.check(g2)) == "eager"
+    assert any("soft-caps its attention" in n for n in plan(g2, st).notes)
+    assert any("sliding layers pass SDPA" in n for n in plan(g3, st).notes)
+    assert not any("sliding layers" in n for n in plan(g3, replace(st, seq_len=256)).notes)  # window 512
+    # the soft-capped scores grow with seq^2: 4x the sequence, well over 4x the recomputed layer
+    small, large = (acts.recompute_bytes(g2, replace(st, seq_len=s).check(g2)) for s in (1024, 4096))
+    assert large > 6 * small
