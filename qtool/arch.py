@@ -64,6 +64,15 @@ class Shape:
     full_attention_layers: tuple[int, ...] = ()  # layers exempt from the window (Qwen2/3 below max_window_layers)
     rms_norm_eps: float = 1e-6
     rope: tuple[tuple[str, object], ...] = (("rope_theta", 10000.0), ("rope_type", "default"))  # sorted (key, value)
+    # Gemma 2/3 (the defaults elsewhere). Scores are scaled by query_pre_attn_scalar^-1/2 instead of head_dim^-1/2;
+    # a soft-cap c maps z to c·tanh(z/c) (attention scores before the mask; the head's logits).
+    query_pre_attn_scalar: float | None = None
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
+    layer_types: tuple[str, ...] = ()  # per layer "sliding_attention" | "full_attention"; () = every layer alike
+    local_window: int | None = None    # the window of the "sliding_attention" layers (config.json's sliding_window)
+    rope_local: tuple[tuple[str, object], ...] = ()  # RoPE of the sliding layers when it differs (gemma3), as `rope`
+    hidden_activation: str = "silu"    # the gated MLP's activation: silu, or gelu_pytorch_tanh (gemma)
 
     @property
     def rope_params(self) -> dict:
@@ -78,6 +87,15 @@ class Shape:
     def mlp(self) -> str:
         return _ARCHS[self.model_type][1]
 
+    def window(self, layer: int) -> int | None:
+        """The attention window of decoder layer ``layer`` (it attends to itself and the ``window - 1`` positions
+        before), None for full causal attention: ``local_window`` on the sliding layers of ``layer_types``, else
+        ``sliding_window`` on every layer but ``full_attention_layers`` (Qwen2/3 below max_window_layers). A query at
+        position i sees keys i - window < j <= i (transformers' sliding_window_overlay)."""
+        if self.layer_types:
+            return self.local_window if self.layer_types[layer] == "sliding_attention" else None
+        return None if layer in self.full_attention_layers else self.sliding_window
+
     @property
     def q_dim(self) -> int:
         return self.n_heads * self.head_dim
@@ -90,11 +108,6 @@ class Shape:
     def n_norms_per_layer(self) -> int:
         """gemma2/3 wrap both blocks in pre- and post-norms; everything else has two."""
         return 4 if self.model_type in ("gemma2", "gemma3_text") else 2
-
-    def window_of(self, layer: int) -> int | None:
-        """The attention window of decoder layer ``layer``: a query at position i sees keys i - window < j <= i
-        (transformers' sliding_window_overlay); None for full causal attention."""
-        return None if layer in self.full_attention_layers else self.sliding_window
 
     @property
     def rotary_dim(self) -> int:
@@ -223,6 +236,15 @@ _TABLE = {
 }
 # Models of the table whose every layer attends within a window (their config.json's sliding_window).
 _SLIDING_WINDOWS = {"mistral-7b": 4096, "phi-3-mini": 2047}
+# The Gemma fields of the table's gemma2/3 models, as in their published config.json (read by _gemma_fields).
+_GEMMA2 = {"attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096}
+_GEMMA3 = {"sliding_window": 1024, "rope_theta": 1e6, "rope_local_base_freq": 1e4,
+           "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
+_GEMMA_CONFIGS = {
+    "gemma-2-2b": _GEMMA2, "gemma-2-9b": _GEMMA2, "gemma-2-27b": {**_GEMMA2, "query_pre_attn_scalar": 144},
+    "gemma-3-1b": {**_GEMMA3, "sliding_window": 512, "rope_scaling": None}, "gemma-3-4b": _GEMMA3,
+    "gemma-3-12b": _GEMMA3, "gemma-3-27b": {**_GEMMA3, "query_pre_attn_scalar": 168},
+}
 _ALIASES = {
     "llama-7b": "llama-1-7b", "llama-13b": "llama-1-13b", "llama-30b": "llama-1-33b", "llama-33b": "llama-1-33b",
     "llama-65b": "llama-1-65b", "llama-1-30b": "llama-1-33b", "meta-llama-3-8b": "llama-3-8b",
@@ -258,7 +280,8 @@ def known_shape(name: str) -> Shape:
                          hint=f"{hint} (or pass a config.json, a model folder or --params)")
     model_type, h, f, n_layers, n_heads, n_kv, head_dim, vocab, tied, max_pos = _TABLE[key]
     return Shape(key, model_type, h, f, n_layers, n_heads, n_kv, head_dim, vocab, tied, max_pos, source=f"table:{key}",
-                 sliding_window=_SLIDING_WINDOWS.get(key))
+                 sliding_window=_SLIDING_WINDOWS.get(key),
+                 **_gemma_fields(model_type, n_layers, _GEMMA_CONFIGS.get(key, {})))
 
 
 # --- config.json -----------------------------------------------------------------------------------------------------
@@ -297,7 +320,43 @@ def shape_from_config(config: dict, name: str = "config") -> Shape:
         attention_bias=bool(config.get("attention_bias", False)), mlp_bias=bool(config.get("mlp_bias", False)),
         source=f"config:{name}", sliding_window=_sliding_window(model_type, config),
         full_attention_layers=_full_attention_layers(model_type, config),
-        rms_norm_eps=float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-6))), rope=_rope(config))
+        rms_norm_eps=float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-6))), **{"rope": _rope(config), **_gemma_fields(model_type, int(config["num_hidden_layers"]), config)})
+
+
+def _gemma_fields(model_type: str, n_layers: int, config: dict) -> dict:
+    """Shape's Gemma 2/3 fields from a config.json (transformers 4.x or 5 keys), with the defaults transformers'
+    Gemma2Config/Gemma3TextConfig apply when a key is absent; {} for other models. Layer types: config.json's
+    ``layer_types``, else every ``sliding_window_pattern``-th layer global (Gemma 2: 2, Gemma 3: 6), the others
+    sliding. Gemma 3's RoPE: ``rope_parameters`` per layer type (transformers 5), or ``rope_theta`` (1e6) +
+    ``rope_scaling`` for the global layers and ``rope_local_base_freq`` (1e4) for the sliding ones (4.x)."""
+    if model_type not in ("gemma2", "gemma3_text"):
+        return {}
+    gemma3 = model_type == "gemma3_text"
+    pattern = int(config.get("sliding_window_pattern") or config.get("_sliding_window_pattern") or (6 if gemma3 else 2))
+    types = config.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                          for i in range(n_layers)]
+    fields = {"query_pre_attn_scalar": float(config.get("query_pre_attn_scalar") or 256),
+              "attn_logit_softcapping": config.get("attn_logit_softcapping", None if gemma3 else 50.0),
+              "final_logit_softcapping": config.get("final_logit_softcapping", None if gemma3 else 30.0),
+              "layer_types": tuple(types), "local_window": config.get("sliding_window", 4096),
+              "hidden_activation": config.get("hidden_activation") or config.get("hidden_act") or "gelu_pytorch_tanh"}
+    if gemma3:
+        params = config.get("rope_parameters") or {}
+        if "full_attention" in params or "sliding_attention" in params:
+            full, local = dict(params.get("full_attention") or {}), dict(params.get("sliding_attention") or {})
+        else:
+            full, local = dict(config.get("rope_scaling") or {}), {}
+            full.setdefault("rope_theta", config.get("rope_theta", 1e6))
+            local["rope_theta"] = config.get("rope_local_base_freq", 1e4)
+        full.setdefault("rope_theta", 1e6)
+        local.setdefault("rope_theta", 1e4)
+        for rope in (full, local):
+            rope["rope_type"] = rope.get("rope_type", rope.pop("type", "default"))
+        fields.update(rope=_frozen(full), rope_local=_frozen(local))
+    for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+        fields[cap] = float(fields[cap]) if fields[cap] else None
+    fields["local_window"] = int(fields["local_window"]) if fields["local_window"] else None
+    return fields
 
 
 def _rope(config: dict) -> tuple[tuple[str, object], ...]:
@@ -322,7 +381,7 @@ def _sliding_window(model_type: str, config: dict) -> int | None:
     """The attention window, as transformers reads it: Mistral's ``sliding_window`` (4096 when the key is absent,
     MistralConfig's default; null from v0.2 on) and Phi-3's (null by default; 2047 in Phi-3-mini-4k) for every layer;
     Qwen2/3's only with ``use_sliding_window`` (off in released configs; then from layer ``max_window_layers`` on,
-    :func:`_full_attention_layers`). Gemma 2/3 window alternate layers, which is not modelled."""
+    :func:`_full_attention_layers`). Gemma 2/3 window only some layers: Shape.local_window and layer_types."""
     if model_type == "mistral":
         window = config.get("sliding_window", 4096)
     elif model_type == "phi3":

@@ -158,8 +158,7 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
         layer = [Row("recomputed layer's saved tensors", acts.recompute_bytes(shape, st))]
         first_kept = [Row("checkpointed input of layer 0", acts.checkpoint_bytes(shape, st) // n), *kept[1:], *layer]
     else:
-        kept = [Row(f"activations saved by {n} layers",
-                    (n - 1) * acts.layer_saved_bytes(shape, st) + acts.layer_saved_bytes(shape, st, first=True))]
+        kept = [Row(f"activations saved by {n} layers", acts.layers_saved_bytes(shape, st))]
         layer = []
         first_kept = [Row("activations saved by layer 0", acts.layer_saved_bytes(shape, st, first=True))]
         window = acts.window_mask_bytes(shape, st)  # qtool's (s, s) window mask, shared by the saved graph
@@ -211,9 +210,17 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
     if st.profile == "qtool" and shape.model_type not in SUPPORTED:
         notes.append(f"the qtool trainer builds {', '.join(SUPPORTED)} decoders; {shape.model_type} is planned with "
                      "the Llama activation formulas (use --profile hf for transformers)")
+    if st.profile == "qtool" and shape.model_type in acts.GEMMA_TYPES and shape.attn_logit_softcapping:
+        notes.append(f"{shape.name} soft-caps its attention scores, which SDPA cannot: qtool runs an explicit "
+                     "attention that keeps the (batch, heads, seq, seq) scores three times per layer (tanh output "
+                     "and probabilities in the compute dtype, probabilities in fp32)")
+    elif st.profile == "qtool" and acts.gemma_mask_bytes(shape, st):
+        notes.append(f"at --seq-len >= {shape.local_window} (the sliding window) {shape.name}'s sliding layers pass "
+                     "SDPA a (seq, seq) mask, which each keeps converted to the compute dtype, and k, v repeated")
     if st.profile == "qtool" and st.loss == "full":
         notes.append("qtool train always uses its chunked loss; --loss full plans a full fp32-logits loss instead")
-    if acts.attention_kernel(shape, st) in ("math", "eager"):
+    if acts.attention_kernel(shape, st) in ("math", "eager") and not (st.profile == "qtool"
+                                                                     and shape.attn_logit_softcapping):
         notes.append(f"attention runs the {acts.attention_kernel(shape, st)} kernel: its probabilities "
                      "(4 bytes x heads x seq^2 per layer) dominate at long sequences")
     if acts.sdpa_mask_bytes(shape, st):

@@ -189,8 +189,11 @@ def norm_and_bias_bytes(shape: Shape, st: Settings) -> int:
     first use (nn/modules.py), so biases end in the compute dtype in both profiles."""
     per_layer, final = _norm_parts(shape, frozen_bytes_per_param(st))
     biases = [lin.n_out * DTYPE_BYTES[st.compute_dtype] for lin in layer_linears(shape) if lin.bias]
-    rotary = (2 if st.profile == "hf" else 1) * alloc(4 * shape.head_dim // 2)
-    return shape.n_layers * sum(alloc(b) for b in per_layer + biases) + sum(alloc(b) for b in final) + rotary
+    tables = 2 if shape.rope_local else 1  # gemma3: the sliding layers' own RoPE
+    rotary = (2 if st.profile == "hf" else 1) * tables * alloc(4 * shape.head_dim // 2)
+    embed_scale = alloc(4) if shape.model_type in ("gemma2", "gemma3_text") else 0  # sqrt(hidden), a 0-dim tensor
+    return (shape.n_layers * sum(alloc(b) for b in per_layer + biases) + sum(alloc(b) for b in final) + rotary
+            + embed_scale)
 
 
 def resident_rounding_bytes(shape: Shape, st: Settings) -> int:

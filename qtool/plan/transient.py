@@ -60,25 +60,43 @@ def _masked(shape: Shape, st: Settings) -> bool:
     return sdpa_mask_bytes(shape, st) > 0 or window_mask_bytes(shape, st) > 0
 
 
-def attention_kernel(shape: Shape, st: Settings) -> str:
+GEMMA_TYPES = ("gemma2", "gemma3_text")  # qtool/train/gemma.py: torch norms and MLP on every device
+
+
+def _gemma(shape: Shape, st: Settings) -> bool:
+    return st.profile == "qtool" and shape.model_type in GEMMA_TYPES
+
+
+def gemma_masked(shape: Shape, st: Settings, layer: int) -> bool:
+    """qtool's Gemma layer ``layer`` passes SDPA a boolean mask (k, v repeated to the query heads) where transformers
+    does: a window no longer than the sequence (qtool/train/gemma.py GemmaDecoder.attention_mask)."""
+    window = shape.window(layer)
+    return window is not None and st.seq_len >= window
+
+
+def attention_kernel(shape: Shape, st: Settings, layer: int | None = None) -> str:
     """Which attention runs: "flash" (16-bit q, k, v: flash or cuDNN SDPA), "efficient" (memory-efficient SDPA:
     fp32, or with a mask), "math" (the SDPA fallback) or "eager". transformers passes ``enable_gqa`` when it has no
     mask and repeats k and v itself when it has one (integrations/sdpa_attention.py use_gqa_in_sdpa); the efficient
     kernel takes fp32 and masks but not grouped-query heads (SDPA_EFFICIENT_SUPPORTS_GQA). ``--attention flash``
     is transformers' flash_attention_2, which casts fp32 q, k, v to the compute dtype."""
+    if _gemma(shape, st) and shape.attn_logit_softcapping:
+        return "eager"  # Gemma 2's soft-capped scores: an explicit attention (qtool/train/gemma.py)
     if st.attention in ("eager", "flash"):
         return st.attention
-    masked = _masked(shape, st)
+    masked = _masked(shape, st) or (_gemma(shape, st) and layer is not None and gemma_masked(shape, st, layer))
     if widths(st)[0] == 2 and not masked:
         return "flash"
     gqa = shape.n_kv_heads != shape.n_heads and not masked
     return "math" if gqa and not SDPA_EFFICIENT_SUPPORTS_GQA else "efficient"
 
 
-def _kv_saved(shape: Shape, st: Settings, kernel: str) -> int:
+def _kv_saved(shape: Shape, st: Settings, kernel: str, layer: int | None = None) -> int:
     """Width of the k and v attention keeps: repeated to q's heads by transformers (eager, or sdpa with a mask) and
     by the math kernel (enable_gqa repeat_interleave); flash and efficient keep them as they are."""
-    repeated = kernel in ("math", "eager") or (kernel == "efficient" and _masked(shape, st))
+    masked = _masked(shape, st) or (_gemma(shape, st) and layer is not None
+                                                and gemma_masked(shape, st, layer))
+    repeated = kernel in ("math", "eager") or (kernel == "efficient" and masked)
     return shape.q_dim if repeated else shape.kv_dim
 
 
@@ -102,7 +120,15 @@ def _lora_copies(shape: Shape, st: Settings) -> int:
                for lin in layer_linears(shape) if lin.name in ranks)
 
 
-def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
+def layers_saved_bytes(shape: Shape, st: Settings) -> int:
+    """What all decoder layers keep for backward without checkpointing (layer 0 as ``first``); qtool's Gemma layers
+    differ by layer (sliding or global), the others are alike."""
+    if _gemma(shape, st):
+        return sum(layer_saved_bytes(shape, st, first=i == 0, layer=i) for i in range(shape.n_layers))
+    return (shape.n_layers - 1) * layer_saved_bytes(shape, st) + layer_saved_bytes(shape, st, first=True)
+
+
+def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False, layer: int | None = None) -> int:
     """Bytes one decoder layer keeps for backward (the Llama graph; gemma2/3 extra norms, qk-norm and plain MLPs
     included). ``first``: the first layer without checkpointing. In qtool its input (the embedding output) does not
     require grad, so its first norm saves nothing; in hf ``prepare_model_for_kbit_training`` enables input grads
@@ -113,8 +139,11 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
     SwiGLU gate, act(gate), up (3 rb f); per LoRA'd module its input (see lora_input_bytes) and x A^T (lb r).
     Math/eager attention add the fp32 probabilities (4 nh s per token) and keep repeated k/v. qtool also keeps the
     bf16 copies of A and B (not per token). On the GPU qtool keeps less: :func:`_fused_layer_saved`.
+    qtool's Gemma layers (``layer``: which one; torch norms and GELU on every device): a boolean-masked SDPA on
+    sliding layers at least a window long (k, v repeated); Gemma 2's explicit soft-capped attention keeps the
+    ``(b, heads, s, s)`` scores three times: the tanh output (rb), the fp32 probabilities and their rb copy.
     """
-    if fused(st):
+    if fused(st) and not _gemma(shape, st):
         return _fused_layer_saved(shape, st, first)
     h, f, q, nh = shape.hidden, shape.intermediate, shape.q_dim, shape.n_heads
     T, s = st.batch_size * st.seq_len, st.seq_len
@@ -126,8 +155,8 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
     norms = shape.n_norms_per_layer * per_norm - (per_norm if first and st.profile == "qtool" else 0)
     if shape.qk_norm:
         norms += 4 * (q + shape.kv_dim) + 4 * (nh + shape.n_kv_heads)
-    kernel = attention_kernel(shape, st)
-    kv = _kv_saved(shape, st, kernel)
+    kernel = attention_kernel(shape, st, layer)
+    kv = _kv_saved(shape, st, kernel, layer)
     fa2_casts = st.attention == "flash" and rb != cb  # flash_attention_2 keeps 16-bit copies; out returns in rb
     layer_mask = 0
     if kernel in ("flash", "efficient"):
@@ -137,6 +166,7 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
         layer_mask = cb * window_mask_bytes(shape, st)
     else:
         attn = rb * (q + 2 * kv) + 4 * nh * s + (2 * nh * s if kernel == "eager" and rb == 2 else 0)
+        attn += rb * nh * s if _gemma(shape, st) and shape.attn_logit_softcapping else 0  # tanh(scores / cap)
     if first and methods.first_attention_frozen(st):
         attn = 0
     mlp = 3 * rb * f if shape.mlp == "gated" else rb * f
@@ -145,8 +175,11 @@ def layer_saved_bytes(shape: Shape, st: Settings, first: bool = False) -> int:
             + lora_input_bytes(shape, st, mlp_in, h, kept=False)
             + lora_input_bytes(shape, st, mlp_out, f, kept=False)
             + sum(lb * r for name, r in ranks.items() if name in names))
+    # a Gemma sliding layer's SDPA keeps its boolean mask converted to the compute dtype, (s, s) per call
+    converted = rb * s * s if _gemma(shape, st) and layer is not None and kernel in ("flash", "efficient") \
+        and gemma_masked(shape, st, layer) else 0
     return (T * (norms + attn + mlp + lora) + layer_mask + (_lora_copies(shape, st) if st.profile == "qtool" else 0)
-            + methods.layer_saved_extra(shape, st))
+            + methods.layer_saved_extra(shape, st) + converted)
 
 
 def _fused_layer_saved(shape: Shape, st: Settings, first: bool) -> int:
@@ -201,28 +234,37 @@ def head_saved_bytes(shape: Shape, st: Settings) -> int:
     n = _loss_tokens(st)
     if st.loss != "chunked":
         return final_norm_saved_bytes(shape, st)
-    if fused(st):
+    if fused(st):  # (Gemma too: its torch norm also returns a fresh bf16 tensor)
         kept = st.batch_size * st.seq_len if st.batch_size == 1 else n
         return final_norm_saved_bytes(shape, st) + alloc(2 * shape.hidden * kept) + alloc(4 * n)
     return final_norm_saved_bytes(shape, st) + n * (widths(st)[0] * shape.hidden + 4)
 
 
 def final_norm_saved_bytes(shape: Shape, st: Settings) -> int:
-    """fp32 input and rsqrt per token (the torch norms); on the GPU qtool's fused norm keeps the bf16 input."""
-    return st.batch_size * st.seq_len * ((2 if fused(st) else 4) * shape.hidden + 4)
+    """fp32 input and rsqrt per token (the torch norms); on the GPU qtool's fused norm keeps the bf16 input (not
+    Gemma's (1 + w) norm, which stays on the torch path)."""
+    return st.batch_size * st.seq_len * ((2 if _fused_norms(shape, st) else 4) * shape.hidden + 4)
+
+
+def _fused_norms(shape: Shape, st: Settings) -> bool:
+    return fused(st) and not _gemma(shape, st)
 
 
 def norm_backward_bytes(shape: Shape, st: Settings) -> int:
     """Temporaries of an RMSNorm's backward: the fp32 grad of x * rsqrt, its product with x for the rsqrt grad,
     the expanded grad of the mean and the grad through pow(2) — four fp32 [T, h] tensors at once (allocation
-    trace of transformers' and qtool's rms_norm, tests/test_plan.py). The fused kernel writes only dx (bf16)."""
-    return (2 if fused(st) else 4 * 4) * shape.hidden * st.batch_size * st.seq_len
+    trace of transformers' and qtool's rms_norm, tests/test_plan.py). The fused kernel writes only dx (bf16). Gemma's
+    (1 + w) norm in qtool makes one more: the incoming gradient cast to fp32 before the weight's product."""
+    per_token = 2 if _fused_norms(shape, st) else 4 * 4 + (2 if _gemma(shape, st) else 0)
+    return per_token * shape.hidden * st.batch_size * st.seq_len
 
 
 def position_bytes(shape: Shape, st: Settings) -> int:
     """cos and sin of the rotary embedding ([1, s, rotary_dim] each, hidden-state dtype) and int64 position ids;
-    shared by all layers and alive for the whole step. qtool on the GPU keeps no position ids."""
-    return st.seq_len * (2 * widths(st)[0] * shape.rotary_dim + (0 if fused(st) else 8))
+    shared by all layers and alive for the whole step. qtool on the GPU keeps no position ids. Gemma 3 in qtool:
+    a second cos/sin pair for the sliding layers' RoPE."""
+    tables = 2 if _gemma(shape, st) and shape.rope_local else 1
+    return st.seq_len * (2 * widths(st)[0] * shape.rotary_dim * tables + (0 if fused(st) else 8))
 
 
 def loss_chunk_tokens(vocab: int) -> int:
@@ -287,6 +329,7 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
     probs_grads = 3 if st.device == "cuda" else 2
     attention = (rb * (2 * q + 2 * _kv_saved(shape, st, kernel)) * T if kernel in ("flash", "efficient")
                  else probs_grads * 4 * nh * s * T)
+    attention += rb * nh * s * T if _gemma(shape, st) and shape.attn_logit_softcapping else 0  # tanh's grad
     moments = {
         "MLP product backward": (3 if shape.mlp == "gated" else 2) * rb * f * T - m_saved
         + (2 * rb * f * T if _fused_gate_up(shape) else 0),
@@ -296,6 +339,12 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
         "attention backward": attention + methods.attention_backward_extra(shape, st) - mlp_saved,
         "post-attention RMSNorm backward": norm_backward_bytes(shape, st) - mlp_saved + 4 * h * T + 4 * T,
     }
+    if _gemma(shape, st):
+        # its layer output comes from the post-feedforward norm, back-propagated first; the norm's input gradient
+        # then lives beside the residual's, and down_proj's LoRA input gradient beside its base product (traced)
+        moments["post-feedforward RMSNorm backward"] = norm_backward_bytes(shape, st)
+        moments["down_proj backward (dequantised weight)"] += rb * h * T + (
+            rb * f * T if down.name in st.module_ranks(shape) else 0)
     moment = max(moments, key=moments.get)
     return rb * h * T + moments[moment], moment
 
@@ -350,7 +399,9 @@ def recompute_bytes(shape: Shape, st: Settings) -> int:
     gradient_checkpointing_enable() defaults to it), which stops recomputing once the last saved tensor is back, so
     the layer output is not rebuilt."""
     rb, T = widths(st)[0], st.batch_size * st.seq_len
-    shared = rb * shape.hidden * T if rb == 4 or fused(st) else 0
+    shared = rb * shape.hidden * T if rb == 4 or _fused_norms(shape, st) else 0
+    if _gemma(shape, st):  # the largest of its layers (sliding and global ones differ)
+        return max(layer_saved_bytes(shape, st, layer=i) for i in range(shape.n_layers)) - shared
     return layer_saved_bytes(shape, st) - shared
 
 
@@ -358,6 +409,18 @@ def mask_bytes(shape: Shape, st: Settings) -> int:
     """The attention mask the model builds once per forward and every checkpointed layer call keeps: eager
     attention's additive causal mask [b, 1, s, s] in the hidden-state dtype, or sdpa's boolean sliding-window mask
     (transformers masking_utils; :func:`sdpa_mask_bytes`)."""
+    if _gemma(shape, st):
+        return gemma_mask_bytes(shape, st)
     if st.attention == "eager":
         return st.batch_size * st.seq_len ** 2 * widths(st)[0]
     return sdpa_mask_bytes(shape, st) + window_mask_bytes(shape, st)
+
+
+def gemma_mask_bytes(shape: Shape, st: Settings) -> int:
+    """qtool's Gemma masks, (s, s) and shared by the batch (qtool/train/gemma.py GemmaDecoder.attention_mask): Gemma
+    2's explicit attention adds one per distinct window (sliding and global: two) in the compute dtype; Gemma 3's
+    SDPA gets a boolean one for its sliding layers when the sequence is at least a window long."""
+    s = st.seq_len
+    if shape.attn_logit_softcapping:
+        return len({shape.window(i) for i in range(shape.n_layers)}) * s * s * widths(st)[0]
+    return s * s if any(gemma_masked(shape, st, i) for i in range(shape.n_layers)) else 0

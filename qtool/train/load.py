@@ -12,6 +12,7 @@ from qtool.arch import Shape
 from qtool.errors import InputError
 from qtool.format import bnb_nf4 as layout
 from qtool.nf4.codec import QuantizedWeight
+from qtool.train import gemma
 from qtool.train.model import Decoder, DecoderLayer
 from qtool.train.settings import read_shape
 
@@ -61,6 +62,9 @@ def build_decoder(shape: Shape, quantized, dense, *, device="cpu", compute_dtype
                 raise InputError(f"{prefix}.weight has shape {qw.shape}, config.json implies {(lin.n_out, lin.n_in)}")
             bias = dense_on(f"{prefix}.bias", (lin.n_out,)) if lin.bias else None
             linears[lin.name] = NF4Linear(qw, bias)
+        if shape.model_type in gemma.MODEL_TYPES:
+            layers.append(gemma.build_layer(shape, i, linears, dense_on))
+            continue
         norms = {n: dense_on(f"model.layers.{i}.{n}.weight", (shape.hidden,))
                  for n in ("input_layernorm", "post_attention_layernorm")}
         if shape.qk_norm:
@@ -69,7 +73,8 @@ def build_decoder(shape: Shape, quantized, dense, *, device="cpu", compute_dtype
         layers.append(DecoderLayer(shape, linears, norms))
     embed = dense_on("model.embed_tokens.weight", (shape.vocab, shape.hidden))
     head = None if shape.tied_embeddings else dense_on("lm_head.weight", (shape.vocab, shape.hidden))
-    model = Decoder(shape, layers, embed, dense_on("model.norm.weight", (shape.hidden,)), head, compute_dtype)
+    decoder = gemma.GemmaDecoder if shape.model_type in gemma.MODEL_TYPES else Decoder
+    model = decoder(shape, layers, embed, dense_on("model.norm.weight", (shape.hidden,)), head, compute_dtype)
     if spec is not None:
         from qtool.adapters.attach import attach_adapters
 

@@ -168,7 +168,7 @@ class Decoder(nn.Module):
         # otherwise it changes nothing and the layers keep is_causal, the fast path
         mask = window_mask(t, window, input_ids.device) if window and t > window and kv is None else None
         for i, layer in enumerate(self.layers):
-            args = (x, cos, sin, None if kv is None else kv[i], mask if self.shape.window_of(i) else None)
+            args = (x, cos, sin, None if kv is None else kv[i], mask if self.shape.window(i) else None)
             if self.grad_checkpointing and torch.is_grad_enabled():
                 # keep only each layer's input; its activations are recomputed in backward
                 x = checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=self.uses_rng)

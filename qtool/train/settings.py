@@ -12,11 +12,12 @@ from qtool.errors import InputError, UsageError
 
 OPTIMIZERS = ("paged_adamw_32bit", "paged_adamw_8bit", "adamw_32bit", "adamw_8bit", "adamw_torch", "sgd")
 COMPUTE_DTYPES = ("auto", "bfloat16", "float16", "float32")
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # the model types qtool train builds (qtool.train.model)
-SUPPORTED_NAMES = "Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM2"
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")  # the model types qtool train builds
+SUPPORTED_NAMES = "Llama 2/3, Mistral, Qwen2/2.5, Qwen3, Phi-3, SmolLM2, Gemma 2, Gemma 3 text-only, e.g. gemma-3-1b"
 # AdaLoRA's settings (None: AdaLoraConfig's default); with --method lora none may be given
 ADALORA_FIELDS = ("init_rank", "target_rank", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg")
 ROPE_TYPES = ("default", "llama3")
+GEMMA_ROPE_TYPES = ("default", "linear")  # qtool.train.gemma.inv_freq
 
 
 @dataclass
@@ -123,9 +124,18 @@ def decoder_shape(config: dict, where: str = "config.json"):
         raise InputError(f"{where}: RoPE type 'longrope' (Phi-3 128k, Phi-3.5, Phi-4-mini) is not supported by qtool "
                          "train",
                          hint=f"supported: {', '.join(ROPE_TYPES)} (the 4k Phi-3 models use 'default'); {still}")
-    if rope_type not in ROPE_TYPES:
-        raise InputError(f"{where}: RoPE type {rope_type!r} is not supported",
-                         hint=f"supported: {', '.join(ROPE_TYPES)}; {still}")
+    gemma = mt in ("gemma2", "gemma3_text")
+    allowed = GEMMA_ROPE_TYPES if gemma else ROPE_TYPES
+    for rope in (shape.rope_params, dict(shape.rope_local)):
+        if rope and rope["rope_type"] not in allowed:
+            raise InputError(f"{where}: RoPE type {rope['rope_type']!r} is not supported for {mt}",
+                             hint=f"supported: {', '.join(allowed)}; {still}")
+    if gemma and shape.hidden_activation != "gelu_pytorch_tanh":
+        raise InputError(f"{where}: hidden_activation {shape.hidden_activation!r} is not supported for {mt}",
+                         hint="qtool train runs Gemma's gelu_pytorch_tanh MLP")
+    if gemma and config.get("use_bidirectional_attention"):
+        raise InputError(f"{where}: use_bidirectional_attention (an embedding model) is not supported",
+                         hint="qtool train trains causal language models")
     return shape
 
 
@@ -150,7 +160,10 @@ def check_inputs(model_dir, data, out, st: TrainSettings, *, overwrite: bool = F
     if st.seq_len > shape.max_positions:
         problems.append(f"--seq-len {st.seq_len} is beyond the model's {shape.max_positions} positions")
     problems += [p for p in st.spec.problems(shape) if p not in problems]
-    if st.method == "prefix":
+    if st.method == "prefix" and shape.model_type in ("gemma2", "gemma3_text"):
+        problems.append(f"--method prefix is not supported on {shape.model_type} (qtool.train.gemma); use --method "
+                        "lora, adalora or adapter")
+    elif st.method == "prefix":
         problems += _prefix_problems(st, shape)
     if st.init in CONVERTER_INITS and not problems:
         problems += _init_adapter_problems(model_dir, st, shape)
