@@ -1,5 +1,12 @@
-"""The training loss: mean next-token cross-entropy of ``h @ Wᵀ`` without materialising all ``[tokens, vocab]`` fp32
-logits at once (the head's logits are the largest activation of a QLoRA step)."""
+"""The training loss: mean next-token cross-entropy of ``h Wᵀ (+ u Bᵀ)`` without materialising all ``[tokens, vocab]``
+fp32 logits at once (the head's logits are the largest activation of a QLoRA step).
+
+With LoRA on the head (:class:`qtool.adapters.vocab.LoRAHead`) the logits are ``h Wᵀ + s (h Aᵀ) Bᵀ``; the caller
+passes ``u = s · h Aᵀ`` ``(tokens, r)`` and ``B`` ``(vocab, r)``, and each chunk's logits are formed as
+``addmm(h_c Wᵀ, u_c, Bᵀ)`` — the chunk's own buffer, no second logits-sized tensor — in the forward and again in the
+backward. The backward returns the gradients of h, u and B; autograd takes them on to A (through u) and to the
+fp32 factors.
+"""
 from __future__ import annotations
 
 import math
@@ -13,35 +20,61 @@ def loss_chunk_tokens(vocab_size: int) -> int:
     return max(64, 2 ** int(math.log2(2**26 / vocab_size)))
 
 
+def _chunk_logits(h, w, u, b, s, e):
+    """fp32 logits of rows ``s:e``: ``h Wᵀ``, plus ``u Bᵀ`` added inside the product's output when there is a head
+    LoRA."""
+    logits = F.linear(h[s:e], w)
+    if u is not None:
+        logits = torch.addmm(logits, u[s:e], b.t())
+    return logits.float()
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``h @ Wᵀ`` without holding all logits: each chunk's fp32 logits live only inside the
-    forward (for its log-sum-exp) and again inside the backward (for its softmax); W is frozen."""
+    """Mean cross-entropy without holding all logits: each chunk's fp32 logits live only inside the forward (for its
+    log-sum-exp) and again inside the backward (for its softmax); W is frozen; ``u``/``b`` are None without a head
+    LoRA."""
 
     @staticmethod
-    def forward(ctx, h, w, targets, chunk):
+    def forward(ctx, h, w, targets, chunk, u, b):
         n = h.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         lse = torch.empty(n, dtype=torch.float32, device=h.device)
         for s in range(0, n, chunk):
-            logits = F.linear(h[s:s + chunk], w).float()
+            logits = _chunk_logits(h, w, u, b, s, s + chunk)
             lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
             total += (lse[s:s + chunk] - logits.gather(1, targets[s:s + chunk, None]).squeeze(1)).sum()
-        ctx.save_for_backward(h, w, targets, lse)
+        ctx.save_for_backward(h, w, targets, lse, u, b)
         ctx.chunk = chunk
         return total / n
 
     @staticmethod
     def backward(ctx, grad):
-        h, w, targets, lse = ctx.saved_tensors
+        h, w, targets, lse, u, b = ctx.saved_tensors
         n, chunk = h.shape[0], ctx.chunk
         grad_h = torch.empty_like(h)
+        lora = u is not None
+        grad_u = torch.empty_like(u) if lora and ctx.needs_input_grad[4] else None
+        # B's gradient sums over every chunk: accumulated in fp32 (a bf16 running sum would lose the small chunks)
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if lora and ctx.needs_input_grad[5] \
+            else None
         scale = grad / n
         for s in range(0, n, chunk):
-            p = torch.exp(F.linear(h[s:s + chunk], w).float() - lse[s:s + chunk, None])  # softmax
+            p = torch.exp(_chunk_logits(h, w, u, b, s, s + chunk) - lse[s:s + chunk, None])  # softmax
             p[torch.arange(p.shape[0], device=p.device), targets[s:s + chunk]] -= 1.0
-            grad_h[s:s + chunk] = (p * scale).to(h.dtype) @ w
-        return grad_h, None, None, None
+            g = (p * scale).to(h.dtype)  # dLoss/dlogits of the chunk
+            del p
+            grad_h[s:s + chunk] = g @ w
+            if grad_u is not None:
+                grad_u[s:s + chunk] = g @ b
+            if grad_b is not None:
+                grad_b += g.t() @ u[s:s + chunk]  # (vocab, r) per chunk in h's dtype, summed in fp32
+        return (grad_h, None, None, None, grad_u,
+                None if grad_b is None else grad_b.to(b.dtype))
 
 
-def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
-    return _ChunkedCrossEntropy.apply(h, w, targets, chunk)
+def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int,
+                          head_lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``h`` ``(tokens, hidden)`` against ``targets`` through the frozen head ``w``
+    ``(vocab, hidden)``; ``head_lora``: ``(u, B)`` of a head LoRA (module docstring), all in ``h``'s dtype."""
+    u, b = head_lora if head_lora is not None else (None, None)
+    return _ChunkedCrossEntropy.apply(h, w, targets, chunk, u, b)
