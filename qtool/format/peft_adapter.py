@@ -356,7 +356,8 @@ def _parse_tensors(where: Path, config: dict, tensors: dict[str, torch.Tensor]) 
         rank, alpha = rank_and_alpha(config, module)
         a, b, bias = got.get("lora_A"), got.get("lora_B"), got.get("bias")
         if a is None or b is None:
-            problems.append(f"{module}: lora_{'A' if a is None else 'B'}.weight is missing")
+            problems.append(f"{module}: " + (f"lora_embedding_{'A' if a is None else 'B'}" if module in embedding
+                                              else f"lora_{'A' if a is None else 'B'}.weight") + " is missing")
             continue
         tied_to = _tied_embedding(config, module, a, b, parts, embedding)
         if not selects(config, module) and tied_to is None:
