@@ -164,11 +164,11 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
         layer = []
         first_kept = [Row("activations saved by layer 0", acts.layer_saved_bytes(shape, st, first=True))]
     extra = [Row(name, n) for name, n in methods.kept_bytes(shape, st)]
-    embed_saved = [Row("embed_tokens LoRA: token rows of A (saved)", vocab.embed_saved_bytes(shape, st))]
+    embed_saved = [Row("input-embedding LoRA (embed_tokens): token rows of A (saved)", vocab.embed_saved_bytes(shape, st))]
     extra += [r for r in embed_saved if r.bytes]
     kept, first_kept = kept + extra, first_kept + extra
     n_loss = acts.loss_tokens(st)
-    head_saved = [r for r in (Row("lm_head LoRA: h·Aᵀ, B and A in the compute dtype (saved)",
+    head_saved = [r for r in (Row("head LoRA (lm_head): h·Aᵀ, B and A in the compute dtype (saved)",
                                   vocab.head_saved_bytes(shape, st, n_loss)),) if r.bytes]
     backward, moment = acts.layer_backward_bytes(shape, st)
     mlp_grads = acts.layer_grad_bytes(shape, st) + methods.mlp_grad_bytes(shape, st)
@@ -182,18 +182,18 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
         "loss backward": (kept + [Row("final norm and loss inputs (saved)", acts.head_saved_bytes(shape, st)),
                                   *head_saved, positions],
                           [Row(loss_name, acts.loss_bytes(shape, st)),
-                           *[r for r in (Row("lm_head LoRA gradients in the loss backward (B's fp32 sum, h·Aᵀ's)",
+                           *[r for r in (Row("head LoRA (lm_head) gradients in the loss backward (B's fp32 sum, h·Aᵀ's)",
                                              vocab.head_loss_bytes(shape, st, n_loss)),) if r.bytes]]),
         # hf: PEFT's head LoRA adds two logits-sized fp32 tensors to the base logits in the forward
-        **({"lm_head LoRA forward": (kept + [Row("final norm (saved)", acts.final_norm_saved_bytes(shape, st)),
+        **({"head LoRA (lm_head) forward": (kept + [Row("final norm (saved)", acts.final_norm_saved_bytes(shape, st)),
                                              *head_saved, positions],
-                                     [Row("logits, the lm_head LoRA's output and its scaled copy (fp32)",
+                                     [Row("logits, the head LoRA's output and its scaled copy (fp32)",
                                           vocab.head_forward_bytes(shape, st))])}
            if vocab.head_forward_bytes(shape, st) else {}),
         # the embedding's LoRA is back-propagated last, beside every other adapter gradient
-        **({"embed_tokens LoRA backward": (embed_saved, [row for row in (
+        **({"input-embedding LoRA (embed_tokens) backward": (embed_saved, [row for row in (
             Row(f"{methods.label(st)} gradients", lora_bytes if grads_now else 0),
-            Row("embed_tokens LoRA backward: row gradients and A's dense gradient",
+            Row("input-embedding LoRA backward: row gradients and A's dense gradient",
                 vocab.embed_backward_bytes(shape, st))) if row.bytes])}
            if vocab.embed_backward_bytes(shape, st) else {}),
         "final norm backward": (kept + [Row("final norm (saved)", acts.final_norm_saved_bytes(shape, st)), positions],

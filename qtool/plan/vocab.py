@@ -15,6 +15,8 @@ Read from the code that runs:
   logits-sized tensors, ``lora_B``'s output and its scaled copy, while the base logits exist: 12 T V bytes at that
   moment of the forward (the add's output replaces lora_B's); saved: lora_A's input (fp32 hidden states, which the
   frozen head alone does not keep) and lora_B's ``(T, r)``. Embedding: the token rows of A ``(T, r)`` saved.
+  ``prepare_model_for_kbit_training``'s ``enable_input_require_grads`` makes the base rows ``(T, h)`` fp32 a tensor
+  that requires grad: the autograd graph holds it to the end of the backward (traced on the CPU).
 * Both: the embedding's backward runs last and makes the dense gradient of A ``(V, r)`` fp32 and, through the fp32
   sum, the fp32 gradient of the rows ``(T, h)`` twice (the add's and the scaled product's), beside every other
   adapter gradient.
@@ -35,11 +37,17 @@ def _ranks(shape: Shape, st: Settings) -> dict[str, int]:
 
 
 def embed_saved_bytes(shape: Shape, st: Settings) -> int:
-    """The embedding LoRA's token rows of A, fp32 in qtool (summed in fp32) and the adapter dtype in hf."""
+    """The embedding LoRA's token rows of A, fp32 in qtool (summed in fp32) and the adapter dtype in hf; hf also
+    keeps the base rows (module docstring)."""
     r = _ranks(shape, st).get("embed_tokens")
     if not r:
         return 0
-    return alloc((4 if st.profile == "qtool" else DTYPE_BYTES[st.adapter_dtype]) * r * st.batch_size * st.seq_len)
+    T = st.batch_size * st.seq_len
+    if st.profile == "qtool":
+        return alloc(4 * r * T)
+    # hf: enable_input_require_grads makes the base rows a leaf that requires grad; the sum's AccumulateGrad node
+    # holds them (fp32, T x h) until the backward is done
+    return alloc(DTYPE_BYTES[st.adapter_dtype] * r * T) + alloc(4 * shape.hidden * T)
 
 
 def head_saved_bytes(shape: Shape, st: Settings, n_loss: int) -> int:
