@@ -184,7 +184,8 @@ REFUSALS = {
     "nan": (lambda p: _edit_tensors(p, lambda t: {**t, f"{Q0}.lora_A.weight": t[f"{Q0}.lora_A.weight"] * math.nan}),
             WEIGHTS_NAME, "model.layers.0.self_attn.q_proj: factors hold NaN/Inf"),
     "embedding": (lambda p: _edit_tensors(p, lambda t: {**t, "base_model.model.model.embed_tokens.lora_embedding_A":
-                                                         torch.zeros(8, 128)}), WEIGHTS_NAME, "embedding"),
+                                                         torch.zeros(8, 128)}), WEIGHTS_NAME,
+                  "lora_embedding_B is missing"),  # embedding LoRA is read, but whole
     "dora-tensor": (lambda p: _edit_tensors(p, lambda t: {**t, f"{Q0}.lora_magnitude_vector": torch.ones(64)}),
                     WEIGHTS_NAME, "DoRA"),
     "not-targeted": (lambda p: _edit_config(p, target_modules=["q_proj", "down_proj"]), WEIGHTS_NAME,

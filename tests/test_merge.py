@@ -306,12 +306,12 @@ def test_refusals_leave_nothing_behind(nf4_dir, tmp_path):
                  rank=2, alpha=2, target_modules=["up_proj"])
     with pytest.raises(InputError, match="module 'model.layers.2.mlp.up_proj'.*NaN/Inf"):
         merge(nf4_dir, big, tmp_path / "out")
-    tied = tmp_path / "tied"
-    save_adapter(tied, {"lm_head": (torch.ones(2, 576), torch.ones(49152, 2))}, rank=2, alpha=2,
-                 target_modules=["lm_head"])
-    with pytest.raises(InputError, match="lm_head: its weight is tied to the input embeddings"):
-        merge(nf4_dir, tied, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge", "tied"]  # no output, no partial folder
+    wrong = tmp_path / "wrong"  # embedding factors for the head, a Linear
+    save_adapter(wrong, {"lm_head": (torch.ones(2, 49152), torch.ones(576, 2))}, rank=2, alpha=2,
+                 target_modules=["lm_head"], embeddings={"lm_head"})
+    with pytest.raises(InputError, match="lm_head: a Linear, but the adapter holds embedding factors"):
+        merge(nf4_dir, wrong, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["huge", "wrong"]  # no output, no partial folder
 
 
 def test_gpt2_conv1d_through_nf4(tmp_path):

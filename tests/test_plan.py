@@ -370,6 +370,129 @@ def _check_qtool_trace(config: dict, gc: bool, targets: str, seq_len: int, batch
     assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
 
 
+def _planned_step_bytes(shape, settings) -> tuple[int, str]:
+    """As _planned_transient, with the adapter gradients made during the step counted (the embedding's backward,
+    the step's last, holds every one of them)."""
+    p = plan(shape, settings)
+    return sum(r.bytes for r in p.rows if r.counter == "allocated" and (not r.name.startswith(PERSISTENT_ROWS)
+                                                                        or "gradients" in r.name)), p.peak_phase
+
+
+@pytest.mark.parametrize("targets,rank,gc,seq_len,batch_size,vocab,tied,phase", [
+    ("q_proj,v_proj,lm_head", 16, False, 384, 1, 2000, False, "loss backward"),  # the head's saved and loss rows
+    ("q_proj,embed_tokens,lm_head", 16, True, 300, 2, 2000, True, "loss backward"),  # one shared adapter
+    ("q_proj,embed_tokens", 64, False, 16, 1, 30000, False, "input-embedding LoRA (embed_tokens) backward"),
+])
+def test_qtool_vocab_adapters_match_allocation_trace(one_thread, targets, rank, gc, seq_len, batch_size, vocab, tied,
+                                                     phase):
+    """qtool's trainer with LoRA on embed_tokens / lm_head (qtool/plan/vocab.py rows) on the CPU, including the
+    phase where the embedding's backward (A's dense gradient beside every adapter gradient) is the peak."""
+    import torch
+    from qtool.adapters.spec import AdapterSpec
+    from qtool.train.load import random_decoder
+    from qtool.train.settings import decoder_shape
+
+    warnings.filterwarnings("ignore")
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": vocab, "tie_word_embeddings": tied}
+    shape = shape_from_config(config)
+    model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec(targets, rank=rank))
+    model.train()
+    model.grad_checkpointing = gc
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, vocab, (batch_size, seq_len))
+
+    def step():
+        model.loss(ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    traced = _traced_peak(step)
+    planned, got_phase = _planned_step_bytes(shape, Settings(rank=rank, targets=targets, seq_len=seq_len, optimizer="sgd",
+                                                             batch_size=batch_size, grad_checkpointing=gc, device="cpu"))
+    assert got_phase == phase
+    assert abs(planned - traced) / traced < 0.02, (planned, traced, got_phase)
+
+
+@pytest.mark.parametrize("targets", ["q_proj,lm_head", "q_proj,embed_tokens"])
+def test_hf_vocab_adapters_match_allocation_trace(one_thread, tiny_checkpoint, targets):
+    """PEFT's LoRA on lm_head (a Linear on the fp32 head) and embed_tokens on the hf stack, on the CPU."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    warnings.filterwarnings("ignore")
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=quant, dtype=torch.bfloat16,
+                                                 device_map="cpu", attn_implementation="sdpa")
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets.split(",")))
+    model.train()
+    shape = resolve_model(str(tiny_checkpoint))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, shape.vocab, (1, 384))
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    traced = _traced_peak(step)
+    planned, phase = _planned_step_bytes(shape, Settings(profile="hf", rank=16, targets=targets, seq_len=384,
+                                                         optimizer="sgd", device="cpu"))
+    assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("targets", ["q_proj,lm_head", "v_proj,embed_tokens=8", "q_proj,embed_tokens,lm_head"])
+def test_vocab_adapter_counts_equal_peft(tied, targets):
+    """Trainable parameters with embed_tokens / lm_head, as PEFT counts them; on a tied model both together are
+    PEFT's ensure_weight_tying adapter (counted once), either alone an adapter of its own side."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    warnings.filterwarnings("ignore")
+    config = tiny_config("llama", tie_word_embeddings=tied)
+    shape = shape_from_config(config.to_dict())
+    items_ = [t.partition("=") for t in targets.split(",")]
+    lora = LoraConfig(r=4, target_modules=[n for n, _, _ in items_],
+                      rank_pattern={n: int(r) for n, _, r in items_ if r},
+                      ensure_weight_tying=tied and "embed_tokens" in targets and "lm_head" in targets)
+    model = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
+    # by storage: PEFT's tied head holds Parameters that are views of the embedding's (its own count has them twice)
+    trainable = sum({p.data_ptr(): p.numel() for p in model.parameters() if p.requires_grad}.values())
+    p = plan(shape, Settings(rank=4, targets=targets, seq_len=64))
+    assert p.n_trainable == trainable
+    adapter_row = next(r for r in p.rows if r.name.startswith("LoRA adapters ("))
+    assert adapter_row.bytes == items.tensors_alloc(items.lora_tensors(shape, p.settings), 4)
+
+
+def test_hf_head_lora_forward_moment_is_logits_sized():
+    """PEFT's head LoRA makes two more fp32 logits-sized tensors in the forward (12 T V bytes at that moment), which
+    qtool's chunked loss never does (its head rows are (tokens x r) and (vocab x r) sized)."""
+    from qtool.plan import vocab
+
+    shape = resolve_model("llama-2-7b")
+    hf = Settings(profile="hf", targets="q_proj,lm_head", seq_len=2048).check(shape)
+    ours = Settings(targets="q_proj,lm_head", seq_len=2048).check(shape)
+    assert vocab.head_forward_bytes(shape, hf) == 3 * 4 * 2048 * 32000
+    assert vocab.head_forward_bytes(shape, ours) == 0
+    assert "head LoRA (lm_head) forward" in _phases_of(shape, hf) and "head LoRA (lm_head) forward" not in \
+        _phases_of(shape, ours)
+    r = 16
+    assert vocab.head_saved_bytes(shape, ours, 2047) == items.alloc(2 * r * 2047) + items.alloc(2 * 32000 * r) \
+        + items.alloc(2 * r * 4096)
+    assert vocab.head_loss_bytes(shape, ours, 2047) == items.alloc(4 * 32000 * r) + items.alloc(2 * 32000 * r) \
+        + items.alloc(2 * r * 2047)
+
+
+def _phases_of(shape, st) -> set[str]:
+    from qtool.plan.planner import _phases
+
+    return set(_phases(shape, st, 0, items.lora_tensors(shape, st)))
+
+
 def test_loss_chunk_rule_mirrors_the_trainer():
     from qtool.train.loss import loss_chunk_tokens
 

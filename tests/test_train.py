@@ -140,6 +140,53 @@ def test_adapter_round_trips_through_peft(smollm2_nf4_cpu, shakespeare_path, hf_
         peft.unload()
 
 
+def test_lm_head_lora_training_lowers_the_loss(smollm2_nf4_cpu, shakespeare_path):
+    """--targets q_proj,v_proj,lm_head on the real fixture: the head's update trains inside the chunked loss."""
+    from transformers import AutoTokenizer
+
+    blocks = pack(shakespeare_path, AutoTokenizer.from_pretrained(smollm2_nf4_cpu), 48, max_eval_blocks=2)
+    spec = AdapterSpec("q_proj,v_proj,lm_head", rank=8)
+    model = load_decoder(smollm2_nf4_cpu, spec, **FP32)
+    assert model.head_adapter is not None and model.head_adapter.lora_b.shape == (49152, 8)
+    st = TrainSettings(steps=5, seq_len=48, batch_size=2, rank=8, lr=3e-3, targets="q_proj,v_proj,lm_head")
+    res = train(model, blocks, st, device=torch.device("cpu"))
+    assert res.trainable_params == spec.n_trainable(model.shape)
+    assert res.eval_loss < res.eval_loss_before - 0.05, (res.eval_loss_before, res.eval_loss)
+    assert sum(res.losses[-2:]) < sum(res.losses[:2])
+    assert model.head_adapter.lora_b.abs().sum() > 0  # B started at zero and moved
+
+
+def test_tied_embedding_and_head_adapter_round_trips_through_peft(smollm2_nf4_cpu, shakespeare_path, hf_model,
+                                                                    tmp_path, ids):
+    """SmolLM2 ties its embeddings: embed_tokens + lm_head train as one shared adapter, which PEFT loads (its
+    ensure_weight_tying) on the transformers bitsandbytes model with our logits."""
+    from peft import PeftModel
+
+    from qtool.adapters.attach import load_adapter_into
+
+    out = tmp_path / "adapter"
+    targets = "q_proj,embed_tokens,lm_head"
+    run(smollm2_nf4_cpu, shakespeare_path, out, TrainSettings(steps=2, seq_len=32, batch_size=2, rank=4, lr=5e-3,
+                                                              targets=targets, eval_blocks=1))
+    assert json.loads((out / "adapter_config.json").read_text())["ensure_weight_tying"] is True
+    ours = load_decoder(smollm2_nf4_cpu)
+    load_adapter_into(ours, out, dtype=torch.bfloat16)
+    assert ours.head_adapter.tied_to is ours.embed_adapter
+    base = load_decoder(smollm2_nf4_cpu)
+    peft = PeftModel.from_pretrained(hf_model, out)
+    try:
+        with torch.no_grad():
+            a, b, c = ours(ids).float(), peft(ids).logits.float(), base(ids).float()
+            for name, p in peft.named_parameters():  # PEFT's own bypass in bf16: the rounding floor
+                if "lora_" in name:
+                    p.data = p.data.bfloat16()
+            d = peft(ids).logits.float()
+        rel = lambda x, y: ((x - y).norm() / y.norm()).item()  # noqa: E731
+        assert rel(a, b) <= 2 * rel(d, b) and rel(a, b) < 0.05 * rel(b, c), (rel(a, b), rel(d, b), rel(b, c))
+    finally:
+        peft.unload()
+
+
 # ------------------------------------------------------------------------------------------------------ bad input
 def test_unconverted_folder_says_convert_first(smollm2_dir, shakespeare_path):
     r = CliRunner().invoke(main, ["train", str(smollm2_dir), "--data", str(shakespeare_path), "--steps", "1"])

@@ -10,7 +10,8 @@ from qtool.adapters.init import symmetric_init, zero_init
 from qtool.adapters.lora import LoRALinear
 from qtool.adapters.houlsby import HoulsbyAdapter
 from qtool.adapters.prefix import PrefixTuning
-from qtool.adapters.spec import CONVERTER_INITS, AdapterSpec, adalora_scale
+from qtool.adapters.spec import CONVERTER_INITS, VOCAB_PATHS, AdapterSpec, adalora_scale
+from qtool.adapters.vocab import LoRAEmbedding, LoRAHead
 from qtool.errors import InputError
 
 _TRAINER_INITS = {"zero": zero_init, "symmetric": symmetric_init}
@@ -25,7 +26,8 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
     Adapters attached before are removed first. ``spec.method == "adalora"``: :class:`AdaLoRALinear` modules at the
     initial rank instead, P and Q drawn from the same generator. Houlsby adapters and a prefix are added as the
     module docstrings of :mod:`qtool.adapters.houlsby` and :mod:`qtool.adapters.prefix` say (paths
-    ``model.layers.{i}.attn_adapter`` / ``mlp_adapter``, and ``prefix``)."""
+    ``model.layers.{i}.attn_adapter`` / ``mlp_adapter``, and ``prefix``). ``embed_tokens``/``lm_head`` targets get
+    their LoRA after the layers' (:func:`_attach_vocab`), drawn from the same generator."""
     shape = model.shape
     spec.checked(shape)
     ranks = spec.module_ranks(shape)
@@ -57,8 +59,29 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
                                                      base.device)
         holder[name] = attached[path] = LoRALinear(base, a, b, alpha=spec.alpha_of(name), dropout=spec.dropout,
                                                    use_rslora=spec.use_rslora, offset=offset)
+    attached.update(_attach_vocab(model, spec, gen, adapter_dtype))
     attached.update(_attach_own_modules(model, spec, gen, adapter_dtype))
     model.uses_rng = spec.dropout > 0
+    return attached
+
+
+def _attach_vocab(model, spec: AdapterSpec, gen: torch.Generator, dtype: torch.dtype) -> dict:
+    """LoRA on the embedding (A = 0, B ~ N(0, 1)) and on the head (A Kaiming-uniform, B = 0), PEFT's starts, in that
+    order; on a tied model with both targeted the head shares the embedding's factors (:mod:`qtool.adapters.vocab`)."""
+    shape, device = model.shape, model.embed.device
+    ranks, attached = spec.vocab_ranks(shape), {}
+    if "embed_tokens" in ranks:
+        model.embed_adapter = attached[VOCAB_PATHS["embed_tokens"]] = LoRAEmbedding.initial(
+            shape.vocab, shape.hidden, ranks["embed_tokens"], gen, dtype, device, alpha=spec.alpha_of("embed_tokens"),
+            use_rslora=spec.use_rslora)
+    if "lm_head" in ranks:
+        common = dict(alpha=spec.alpha_of("lm_head"), dropout=spec.dropout, use_rslora=spec.use_rslora)
+        if spec.shares_vocab_adapter(shape):
+            head = LoRAHead(tied_to=model.embed_adapter, **common)
+        else:
+            a, b, _ = zero_init(shape.vocab, shape.hidden, ranks["lm_head"], gen, dtype, device)
+            head = LoRAHead(a, b, **common)
+        model.head_adapter = attached[VOCAB_PATHS["lm_head"]] = head
     return attached
 
 
@@ -69,7 +92,7 @@ def detach_adapters(model) -> None:
             holder[name] = holder[name].base
     for layer in model.layers:
         layer.attn_adapter = layer.mlp_adapter = None
-    model.prefix = None
+    model.prefix = model.embed_adapter = model.head_adapter = None
     model.uses_rng = False
 
 
@@ -128,7 +151,12 @@ def load_adapter_into(model, folder, *, dtype: torch.dtype = torch.float32) -> A
     if adapter.fan_in_fan_out:
         raise InputError(f"{folder}: fan_in_fan_out factors are for GPT-2's Conv1D; this model has Linear layers")
     linears = model.linears()
-    for path, f in adapter.modules.items():
+    _check_saved_weights(folder, model, adapter.saved_weights)
+    vocab = {VOCAB_PATHS[n]: n for n in VOCAB_PATHS}
+    for path, f in sorted(adapter.modules.items(), key=lambda kv: kv[1].tied_to is not None):  # embeddings first
+        if path in vocab:
+            _load_vocab(model, folder, vocab[path], f, bool(adapter.config.get("use_rslora", False)), dtype)
+            continue
         if path not in linears:
             raise InputError(f"{folder}: module {path} is not a Linear of this {shape.model_type} model",
                              hint="load the adapter onto the model it was trained on")
@@ -144,3 +172,34 @@ def load_adapter_into(model, folder, *, dtype: torch.dtype = torch.float32) -> A
                                   alpha=f.alpha, use_rslora=bool(adapter.config.get("use_rslora", False)))
     ranks = sorted({f.rank for f in adapter.modules.values()})
     return AdapterSpec(targets=",".join(sorted({p.rsplit(".", 1)[-1] for p in adapter.modules})), rank=ranks[-1])
+
+
+def _load_vocab(model, folder, name: str, f, use_rslora: bool, dtype: torch.dtype) -> None:
+    """Put a saved embedding or head LoRA on ``model`` (a tied head after its embedding: it shares its factors)."""
+    shape, device = model.shape, model.embed.device
+    want = (shape.vocab, shape.hidden) if name == "embed_tokens" else (shape.hidden, shape.vocab)
+    if f.embedding != (name == "embed_tokens") or (f.in_features, f.out_features) != want:
+        raise InputError(f"{folder}: the {name} factors are A {tuple(f.a.shape)} / B {tuple(f.b.shape)}; this "
+                         f"model's {name} needs " + ("an embedding LoRA, A (r, vocab) and B (hidden, r)"
+                                                      if name == "embed_tokens" else "A (r, hidden) and B (vocab, r)")
+                         + f" with vocab {shape.vocab}, hidden {shape.hidden}",
+                         hint="load the adapter onto the model it was trained on")
+    a, b = (t.to(device=device, dtype=dtype) for t in (f.a, f.b))
+    if name == "embed_tokens":
+        model.embed_adapter = LoRAEmbedding(a, b, alpha=f.alpha, use_rslora=use_rslora)
+    elif f.tied_to is not None and model.embed_adapter is not None and shape.tied_embeddings:
+        model.head_adapter = LoRAHead(alpha=f.alpha, use_rslora=use_rslora, tied_to=model.embed_adapter)
+    else:
+        model.head_adapter = LoRAHead(a, b, alpha=f.alpha, use_rslora=use_rslora)
+
+
+def _check_saved_weights(folder, model, saved: dict[str, torch.Tensor]) -> None:
+    """PEFT saves the full embedding (and head) weights beside an embedding LoRA; they must be the model's own (a
+    resized vocabulary or trained tokens would need them, and qtool keeps the base's)."""
+    own = {"model.embed_tokens": model.embed, "lm_head": model.lm_head}
+    for path, w in saved.items():
+        if path not in own or tuple(w.shape) != tuple(own[path].shape) or not torch.equal(
+                w.to(own[path].dtype).cpu(), own[path].cpu()):
+            raise InputError(f"{folder}: the adapter carries its own {path} weights, which differ from this "
+                             "model's (a resized vocabulary or trained tokens?)",
+                             hint="load it with PEFT onto the model it was trained with")

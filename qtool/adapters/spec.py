@@ -8,6 +8,20 @@ Targets are given as presets and module names, comma-separated, each optionally 
     qkvo                      q_proj, k_proj, v_proj, o_proj at --rank
     all-linear,down_proj=64   every Linear of a layer at --rank, down_proj at 64
     q_proj=8,v_proj=32        two modules with their own ranks
+    all-linear,lm_head=8      every Linear of a layer, and the output head at rank 8
+
+Besides the Linears of the decoder layers two model-level modules take LoRA, as PEFT does it (``VOCAB_TARGETS``;
+no preset includes them, like PEFT's ``all-linear``, which leaves the output layer out):
+
+* ``embed_tokens`` — the input embedding E ``(vocab, hidden)``: A ``(r, vocab)`` is looked up like an embedding,
+  B is ``(hidden, r)``; ``x_t = E[t] + s · Aᵀ[t] Bᵀ``. A starts at zero and B Gaussian (PEFT
+  ``LoraLayer.reset_lora_parameters``), so step 0 is the base. Merged: ``E' = E + s · (B A)ᵀ``.
+* ``lm_head`` — a Linear LoRA on the frozen 16-bit head W ``(vocab, hidden)``: logits ``h Wᵀ + s (h Aᵀ) Bᵀ``, inside
+  the chunked loss (:mod:`qtool.train.loss`), A Kaiming-uniform and B = 0.
+* On a model with tied embeddings (``W = E``), ``embed_tokens`` and ``lm_head`` together are ONE shared adapter, as
+  PEFT's ``ensure_weight_tying=True`` makes it: the head's factors are the embedding's transposed (A_head = B_embᵀ,
+  B_head = A_embᵀ), so both modules see the same ``E + s (B A)ᵀ`` and a merge keeps the tie. Alone, either one is
+  an adapter of that side only (a merge then unties the two).
 
 Initialisations (``init``), and what the model is at step 0:
 
@@ -51,6 +65,8 @@ ADAPTER_ACTIVATION = "gelu"  # the non-linearity between the two products (Houls
 INITS = ("zero", "symmetric", "pissa", "loftq")
 CONVERTER_INITS = ("pissa", "loftq")  # they need the 16-bit weights: made by `qtool convert --lora-init`
 PRESETS = {"qkvo": ("attn",), "mlp": ("mlp",), "all-linear": ("attn", "mlp")}
+VOCAB_TARGETS = ("embed_tokens", "lm_head")  # model-level LoRA targets (PEFT's names), in forward order
+VOCAB_PATHS = {"embed_tokens": "model.embed_tokens", "lm_head": "lm_head"}  # their paths in the Llama-family model
 PRESET_ALIASES = {"all": "all-linear", "attn": "qkvo"}
 DEFAULT_TARGETS = "qkvo"
 # Settings that only LoRA reads (field -> flag), and those only one other method reads (field -> (method, flag)):
@@ -61,7 +77,8 @@ METHOD_FLAGS = {"adapter_size": ("adapter", "--adapter-size"), "prefix_len": ("p
                 "prefix_projection": ("prefix", "--prefix-projection")}
 _WHERE = {"adapter": "Houlsby adapters go after every attention and MLP block (their size: --adapter-size)",
           "prefix": "the prefix goes into every attention layer (its length: --prefix-len)"}
-_TARGETS_HINT = "use qkvo, mlp, all-linear or module names, each optionally =RANK (e.g. q_proj=8,v_proj=32)"
+_TARGETS_HINT = ("use qkvo, mlp, all-linear, module names or embed_tokens/lm_head, each optionally =RANK (e.g. "
+                 "q_proj=8,v_proj=32,lm_head=8)")
 
 
 @dataclass(frozen=True)
@@ -87,26 +104,52 @@ class AdapterSpec:
     # --- per module
     def module_ranks(self, shape: Shape) -> dict[str, int]:
         """``{module name within a layer: rank}`` for the adapted Linears of ``shape`` (names as in
-        :meth:`qtool.arch.Shape.linears`), in forward order. Raises UsageError on an unknown name or a malformed
-        rank (:meth:`target_problems` lists them without raising)."""
+        :meth:`qtool.arch.Shape.linears`), in forward order; ``embed_tokens``/``lm_head`` are in
+        :meth:`vocab_ranks`. Raises UsageError on an unknown name or a malformed rank (:meth:`target_problems`
+        lists them without raising)."""
         if self.method in UNTARGETED_METHODS:
             return {}  # no Linear gets a bypass
-        ranks, problems = _parse_targets(self.targets, self.rank, shape)
+        ranks, _, problems = _parse_targets(self.targets, self.rank, shape)
         if problems:
             raise UsageError(list(problems), hint=_TARGETS_HINT)
         return dict(ranks)
+
+    def vocab_ranks(self, shape: Shape) -> dict[str, int]:
+        """``{"embed_tokens": r, "lm_head": r}`` for those of the two that ``targets`` names (module docstring)."""
+        if self.method in UNTARGETED_METHODS:
+            return {}
+        _, vocab, problems = _parse_targets(self.targets, self.rank, shape)
+        if problems:
+            raise UsageError(list(problems), hint=_TARGETS_HINT)
+        return dict(vocab)
+
+    def shares_vocab_adapter(self, shape: Shape) -> bool:
+        """Whether ``embed_tokens`` and ``lm_head`` are one shared adapter: both targeted on a tied model."""
+        return shape.tied_embeddings and len(self.vocab_ranks(shape)) == 2
 
     def target_problems(self, shape: Shape) -> list[str]:
         """What is wrong with ``targets`` for ``shape``: unknown names, malformed ranks, ranks beyond a module."""
         if self.method in UNTARGETED_METHODS:
             return []
-        ranks, problems = _parse_targets(self.targets, self.rank, shape)
-        if not ranks and not problems:
+        ranks, vocab, problems = _parse_targets(self.targets, self.rank, shape)
+        if not ranks and not vocab and not problems:
             return [f"--targets {self.targets!r} selects no module"]
         linears = {lin.name: lin for lin in shape.linears()}
-        return list(problems) + [f"rank {r} of {name} exceeds min(in, out) = min({linears[name].n_in}, {linears[name].n_out}) = "
-                f"{min(linears[name].n_in, linears[name].n_out)}; a LoRA of that rank is not low-rank"
-                for name, r in ranks if r > min(linears[name].n_in, linears[name].n_out)]
+        p = list(problems) + [
+            f"rank {r} of {name} exceeds min(in, out) = min({linears[name].n_in}, {linears[name].n_out}) = "
+            f"{min(linears[name].n_in, linears[name].n_out)}; a LoRA of that rank is not low-rank"
+            for name, r in ranks if r > min(linears[name].n_in, linears[name].n_out)]
+        p += [f"rank {r} of {name} exceeds min(vocab, hidden) = {min(shape.vocab, shape.hidden)}; a LoRA of that "
+              "rank is not low-rank" for name, r in vocab if r > min(shape.vocab, shape.hidden)]
+        vocab = dict(vocab)
+        if shape.tied_embeddings and len(vocab) == 2 and vocab["embed_tokens"] != vocab["lm_head"]:
+            p.append(f"embed_tokens={vocab['embed_tokens']} and lm_head={vocab['lm_head']}: this model ties its "
+                     "embeddings, so the two are one shared adapter (PEFT's ensure_weight_tying) of one rank; give "
+                     "them the same rank")
+        if shape.tied_embeddings and len(vocab) == 2 and self.alpha_of("embed_tokens") != self.alpha_of("lm_head"):
+            p.append("alpha_pattern gives embed_tokens and lm_head different alphas; on this tied model they are "
+                     "one shared adapter with one scale")
+        return p
 
     def alpha_of(self, name: str) -> float:
         return dict(self.alpha_pattern).get(name, self.alpha)
@@ -127,7 +170,8 @@ class AdapterSpec:
         if self.method in UNTARGETED_METHODS:
             return sum(self.trainable_tensors(shape))
         extra = 1 if self.method == "adalora" else 0
-        return shape.n_layers * sum(r * (lin.n_in + lin.n_out + extra) for lin, r in self.adapted(shape))
+        return (shape.n_layers * sum(r * (lin.n_in + lin.n_out + extra) for lin, r in self.adapted(shape))
+                + sum(self.vocab_tensors(shape)))
 
     def trainable_tensors(self, shape: Shape) -> list[int]:
         """Element counts of every trainable tensor, in the order they are made. LoRA: A (r x in) and B (out x r)
@@ -145,7 +189,18 @@ class AdapterSpec:
             return [self.prefix_len * kv, p * kv, p, out * p, out]
         if self.method == "adalora":  # P (r x in), λ (r), Q (out x r) at the initial rank
             return [n for lin, r in self.adapted(shape) for n in (r * lin.n_in, r, lin.n_out * r)] * shape.n_layers
-        return [n for lin, r in self.adapted(shape) for n in (r * lin.n_in, lin.n_out * r)] * shape.n_layers
+        return ([n for lin, r in self.adapted(shape) for n in (r * lin.n_in, lin.n_out * r)] * shape.n_layers
+                + self.vocab_tensors(shape))
+
+    def vocab_tensors(self, shape: Shape) -> list[int]:
+        """Element counts of the ``embed_tokens``/``lm_head`` factors, made after the layers': the embedding's A
+        (r x vocab) and B (hidden x r), the head's A (r x hidden) and B (vocab x r); a shared adapter (tied model,
+        both targeted) once."""
+        vocab = self.vocab_ranks(shape)
+        v, h = shape.vocab, shape.hidden
+        if self.shares_vocab_adapter(shape):
+            return [vocab["embed_tokens"] * v, h * vocab["embed_tokens"]]
+        return [n for name, r in vocab.items() for n in ((r * v, h * r) if name == "embed_tokens" else (r * h, v * r))]
 
     def n_stored(self, shape: Shape) -> int:
         """Parameters the saved adapter holds for inference: the trained ones, except that a prefix trained through
@@ -183,6 +238,13 @@ class AdapterSpec:
             p.append(f"--loftq-iter must be at least 1 (got {self.loftq_iter})")
         p += self.adalora_problems()
         p += self.method_problems(shape)
+        vocab = vocab_names(self.targets) if self.method == "lora" else []
+        if vocab and self.init != "zero":
+            p.append(f"--init {self.init} with --targets {', '.join(vocab)}: the embedding and head adapters start as "
+                     "PEFT starts them (the zero init: step 0 is the base); " + (
+                         "the converter's initial adapter covers the decoder layers only" if self.init in
+                         CONVERTER_INITS else "the symmetric offset is implemented for the layers' Linears only")
+                     + f"; use --init zero or drop {', '.join(vocab)}")
         return p + (self.target_problems(shape) if shape is not None else [])
 
     def adalora_problems(self) -> list[str]:
@@ -200,6 +262,10 @@ class AdapterSpec:
                      "itself; give module names without =RANK")
         if self.alpha_pattern:
             p.append("alpha_pattern: AdaLoRA has one alpha for every module (PEFT's AdaLoraConfig)")
+        if vocab_names(self.targets):
+            p.append(f"--targets {self.targets!r}: AdaLoRA adapts Linear layers only (PEFT's AdaLoRA has no embedding "
+                     f"layer, and its rank budget is for the decoder layers); drop {', '.join(vocab_names(self.targets))} "
+                     "or use --method lora")
         return p
 
     def method_problems(self, shape: Shape | None = None) -> list[str]:
@@ -264,10 +330,18 @@ def ignored_flag_problems(method: str, fields) -> list[str]:
     return p
 
 
+def vocab_names(targets: str) -> list[str]:
+    """The ``embed_tokens``/``lm_head`` items of a targets string (no shape needed), in forward order."""
+    names = {item.partition("=")[0].strip() for item in str(targets).split(",")}
+    return [n for n in VOCAB_TARGETS if n in names]
+
+
 @functools.lru_cache(maxsize=256)
-def _parse_targets(targets: str, rank: int, shape: Shape) -> tuple[tuple[tuple[str, int], ...], tuple[str, ...]]:
-    """``(((name, rank), ...) in forward order, (problem, ...))``. Cached: a plan asks many times, and a fit search
-    plans the same shape dozens of times."""
+def _parse_targets(targets: str, rank: int, shape: Shape
+                   ) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...], tuple[str, ...]]:
+    """``(((name, rank), ...) of the layers' Linears in forward order, ((name, rank), ...) of embed_tokens/lm_head,
+    (problem, ...))``. The one parser of ``--targets``: trainer, planner and writer call it. Cached: a plan asks
+    many times, and a fit search plans the same shape dozens of times."""
     linears = shape.linears()
     known = [lin.name for lin in linears]
     ranks: dict[str, int] = {}
@@ -281,16 +355,18 @@ def _parse_targets(targets: str, rank: int, shape: Shape) -> tuple[tuple[tuple[s
         value = int(r) if r else rank
         if name in PRESETS:
             ranks.update({lin.name: value for lin in linears if lin.group in PRESETS[name]})
-        elif name in known:
+        elif name in known or name in VOCAB_TARGETS:
             ranks[name] = value
         else:
             from difflib import get_close_matches  # an error path: not paid at start-up
 
-            close = get_close_matches(name, known, n=3)
-            problems.append(f"--targets: {shape.model_type} layers have no module {name!r}"
-                            + (f" (did you mean {', '.join(close)}?)" if close else
-                               f" (its Linears: {', '.join(known)}; presets: {', '.join(PRESETS)})"))
-    return tuple((n, ranks[n]) for n in known if n in ranks), tuple(problems)
+            close = get_close_matches(name, known + list(VOCAB_TARGETS), n=3)
+            problems.append(f"--targets: {shape.model_type} models have no module {name!r}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + f"; valid: the layers' Linears {', '.join(known)}; the model's "
+                              f"{', '.join(VOCAB_TARGETS)}; presets {', '.join(PRESETS)}")
+    return (tuple((n, ranks[n]) for n in known if n in ranks), tuple((n, ranks[n]) for n in VOCAB_TARGETS if n in ranks),
+            tuple(problems))
 
 
 # ------------------------------------------------------------------------------------------------------- AdaLoRA

@@ -180,7 +180,8 @@ def _list_models(as_json: bool) -> str:
               help="AdaLoRA: the average final rank (checked; no byte depends on it).  [default: 8]")
 @click.option("--alpha", type=float, help="LoRA alpha (no effect on memory)  [default: 2 x rank]")
 @click.option("--targets", default="qkvo", show_default=True,
-              help="qkvo, mlp, all-linear and/or module names, each with an optional rank: qkvo,down_proj=32")
+              help="qkvo, mlp, all-linear and/or module names (embed_tokens and lm_head included), each with an "
+                   "optional rank: qkvo,down_proj=32,lm_head=8")
 @click.option("--seq-len", type=int, default=2048, show_default=True, help="Tokens per sequence.")
 @click.option("--batch-size", type=int, default=1, show_default=True, help="Sequences per micro-batch.")
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")

@@ -37,7 +37,8 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--alpha", default=32.0, show_default=True, type=float, help="LoRA alpha; the bypass is scaled alpha/r.")
 @click.option("--dropout", default=0.0, show_default=True, type=float, help="Dropout on the LoRA input.")
 @click.option("--targets", default="qkvo", show_default=True,
-              help="qkvo, mlp, all-linear or module names, each optionally =RANK: q_proj=8,v_proj=32.")
+              help="qkvo, mlp, all-linear or module names, each optionally =RANK: q_proj=8,v_proj=32; embed_tokens "
+                   "and lm_head add LoRA on the embedding and the head (one shared adapter on a tied model).")
 @click.option("--init", "init", default="zero", show_default=True, type=click.Choice(INITS),
               help="zero: B=0 (step 0 = base); symmetric: A, B non-zero, offset frozen (step 0 = base); "
                    "pissa, loftq: made by `qtool convert --lora-init` from the 16-bit model.")
@@ -84,6 +85,7 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
       qtool train ./llama2-7b-nf4 --data text.txt --steps 200 --seq-len 2048 --out ./adapter
       qtool train ./smollm2-nf4 --data shakespeare.txt --steps 20 --seq-len 256 --targets all-linear --json
       qtool train ./smollm2-nf4 --data shakespeare.txt --targets q_proj=8,v_proj=32 --init symmetric
+      qtool train ./smollm2-nf4 --data shakespeare.txt --targets all-linear,lm_head=8 --out ./adapter
       qtool train ./smollm2-nf4 --data shakespeare.txt --method adalora --init-rank 12 --target-rank 8
       qtool train ./smollm2-nf4 --data shakespeare.txt --method prefix --prefix-len 64 --out ./prefix
       qtool train ./smollm2-nf4 --data shakespeare.txt --method adapter --adapter-size 32 --out ./houlsby

@@ -8,6 +8,8 @@ tensor key                                       shape         meaning
 ``base_model.model.M.lora_A.weight``             ``(r, in)``   down-projection A
 ``base_model.model.M.lora_B.weight``             ``(out, r)``  up-projection B
 ``base_model.model.M.lora_B.bias``               ``(out,)``    only with ``lora_bias: true``
+``base_model.model.E.lora_embedding_A``          ``(r, vocab)``  an embedding ``E``'s A, looked up per token
+``base_model.model.E.lora_embedding_B``          ``(hidden, r)`` its B; ``E' = E + s · (B A)ᵀ``
 ===============================================  ============  ================================================
 
 and computes ``y = x W0ᵀ + s · (x Aᵀ Bᵀ + bias)`` with ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
@@ -18,10 +20,16 @@ The prefix ``base_model.model.`` is PeftModel's; peft writes keys without the ad
 ``save_pretrained`` of an injected adapter) and with an adapter name (``M.lora_A.default.weight``), which peft's
 loader matches for the adapter called ``default``.
 
-Only what can be folded into W0 exactly is accepted: plain LoRA on Linear (or GPT-2 Conv1D) weights, with
-``rank_pattern``/``alpha_pattern``, rsLoRA, ``fan_in_fan_out`` and ``lora_bias``. Refused, with the reason: other peft
-types (AdaLoRA, IA3, prompt methods), DoRA, embedding targets (``lora_embedding_A/B``), ``modules_to_save`` and other
-full tensors, initialisations that changed W0 (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA variants whose forward is
+Tied embeddings (``ensure_weight_tying: true``, peft ``LoraModel._add_targets_to_tie``): the output head's LoRA is the
+embedding's, transposed (head A = embedding Bᵀ, head B = embedding Aᵀ); peft saves both, and drops the head from
+``target_modules``. We write the same, and on read mark such a head ``tied_to`` its embedding (its factors must be
+the embedding's, transposed). peft also saves the embedding and head weights of a targeted embedding
+(``save_embedding_layers="auto"``: ``E.base_layer.weight``); they are read into :attr:`Adapter.saved_weights`, for the
+caller to check against its base (they differ only when the vocabulary was resized).
+
+Only what can be folded into W0 exactly is accepted: plain LoRA on Linear (or GPT-2 Conv1D) weights and on
+embeddings, with ``rank_pattern``/``alpha_pattern``, rsLoRA, ``fan_in_fan_out`` and ``lora_bias``. Refused, with the
+reason: other peft types (AdaLoRA, IA3, prompt methods), DoRA, ``modules_to_save`` and other full tensors, initialisations that changed W0 (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA), LoRA variants whose forward is
 not ``x W0ᵀ + s x Aᵀ Bᵀ``, and pickle files (``adapter_model.bin``: never unpickled).
 """
 from __future__ import annotations
@@ -29,7 +37,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +45,7 @@ import torch
 from qtool.format.adapter_meta import INIT_ADAPTER_DIR, QTOOL_META_NAME, base_fingerprint  # noqa: F401 (public)
 from qtool.format.atomic import staging_dir, write_text
 from qtool.format.peft_config import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, read_adapter_config  # noqa: F401
+from qtool.format.peft_config import rank_and_alpha, selects  # noqa: F401 (public here too)
 from qtool.errors import InputError, VerificationError
 from qtool.format.safetensors import read_header, write_tensors
 
@@ -69,13 +78,18 @@ _HARMLESS_KEYS = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "b
 # training or select a LoRA variant, so the factors do not apply to the original base.
 _W0_PRESERVING_INITS = (True, False, "gaussian", "orthogonal", "eva")
 _KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+_EMBEDDING_KEY_RE = re.compile(r"^(?P<module>.+?)\.(?P<kind>lora_embedding_[AB])(?:\.(?P<adapter>[^.]+))?$")
+_SAVED_WEIGHT_RE = re.compile(r"^(?P<module>.+?)\.base_layer\.weight$")
 
 
 @dataclass(frozen=True)
 class LoraFactors:
     """One adapted module. ``a``: ``(rank, in_features)``, ``b``: ``(out_features, rank)``, ``bias``: ``(out,)`` or
     None, all CPU float tensors in the dtype they were stored in; ``scale`` = alpha/rank (alpha/sqrt(rank) with
-    rsLoRA). The update of the weight, in its ``(out, in)`` layout, is ``scale · b @ a``."""
+    rsLoRA). The update of the weight, in its ``(out, in)`` layout, is ``scale · b @ a``. ``embedding``: PEFT's
+    embedding LoRA, ``a`` ``(rank, vocab)`` and ``b`` ``(hidden, rank)``, the update of the ``(vocab, hidden)``
+    table ``scale · (b @ a)ᵀ``. ``tied_to``: the embedding module whose factors these are, transposed (a tied
+    head, module docstring)."""
 
     a: torch.Tensor
     b: torch.Tensor
@@ -83,6 +97,8 @@ class LoraFactors:
     rank: int
     alpha: float
     bias: torch.Tensor | None = None
+    embedding: bool = False
+    tied_to: str | None = None
 
     @property
     def in_features(self) -> int:
@@ -101,6 +117,7 @@ class Adapter:
     modules: dict[str, LoraFactors]
     fan_in_fan_out: bool
     config: dict
+    saved_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # module -> its full weight peft saved
 
 
 def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
@@ -108,80 +125,25 @@ def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
-def _pattern_key(patterns, name: str) -> str:
-    """The first key of ``patterns`` that, as a regex, matches the end of ``name`` at a module boundary; ``name``
-    itself when none does (peft 0.21.2 ``utils/other.py::get_pattern_key``, same semantics, same order)."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", name):
-            return key
-    return name
-
-
-def rank_and_alpha(config: dict, module: str) -> tuple[int, float]:
-    """The rank and alpha peft gives ``module`` under ``config`` (``rank_pattern``/``alpha_pattern`` first)."""
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    rank = rank_pattern.get(_pattern_key(rank_pattern, module), config.get("r", 8))
-    alpha = alpha_pattern.get(_pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
-    return rank, alpha
-
-
-def selects(config: dict, module: str) -> bool:
-    """Whether peft would put a LoRA layer on ``module`` under ``config`` (``target_modules``: exact name, suffix
-    after a dot, or a fullmatch regex; minus ``exclude_modules``; ``layers_to_transform``), following peft 0.21.2
-    ``tuners/tuners_utils.py::check_target_module_exists``. ``"all-linear"`` selects any module here (the caller
-    checks the module type)."""
-    exclude = config.get("exclude_modules")
-    if exclude:
-        if isinstance(exclude, str) and re.fullmatch(exclude, module):
-            return False
-        if not isinstance(exclude, str) and (module in exclude or any(module.endswith("." + e) for e in exclude)):
-            return False
-    targets = config.get("target_modules")
-    if targets == "all-linear":
-        return True
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    if not targets:
-        return False
-    if module in targets:
-        return True
-    if not any(module.endswith("." + t) for t in targets):
-        return False
-    layers = config.get("layers_to_transform")
-    if layers is None or layers == []:
-        return True
-    pattern = config.get("layers_pattern")
-    match = None
-    if not pattern:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
-    else:
-        for p in [pattern] if isinstance(pattern, str) else pattern:
-            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)
-            if match:
-                break
-    if match is None:
-        return False
-    idx = int(match.group("idx"))
-    return idx == layers if isinstance(layers, int) else idx in layers
-
-
 # ------------------------------------------------------------------------------------------------------------ write
 def save_adapter(out_dir, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, rank: int, alpha: float,
                  target_modules: list[str], rank_pattern: dict[str, int] | None = None,
                  alpha_pattern: dict[str, float] | None = None, use_rslora: bool = False, dropout: float = 0.0,
                  base_model_name_or_path: str | None = None, overwrite: bool = False,
-                 extra_files: dict[str, str] | None = None) -> Path:
+                 extra_files: dict[str, str] | None = None, embeddings=(), tied: dict[str, str] | None = None) -> Path:
     """Write ``factors`` (module path -> ``(A (r, in), B (out, r))``) as a PEFT LoRA adapter folder ``out_dir`` that
-    ``PeftModel.from_pretrained(model, out_dir)`` loads. Tensors keep their dtype (fp32/bf16/fp16). ``extra_files``
+    ``PeftModel.from_pretrained(model, out_dir)`` loads. Modules in ``embeddings`` are embedding LoRA (A
+    ``(r, vocab)``, B ``(hidden, r)``, keys ``lora_embedding_A/B``); ``tied`` (head path -> embedding path) marks a
+    head that shares its embedding's adapter (its factors must be the embedding's, transposed): written as peft
+    writes it, with ``ensure_weight_tying: true``. Tensors keep their dtype (fp32/bf16/fp16). ``extra_files``
     (name -> text) are written beside the adapter. The folder appears complete or not at all (staging + rename) and
     is read back with :func:`load_adapter` before it is renamed into place. Raises InputError (naming the module)
     on inconsistent or non-finite factors, OutputError if ``out_dir`` exists and not ``overwrite``."""
     config = dict(LORA_CONFIG_DEFAULTS)
     config.update(r=rank, lora_alpha=alpha, target_modules=sorted(target_modules),
                   rank_pattern=dict(rank_pattern or {}), alpha_pattern=dict(alpha_pattern or {}), use_rslora=bool(use_rslora), lora_dropout=float(dropout),
-                  base_model_name_or_path=base_model_name_or_path)
-    tensors = _check_save_inputs(config, factors, extra_files or {})
+                  base_model_name_or_path=base_model_name_or_path, ensure_weight_tying=bool(tied))
+    tensors = _check_save_inputs(config, factors, extra_files or {}, set(embeddings), dict(tied or {}))
     out_dir = Path(out_dir)
     with staging_dir(out_dir, overwrite) as stage:
         write_tensors(stage / WEIGHTS_NAME, tensors)
@@ -196,7 +158,8 @@ def save_adapter(out_dir, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
     return out_dir
 
 
-def _check_save_inputs(config: dict, factors: dict, extra_files: dict) -> dict[str, torch.Tensor]:
+def _check_save_inputs(config: dict, factors: dict, extra_files: dict, embeddings: set[str],
+                       tied: dict[str, str]) -> dict[str, torch.Tensor]:
     """Validate everything before writing; collect the problems and raise them together. Returns key -> tensor."""
     problems: list[str] = []
     rank, alpha = config["r"], config["lora_alpha"]
@@ -233,7 +196,7 @@ def _check_save_inputs(config: dict, factors: dict, extra_files: dict) -> dict[s
         if module.startswith(PEFT_PREFIX) or ".lora_" in module:
             problems.append(f"{module}: give the module path as in the transformers model (no {PEFT_PREFIX!r} "
                             "prefix, no lora_A/lora_B suffix)")
-        elif not selects(config, module):
+        elif not selects(config, module) and module not in tied:
             problems.append(f"{module}: not selected by target_modules {config['target_modules']}; peft would not "
                             "load its factors")
         if a.dtype not in FLOAT_DTYPES or b.dtype not in FLOAT_DTYPES:
@@ -243,8 +206,14 @@ def _check_save_inputs(config: dict, factors: dict, extra_files: dict) -> dict[s
                             "(A must be (rank, in_features), B (out_features, rank))")
         elif not (torch.isfinite(a).all() and torch.isfinite(b).all()):
             problems.append(f"{module}: A or B holds NaN/Inf values")
-        tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = a
-        tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = b
+        if module in tied and (tied[module] not in factors or not (
+                torch.equal(a, factors[tied[module]][1].detach().cpu().t())
+                and torch.equal(b, factors[tied[module]][0].detach().cpu().t()))):
+            problems.append(f"{module}: marked tied to {tied[module]} but its factors are not that embedding's "
+                            "transposed (A = B_embᵀ, B = A_embᵀ)")
+        kinds = ("lora_embedding_A", "lora_embedding_B") if module in embeddings else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PEFT_PREFIX}{module}.{kinds[0]}"] = a
+        tensors[f"{PEFT_PREFIX}{module}.{kinds[1]}"] = b
     if problems:
         raise InputError("cannot save the adapter:\n  - " + "\n  - ".join(problems),
                          hint="A is (rank, in_features) and B is (out_features, rank); the rank of a module is "
@@ -257,10 +226,18 @@ def save_trained(out_dir, modules: dict, spec, *, base_dir, overwrite: bool = Fa
     """Write trained :class:`qtool.adapters.lora.LoRALinear` modules (module path -> module) as a PEFT LoRA adapter,
     with ``qtool_adapter.json`` recording ``spec`` and the fingerprint of the base folder it was trained on (what
     ``qtool merge`` checks). Per-module ranks and alphas go to ``rank_pattern``/``alpha_pattern`` keyed by module
-    name (q_proj, ...); the symmetric init is written as PEFT's rank-2r equivalent (see ``peft_factors``)."""
-    factors, ranks, alphas = {}, {}, {}
+    name (q_proj, ..., embed_tokens, lm_head); the symmetric init is written as PEFT's rank-2r equivalent (see
+    ``peft_factors``); embedding and head LoRA (:mod:`qtool.adapters.vocab`) as peft writes them."""
+    from qtool.adapters.vocab import LoRAEmbedding, LoRAHead
+
+    factors, ranks, alphas, embeddings, tied = {}, {}, {}, set(), {}
+    paths = {id(m): path for path, m in modules.items()}
     for path, m in modules.items():
         a, b, rank, alpha = m.peft_factors()
+        if isinstance(m, LoRAEmbedding):
+            embeddings.add(path)
+        if isinstance(m, LoRAHead) and m.tied_to is not None:
+            tied[path] = paths[id(m.tied_to)]
         factors[path] = (a, b)
         name = path.rsplit(".", 1)[-1]
         ranks.setdefault(name, rank)
@@ -273,7 +250,8 @@ def save_trained(out_dir, modules: dict, spec, *, base_dir, overwrite: bool = Fa
                         rank_pattern={n: r for n, r in ranks.items() if r != rank},
                         alpha_pattern={n: a for n, a in alphas.items() if a != alpha}, use_rslora=spec.use_rslora,
                         dropout=spec.dropout, base_model_name_or_path=str(base_dir), overwrite=overwrite,
-                        extra_files={QTOOL_META_NAME: json.dumps(meta, indent=1), **(extra_files or {})})
+                        extra_files={QTOOL_META_NAME: json.dumps(meta, indent=1), **(extra_files or {})},
+                        embeddings=embeddings, tied=tied)
 
 
 # ------------------------------------------------------------------------------------------------------------- read
@@ -328,21 +306,35 @@ def load_adapter(path) -> Adapter:
         raise InputError(f"{folder}: no {WEIGHTS_NAME}")
     with read_header(weights) as st:
         tensors = {k: st.tensor(k).clone() for k in st.tensors}
+    saved = {m["module"].removeprefix(PEFT_PREFIX): tensors.pop(k) for k in list(tensors)
+             if (m := _SAVED_WEIGHT_RE.match(k)) and not ".lora_" in k}
     modules = _parse_tensors(weights, config, tensors)
-    return Adapter(folder, modules, bool(config.get("fan_in_fan_out", False)), config)
+    unknown = sorted(set(saved) - set(modules) - _vocab_partners(modules))
+    if unknown:
+        raise InputError(f"{weights}: full weights of {', '.join(unknown)} (modules_to_save or trained layers); "
+                         "qtool merges LoRA factors only")
+    return Adapter(folder, modules, bool(config.get("fan_in_fan_out", False)), config, saved)
+
+
+def _vocab_partners(modules: dict[str, LoraFactors]) -> set[str]:
+    """The output head beside an adapted embedding: peft saves its weight too (``save_embedding_layers``)."""
+    return {"lm_head"} if any(f.embedding for f in modules.values()) else set()
 
 
 def _parse_tensors(where: Path, config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LoraFactors]:
     parts: dict[str, dict[str, torch.Tensor]] = {}
     names: set[str] = set()
+    embedding: set[str] = set()
     problems: list[str] = []
     for key, t in tensors.items():
         bare = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
         m = _KEY_RE.match(bare)
         if "lora_magnitude_vector" in key:
             problems.append(f"{key}: a DoRA magnitude vector; DoRA cannot be merged as W0 + s·B·A")
-        elif "lora_embedding_" in key:
-            problems.append(f"{key}: LoRA on an embedding; qtool merges Linear targets only")
+        elif (e := _EMBEDDING_KEY_RE.match(bare)) is not None and t.dtype in FLOAT_DTYPES:
+            names.add(e["adapter"] or "")
+            parts.setdefault(e["module"], {})["lora_" + e["kind"][-1]] = t
+            embedding.add(e["module"])
         elif m is None or (m["kind"] == "lora_A" and m["param"] == "bias"):
             problems.append(f"{key}: not a LoRA factor (modules_to_save, trained biases or a variant's tensor); "
                             "qtool merges lora_A/lora_B only")
@@ -364,9 +356,11 @@ def _parse_tensors(where: Path, config: dict, tensors: dict[str, torch.Tensor]) 
         rank, alpha = rank_and_alpha(config, module)
         a, b, bias = got.get("lora_A"), got.get("lora_B"), got.get("bias")
         if a is None or b is None:
-            problems.append(f"{module}: lora_{'A' if a is None else 'B'}.weight is missing")
+            problems.append(f"{module}: " + (f"lora_embedding_{'A' if a is None else 'B'}" if module in embedding
+                                              else f"lora_{'A' if a is None else 'B'}.weight") + " is missing")
             continue
-        if not selects(config, module):
+        tied_to = _tied_embedding(config, module, a, b, parts, embedding)
+        if not selects(config, module) and tied_to is None:
             problems.append(f"{module}: has factors but target_modules {config.get('target_modules')!r} does not "
                             "select it (peft would ignore them)")
         if not isinstance(rank, int) or rank <= 0:
@@ -386,8 +380,21 @@ def _parse_tensors(where: Path, config: dict, tensors: dict[str, torch.Tensor]) 
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
             problems.append(f"{module}: lora_alpha {alpha!r} is not a finite number")
             continue
-        modules[module] = LoraFactors(a, b, lora_scale(rank, alpha, use_rslora), rank, float(alpha), bias)
+        modules[module] = LoraFactors(a, b, lora_scale(rank, alpha, use_rslora), rank, float(alpha), bias,
+                                      module in embedding, tied_to)
     if problems:
         raise InputError(f"{where}: cannot use this adapter:\n  - " + "\n  - ".join(problems[:20])
                          + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""))
     return modules
+
+
+def _tied_embedding(config: dict, module: str, a, b, parts: dict, embedding: set[str]) -> str | None:
+    """With ``ensure_weight_tying``: the embedding whose factors, transposed, are ``module``'s (a tied head)."""
+    if not config.get("ensure_weight_tying") or module in embedding:
+        return None
+    for emb in embedding:
+        ea, eb = parts[emb].get("lora_A"), parts[emb].get("lora_B")
+        if ea is not None and eb is not None and a.shape == eb.t().shape and b.shape == ea.t().shape \
+                and torch.equal(a, eb.t()) and torch.equal(b, ea.t()):
+            return emb
+    return None

@@ -1,9 +1,12 @@
 """Where a PEFT adapter's ``adapter_config.json`` is and what it says, torch-free: the one reader of that file, so
 that the CLI can refuse an adapter of the wrong type before anything heavy is imported. The tensors and what each
-adapter type means are :mod:`qtool.format.peft_adapter` (LoRA) and :mod:`qtool.format.peft_adalora` (AdaLoRA)."""
+adapter type means are :mod:`qtool.format.peft_adapter` (LoRA) and :mod:`qtool.format.peft_adalora` (AdaLoRA).
+Which modules a config selects and at which rank and alpha (PEFT's pattern rules) are here too: they read only the
+config."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from qtool.errors import InputError
@@ -52,3 +55,61 @@ def read_adalora_config(path) -> tuple[Path, dict]:
                          hint="a LORA adapter loads in qtool merge and PEFT as it is" if peft_type == "LORA" else
                          "AdaLoRA adapters are written by qtool train --method adalora or PEFT's AdaLoraConfig")
     return folder, config
+
+
+def _pattern_key(patterns, name: str) -> str:
+    """The first key of ``patterns`` that, as a regex, matches the end of ``name`` at a module boundary; ``name``
+    itself when none does (peft 0.21.2 ``utils/other.py::get_pattern_key``, same semantics, same order)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", name):
+            return key
+    return name
+
+
+def rank_and_alpha(config: dict, module: str) -> tuple[int, float]:
+    """The rank and alpha peft gives ``module`` under ``config`` (``rank_pattern``/``alpha_pattern`` first)."""
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rank = rank_pattern.get(_pattern_key(rank_pattern, module), config.get("r", 8))
+    alpha = alpha_pattern.get(_pattern_key(alpha_pattern, module), config.get("lora_alpha", 8))
+    return rank, alpha
+
+
+def selects(config: dict, module: str) -> bool:
+    """Whether peft would put a LoRA layer on ``module`` under ``config`` (``target_modules``: exact name, suffix
+    after a dot, or a fullmatch regex; minus ``exclude_modules``; ``layers_to_transform``), following peft 0.21.2
+    ``tuners/tuners_utils.py::check_target_module_exists``. ``"all-linear"`` selects any module here (the caller
+    checks the module type)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str) and re.fullmatch(exclude, module):
+            return False
+        if not isinstance(exclude, str) and (module in exclude or any(module.endswith("." + e) for e in exclude)):
+            return False
+    targets = config.get("target_modules")
+    if targets == "all-linear":
+        return True
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module) is not None
+    if not targets:
+        return False
+    if module in targets:
+        return True
+    if not any(module.endswith("." + t) for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    pattern = config.get("layers_pattern")
+    match = None
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module)
+    else:
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module)
+            if match:
+                break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == layers if isinstance(layers, int) else idx in layers

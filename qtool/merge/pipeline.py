@@ -148,7 +148,8 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
         check_base_matches(ad.path, b.ck.folder, b.is_nf4)
         model = meta_model(b.ck.config, b.ck.folder)  # the model class on the meta device (imports transformers)
         b.layout_t = layout_transposed(b, model)
-        targets, bias_keys, notes = match_targets(b, ad, model)
+        matched = match_targets(b, ad, model)
+        targets, bias_keys, notes = matched.targets, matched.bias_keys, matched.notes
         out_dtype = _out_dtype(b, dtype)
         # which weights NF4 covers: the base's own, or (16-bit base) the ones `qtool convert` would quantise
         sel = None if b.is_nf4 else select(b.ck.config, b.ck.folder, b.keys)
@@ -158,7 +159,7 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
                     "requantize": requantize_nf4, "target": target, "verify": verify,
                     "max_shard_bytes": max_shard_bytes, "n_modules": len(targets)}
         plan = _plan(b, requant, out_dtype, max_shard_bytes)
-        total = sum(b.ck.info(k).nbytes for k in b.ck.keys)
+        total = sum(b.ck.info(k).nbytes for k in b.ck.keys) + sum(b.ck.info(k).nbytes for k in b.untied.values())
         qstats = {"sq_err": 0.0, "sq_w": 0.0, "n": 0} if not b.is_nf4 else None
         kept_nf4: dict[str, nf4.QuantizedWeight] = {}  # 16-bit base + verify: NF4(W0), to rebuild the trained model
         base_fp32: dict[str, torch.Tensor] | None = {} if verify else None  # W0 as computed here, for the check
@@ -193,14 +194,14 @@ def merge(base, adapter, out, *, dtype: str | torch.dtype | None = None, requant
                     raise
                 hashes[name] = hasher.submit(sha256_file, stage / name)  # beside the next shard and the check
             phase("merge")
-            write_metadata(stage, _config(b, out_dtype, requantize_nf4, sel), weight_map, b.ck)
+            write_metadata(stage, _config(b, out_dtype, requantize_nf4, sel, matched.untie), weight_map, b.ck)
             qerr = _quantisation_note(qstats, rows, notes, requantize_nf4) if qstats else None
             warning = None if requantize_nf4 else _rounding_warning(rows, out_dtype)
             result = MergeResult(Path(out), "nf4" if b.is_nf4 else "16-bit", rows, None, {}, 0.0, 0, 0, settings,
                                  notes, qerr, [warning] if warning else [])
             phase("metadata")
             if verify:
-                result.verification = verify_merged(stage, b, base_fp32, targets, out_dtype, requantize_nf4,
+                result.verification = verify_merged(stage, b, base_fp32, matched.bypass, out_dtype, requantize_nf4,
                                                     kept_nf4, nf4_keys)
                 phase("verify")
             result.shards = {n: {"bytes": (stage / n).stat().st_size, "sha256": f.result()}
@@ -326,9 +327,12 @@ def _quant_error_over_dw(row: dict, qw0: nf4.QuantizedWeight, w0: torch.Tensor, 
     row["quant_error_over_dw"] = float(qerr.norm()) / row["dw_norm"] if row["dw_norm"] else None
 
 
-def _config(b: Base, out_dtype, requantized: bool, sel) -> dict:
-    """The base's config for the output: the output dtype, and a quantization_config only when writing NF4."""
+def _config(b: Base, out_dtype, requantized: bool, sel, untie: bool = False) -> dict:
+    """The base's config for the output: the output dtype, a quantization_config only when writing NF4, and
+    ``tie_word_embeddings: false`` when the merge untied the embeddings (:mod:`qtool.merge.base`)."""
     config = dict(b.ck.config)
+    if untie:
+        config["tie_word_embeddings"] = False
     qc = config.pop("quantization_config", None)
     name = str(out_dtype).removeprefix("torch.")
     config["dtype"] = name

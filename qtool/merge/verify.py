@@ -66,16 +66,19 @@ def _own(b, key: str) -> torch.Tensor:
     return b.fp32(key, writable=True) if b.dtype(key).is_floating_point else b.raw(key).clone()
 
 
-def _bypass(model, targets: dict) -> list:
-    """Forward hooks that add ``s · (x Aᵀ Bᵀ + bias)`` to each adapted layer's output (peft's unmerged forward)."""
+def _bypass(model, targets) -> list:
+    """Forward hooks that add ``s · (x Aᵀ Bᵀ + bias)`` to each adapted layer's output (an embedding's: ``s ·
+    Aᵀ[ids] Bᵀ``), peft's unmerged forward; ``targets``: :class:`qtool.merge.base.Target` s."""
+    import torch.nn.functional as F
+
     handles = []
-    for t in targets.values():
+    for t in targets:
         f = t.factors
         a, b = f.a.float(), f.b.float()
         bias = None if f.bias is None else f.bias.float()
 
-        def hook(module, args, out, a=a, b=b, bias=bias, s=f.scale):
-            y = (args[0].float() @ a.t()) @ b.t()
+        def hook(module, args, out, a=a, b=b, bias=bias, s=f.scale, embedding=f.embedding):
+            y = (F.embedding(args[0], a.t()) if embedding else args[0].float() @ a.t()) @ b.t()
             return out + (y if bias is None else y + bias) * s
 
         handles.append(model.get_submodule(t.module).register_forward_hook(hook))
@@ -86,7 +89,7 @@ def _diff(x: torch.Tensor, ref: torch.Tensor) -> dict:
     return {"max_abs": float((x - ref).abs().max()), "rel": float((x - ref).norm() / ref.norm())}
 
 
-def verify_merged(stage: Path, b, base_fp32: dict[str, torch.Tensor], targets: dict, out_dtype, requantized: bool,
+def verify_merged(stage: Path, b, base_fp32: dict[str, torch.Tensor], targets: list, out_dtype, requantized: bool,
                   kept_nf4: dict, nf4_keys: dict, n_seq: int = 2, seq_len: int = 32, seed: int = 0) -> dict:
     """Logits of the merged model vs base + bypass on ``n_seq x seq_len`` random token ids (fixed seed). Raises
     VerificationError when the relative difference passes VERIFY_TOLERANCE (not for --requantize: lossy by design).

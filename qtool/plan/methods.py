@@ -145,8 +145,8 @@ class InferenceCost:
 
 
 def inference_cost(shape: Shape, spec: AdapterSpec, records: list[dict] | None = None) -> InferenceCost:
-    """Inference cost of ``spec`` on ``shape``. LoRA unmerged: ``2·r·(in + out)`` per adapted Linear and layer, 0
-    once merged. Adapter: ``2 x 2·h·m`` per block, two blocks per layer. Prefix: attention over ``l`` more keys,
+    """Inference cost of ``spec`` on ``shape``. LoRA unmerged: ``2·r·(in + out)`` per adapted Linear and layer,
+    ``2·r·h`` for an embedding and ``2·r·(h + V)`` for the head, 0 once merged. Adapter: ``2 x 2·h·m`` per block, two blocks per layer. Prefix: attention over ``l`` more keys,
     ``2·l·q`` for the scores and ``2·l·q`` for the weighted values per layer, and ``2·L·l·kv`` cached values."""
     L, n = shape.n_layers, spec.n_trainable(shape)
     if spec.method == "adalora":  # runs as the plain LoRA it exports to: the target rank on average
@@ -158,8 +158,12 @@ def inference_cost(shape: Shape, spec: AdapterSpec, records: list[dict] | None =
     elif spec.method == "prefix":
         flops = L * 4 * spec.prefix_len * shape.q_dim
         kv, taken, merge = 2 * L * spec.prefix_len * shape.kv_dim * INFERENCE_BYTES, spec.prefix_len, None
-    else:
-        flops, kv, taken, merge = 2 * n, 0, 0, 0
+    else:  # the embedding's A is looked up (no FLOPs): its B costs 2rh; the head 2r(h + V), shared or not
+        vocab = spec.vocab_ranks(shape)
+        layers = L * sum(r * (lin.n_in + lin.n_out) for lin, r in spec.adapted(shape))
+        flops = 2 * (layers + sum(r * shape.hidden + (r * shape.vocab if name == "lm_head" else 0)
+                                  for name, r in vocab.items()))
+        kv, taken, merge = 0, 0, 0
     stored = spec.n_stored(shape)
     return InferenceCost(spec.method, spec.describe(), n, stored, flops,
                          0 if spec.method == "prefix" else stored * INFERENCE_BYTES, kv, taken, merge is not None,

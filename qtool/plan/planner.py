@@ -22,6 +22,7 @@ from qtool.errors import UsageError
 from qtool.plan import methods
 from qtool.plan import resident as items
 from qtool.plan import transient as acts
+from qtool.plan import vocab
 from qtool.plan.settings import (ATTENTIONS, BLOCKSIZES, DEVICES, DTYPES, LOSSES, OPTIMIZERS, PROFILES,  # noqa: F401
                                  TARGET_PRESETS, Settings, layer_linears)
 from qtool.units import MiB, parse_size
@@ -165,7 +166,12 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
         kept += [Row("sliding-window mask (bool, s x s)", window)] if window else []
         first_kept += kept[1:]
     extra = [Row(name, n) for name, n in methods.kept_bytes(shape, st)]
+    embed_saved = [Row("input-embedding LoRA (embed_tokens): token rows of A (saved)", vocab.embed_saved_bytes(shape, st))]
+    extra += [r for r in embed_saved if r.bytes]
     kept, first_kept = kept + extra, first_kept + extra
+    n_loss = acts.loss_tokens(st)
+    head_saved = [r for r in (Row("head LoRA (lm_head): h·Aᵀ, B and A in the compute dtype (saved)",
+                                  vocab.head_saved_bytes(shape, st, n_loss)),) if r.bytes]
     backward, moment = acts.layer_backward_bytes(shape, st)
     mlp_grads = acts.layer_grad_bytes(shape, st) + methods.mlp_grad_bytes(shape, st)
     loss_name = "logits and cross-entropy (fp32, " + ("chunked)" if st.loss == "chunked" else "full)")
@@ -176,7 +182,22 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
             numels, st.optimizer, items.DTYPE_BYTES[st.adapter_dtype]))) if row.bytes]
     return {
         "loss backward": (kept + [Row("final norm and loss inputs (saved)", acts.head_saved_bytes(shape, st)),
-                                  positions], [Row(loss_name, acts.loss_bytes(shape, st))]),
+                                  *head_saved, positions],
+                          [Row(loss_name, acts.loss_bytes(shape, st)),
+                           *[r for r in (Row("head LoRA (lm_head) gradients in the loss backward (B's fp32 sum, h·Aᵀ's)",
+                                             vocab.head_loss_bytes(shape, st, n_loss)),) if r.bytes]]),
+        # hf: PEFT's head LoRA adds two logits-sized fp32 tensors to the base logits in the forward
+        **({"head LoRA (lm_head) forward": (kept + [Row("final norm (saved)", acts.final_norm_saved_bytes(shape, st)),
+                                             *head_saved, positions],
+                                     [Row("logits, the head LoRA's output and its scaled copy (fp32)",
+                                          vocab.head_forward_bytes(shape, st))])}
+           if vocab.head_forward_bytes(shape, st) else {}),
+        # the embedding's LoRA is back-propagated last, beside every other adapter gradient
+        **({"input-embedding LoRA (embed_tokens) backward": (embed_saved, [row for row in (
+            Row(f"{methods.label(st)} gradients", lora_bytes if grads_now else 0),
+            Row("input-embedding LoRA backward: row gradients and A's dense gradient",
+                vocab.embed_backward_bytes(shape, st))) if row.bytes])}
+           if vocab.embed_backward_bytes(shape, st) else {}),
         "final norm backward": (kept + [Row("final norm (saved)", acts.final_norm_saved_bytes(shape, st)), positions],
                                 [Row("final norm backward: incoming grad and temporaries",
                                      acts.norm_backward_bytes(shape, st) + tokens_h)]),

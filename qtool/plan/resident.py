@@ -205,12 +205,13 @@ def resident_rounding_bytes(shape: Shape, st: Settings) -> int:
     if st.device != "cuda":
         return 0
     return _rounding(shape, st.profile == "hf", st.block_size, st.double_quant, DTYPE_BYTES[st.compute_dtype],
-                     DTYPE_BYTES[st.adapter_dtype], frozen_bytes_per_param(st), tuple(st.module_ranks(shape).items()))
+                     DTYPE_BYTES[st.adapter_dtype], frozen_bytes_per_param(st), tuple(st.module_ranks(shape).items()),
+                     tuple(st.spec.vocab_tensors(shape)) if st.method == "lora" else ())
 
 
 @functools.lru_cache(maxsize=64)  # a fit search plans one shape many times; this is its slowest item
 def _rounding(shape: Shape, code_tables: bool, block_size: int, double_quant: bool, cb: int, ab: int, fb: int,
-              ranks: tuple[tuple[str, int], ...]) -> int:
+              ranks: tuple[tuple[str, int], ...], vocab: tuple[int, ...] = ()) -> int:
     rank_of = dict(ranks)
     per_layer, final = _norm_parts(shape, fb)
     layer: list[int] = []
@@ -220,7 +221,7 @@ def _rounding(shape: Shape, code_tables: bool, block_size: int, double_quant: bo
     embeddings = [shape.vocab * shape.hidden * fb] * (1 if shape.tied_embeddings else 2)
     lora = [n for lin in layer_linears(shape) if lin.name in rank_of
             for n in (rank_of[lin.name] * lin.n_in * ab, lin.n_out * rank_of[lin.name] * ab)]
-    sizes = (layer + per_layer) * shape.n_layers + embeddings + final + lora * shape.n_layers
+    sizes = (layer + per_layer) * shape.n_layers + embeddings + final + lora * shape.n_layers + [n * ab for n in vocab]
     return booked(sizes) - sum(alloc(n) for n in sizes)
 
 
@@ -238,7 +239,8 @@ def cublas_workspaces(st: Settings) -> int:
 
 def lora_tensors(shape: Shape, st: Settings) -> list[int]:
     """Element counts of every LoRA tensor: A (r x in) and B (out x r) per targeted Linear per layer (AdaLoRA: Q, λ
-    (r x 1) and P at the initial rank, in that order: qtool/adapters/adalora.py).
+    (r x 1) and P at the initial rank, in that order: qtool/adapters/adalora.py); then the embedding's and the
+    head's factors (:meth:`qtool.adapters.spec.AdapterSpec.vocab_tensors`).
     Their sum equals PEFT's trainable-parameter count for the same LoraConfig (AdaLoraConfig) (tests/test_plan.py,
     tests/test_adalora.py)."""
     ranks = st.module_ranks(shape)
@@ -246,7 +248,7 @@ def lora_tensors(shape: Shape, st: Settings) -> list[int]:
     one_layer = [n for lin in layer_linears(shape) if lin.name in ranks
                  for n in ((ranks[lin.name] * lin.n_in,) + ((ranks[lin.name],) if adalora else ())
                            + (lin.n_out * ranks[lin.name],))]
-    return one_layer * shape.n_layers
+    return one_layer * shape.n_layers + (st.spec.vocab_tensors(shape) if not adalora else [])
 
 
 def adalora_ema_bytes(numels: list[int]) -> int:

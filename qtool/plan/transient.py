@@ -231,7 +231,7 @@ def head_saved_bytes(shape: Shape, st: Settings) -> int:
     cross-entropy saves the normed hidden states and the fp32 log-sum-exp of the b (s - 1) predicting positions
     (qtool/train/loss.py _ChunkedCrossEntropy); on the GPU the normed states are the norm's own output for batch 1 (a
     view) and a copy of its first s - 1 positions otherwise."""
-    n = _loss_tokens(st)
+    n = loss_tokens(st)
     if st.loss != "chunked":
         return final_norm_saved_bytes(shape, st)
     if fused(st):  # (Gemma too: its torch norm also returns a fresh bf16 tensor)
@@ -273,7 +273,7 @@ def loss_chunk_tokens(vocab: int) -> int:
     return max(64, 2 ** int(math.log2(2**26 / vocab)))
 
 
-def _loss_tokens(st: Settings) -> int:
+def loss_tokens(st: Settings) -> int:
     """Positions the loss sees: qtool's loss drops each sequence's last position; transformers pads the labels."""
     return st.batch_size * (st.seq_len - 1) if st.loss == "chunked" else st.batch_size * st.seq_len
 
@@ -285,7 +285,7 @@ def loss_bytes(shape: Shape, st: Settings) -> int:
     Chunked (qtool/train/loss.py): a chunk's bf16 logits, their fp32 copy and the fp32 softmax (10 bytes per token per
     entry), plus the previous chunk's softmax while the next is computed (12 with more than one chunk), and the
     gradient of the hidden states, allocated whole."""
-    n = _loss_tokens(st)
+    n = loss_tokens(st)
     if st.loss == "chunked":
         chunk = loss_chunk_tokens(shape.vocab)
         per_entry = 12 if n > chunk else 10

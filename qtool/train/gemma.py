@@ -157,7 +157,7 @@ class GemmaDecoder(Decoder):
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.prefix is not None:
             raise UsageError("prefix tuning is not supported on Gemma models", hint="use --method lora or adapter")
-        x = F.embedding(input_ids, self.embed) * self.embed_scale
+        x = self.embed_tokens(input_ids) * self.embed_scale  # the scale applies after an embedding LoRA too
         t, device = input_ids.shape[1], input_ids.device
         tables = {local: self.rope_tables(0, t, x.dtype, device, local) for local in {l.local_rope for l in self.layers}}
         masks = {w: self.attention_mask(t, w, x.dtype, device) for w in {layer.window for layer in self.layers}}
@@ -172,7 +172,10 @@ class GemmaDecoder(Decoder):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` in the compute dtype, soft-capped as transformers does (in that dtype)."""
-        logits = F.linear(self.hidden_states(input_ids), self.lm_head)
+        h = self.hidden_states(input_ids)
+        logits = F.linear(h, self.lm_head)
+        lora = self.head_lora(h)
+        logits = logits if lora is None else logits + lora[0] @ lora[1].t()
         cap = self.shape.final_logit_softcapping
         return logits if not cap else torch.tanh(logits / cap) * cap
 
@@ -180,7 +183,7 @@ class GemmaDecoder(Decoder):
         h = self.hidden_states(input_ids)[:, :-1].reshape(-1, self.shape.hidden)
         targets = input_ids[:, 1:].reshape(-1)
         return chunked_cross_entropy(h, self.lm_head, targets, chunk_tokens or loss_chunk_tokens(self.shape.vocab),
-                                     softcap=self.shape.final_logit_softcapping)
+                                     self.head_lora(h), softcap=self.shape.final_logit_softcapping)
 
 
 def build_layer(shape: Shape, index: int, linears: dict[str, nn.Module], dense) -> GemmaLayer:

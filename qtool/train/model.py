@@ -6,7 +6,9 @@ on the CPU in the same dtype; on a GPU the fused kernels of :mod:`qtool.train.fu
 :mod:`qtool.arch` (the one config reader); every Linear is a frozen :class:`NF4Linear` until
 :func:`qtool.adapters.attach.attach_adapters` wraps some of them. The other methods hook in without touching the
 Linears: Houlsby adapters on each block's output (``DecoderLayer.attn_adapter`` / ``mlp_adapter``) and a prefix in
-every attention (``Decoder.prefix``); when none is attached the forward is the plain one.
+every attention (``Decoder.prefix``); when none is attached the forward is the plain one. LoRA on the embedding and
+the head (:mod:`qtool.adapters.vocab`) sits in the two places that read those matrices: :meth:`Decoder.embed_tokens`
+and :meth:`Decoder.head_lora` (the head's update goes into the chunked loss, never into full logits).
 """
 from __future__ import annotations
 
@@ -139,6 +141,8 @@ class Decoder(nn.Module):
         self.grad_checkpointing = False
         self.uses_rng = False  # dropout in a layer: the recomputation must replay the same random masks
         self.prefix = None  # prefix tuning (qtool.adapters.prefix.PrefixTuning): keys/values before every attention
+        self.embed_adapter = None  # LoRA on the input embedding (qtool.adapters.vocab.LoRAEmbedding)
+        self.head_adapter = None  # LoRA on the output head (qtool.adapters.vocab.LoRAHead)
 
     def linears(self) -> dict[str, tuple[nn.ModuleDict, str]]:
         """``{transformers module path: (the ModuleDict holding it, its key)}`` for every Linear of every layer."""
@@ -150,6 +154,23 @@ class Decoder(nn.Module):
         return {path: holder[name] for path, (holder, name) in self.linears().items()
                 if isinstance(holder[name], LoRALinear)}
 
+    def vocab_lora_modules(self) -> dict[str, nn.Module]:
+        """``{transformers module path: module}`` of the embedding and head LoRA (PEFT's naming)."""
+        from qtool.adapters.spec import VOCAB_PATHS
+
+        return {VOCAB_PATHS[name]: m for name, m in (("embed_tokens", self.embed_adapter),
+                                                       ("lm_head", self.head_adapter)) if m is not None}
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``input_ids`` (with the embedding's LoRA when there is one)."""
+        if self.embed_adapter is None:
+            return F.embedding(input_ids, self.embed)
+        return self.embed_adapter(input_ids, self.embed)
+
+    def head_lora(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(u, B)`` of the head's LoRA for normed hidden states ``h``: logits = ``h Wᵀ + u Bᵀ``; None without."""
+        return None if self.head_adapter is None else self.head_adapter.bypass(h)
+
     def rope_tables(self, start: int, n: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin ``(n, rotary_dim)`` of positions ``start .. start+n-1``, computed in fp32 and cast."""
         pos = torch.arange(start, start + n, device=device, dtype=torch.float32)
@@ -158,7 +179,7 @@ class Decoder(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = F.embedding(input_ids, self.embed)
+        x = self.embed_tokens(input_ids)
         # with a prefix the tokens sit after it: positions l .. l+t-1 (PEFT's convention, qtool.adapters.prefix)
         start = 0 if self.prefix is None else self.prefix.length
         cos, sin = self.rope_tables(start, input_ids.shape[1], x.dtype, input_ids.device)
@@ -178,10 +199,14 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` in the compute dtype."""
-        return F.linear(self.hidden_states(input_ids), self.lm_head)
+        h = self.hidden_states(input_ids)
+        logits = F.linear(h, self.lm_head)
+        lora = self.head_lora(h)
+        return logits if lora is None else logits + lora[0] @ lora[1].t()
 
     def loss(self, input_ids: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy over the sequence (each position predicts the next token)."""
         h = self.hidden_states(input_ids)[:, :-1].reshape(-1, self.shape.hidden)
         targets = input_ids[:, 1:].reshape(-1)
-        return chunked_cross_entropy(h, self.lm_head, targets, chunk_tokens or loss_chunk_tokens(self.shape.vocab))
+        return chunked_cross_entropy(h, self.lm_head, targets, chunk_tokens or loss_chunk_tokens(self.shape.vocab),
+                                     self.head_lora(h))

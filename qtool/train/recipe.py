@@ -281,7 +281,7 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
         result.adapter = save_own_modules(out, model, st.spec, base_dir=model_dir, overwrite=overwrite, extra_files=log)
     elif out is not None:
         result.adapter = adapter_io.save_trained(
-            out, model.lora_modules(), st.spec, base_dir=model_dir, overwrite=overwrite, extra_files=log)
+            out, {**model.lora_modules(), **model.vocab_lora_modules()}, st.spec, base_dir=model_dir, overwrite=overwrite, extra_files=log)
     return result
 
 
