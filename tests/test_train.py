@@ -201,7 +201,7 @@ def test_unsupported_architecture(tmp_path, smollm2_nf4_cpu, shakespeare_path):
     cfg = json.loads((folder / "config.json").read_text())
     cfg["model_type"] = "gpt_neox"
     (folder / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(InputError, match="supported: llama, mistral, qwen2, qwen3, phi3 .*transformers \\+ PEFT/TRL"):
+    with pytest.raises(InputError, match="supported: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text .*transformers \\+ PEFT/TRL"):
         run(folder, shakespeare_path, None, TrainSettings(steps=1))
 
 

@@ -47,8 +47,9 @@ def randomise(model, seed=1):
 
 
 # ------------------------------------------------------------------------------------------- loss and modules
-@pytest.mark.parametrize("chunk", [5, 64])
-def test_chunked_loss_with_head_lora_matches_autograd_on_full_logits(chunk):
+@pytest.mark.parametrize("chunk,cap", [(5, None), (64, None), (5, 3.0)])
+def test_chunked_loss_with_head_lora_matches_autograd_on_full_logits(chunk, cap):
+    """With Gemma 2's final soft-cap too: the cap applies to the head's logits including the LoRA's update."""
     gen = torch.Generator().manual_seed(0)
     n, h, vocab, r, s = 37, 16, 50, 4, 0.7
     x = torch.randn(n, h, generator=gen, requires_grad=True)
@@ -56,8 +57,9 @@ def test_chunked_loss_with_head_lora_matches_autograd_on_full_logits(chunk):
     a = torch.randn(r, h, generator=gen, requires_grad=True)
     b = torch.randn(vocab, r, generator=gen, requires_grad=True)
     t = torch.randint(0, vocab, (n,), generator=gen)
-    ref = F.cross_entropy(x @ w.t() + s * (x @ a.t()) @ b.t(), t)
-    ours = chunked_cross_entropy(x, w, t, chunk, (s * x @ a.t(), b))
+    z = x @ w.t() + s * (x @ a.t()) @ b.t()
+    ref = F.cross_entropy(z if cap is None else cap * torch.tanh(z / cap), t)
+    ours = chunked_cross_entropy(x, w, t, chunk, (s * x @ a.t(), b), softcap=cap)
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
     for g_ref, g in zip(torch.autograd.grad(ref, (x, a, b)), torch.autograd.grad(ours, (x, a, b))):
         assert rel(g, g_ref) < 1e-5

@@ -182,8 +182,11 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
             group["lr"] = lr
         t0 = time.perf_counter()
         measuring = step >= st.measure_after and graph is None
-        total = torch.zeros((), device=device)
-        with torch.cuda.stream(side) if (use_graph and graph is None) else contextlib.nullcontext():
+        on_side = use_graph and graph is None
+        with torch.cuda.stream(side) if on_side else contextlib.nullcontext():
+            # made on the stream that adds to it: a tensor of one stream used and freed on another can be reused by
+            # the allocator while the other stream still reads it
+            total = torch.zeros((), device=device)
             for _ in range(st.grad_accum):
                 if graph is not None:
                     total = total + graph(next_batch())  # replays forward+backward: no Python per kernel
@@ -205,6 +208,10 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
                 allocator.allocate(step)
             # free gradient memory now instead of overwriting it next step; a graph needs its gradients to stay put
             opt.zero_grad(set_to_none=not use_graph)
+        if on_side:
+            # the warm-up step ran on the side stream: reading its loss on the default stream without this waits for
+            # nothing and reads memory the side stream has not written yet (issue 14: "loss became nan at step 1")
+            torch.cuda.current_stream(device).wait_stream(side)
         total = float(total)  # synchronises: the step is complete
         if device.type == "cuda":
             torch.cuda.synchronize(device)
