@@ -149,8 +149,6 @@ if __name__ == "__main__":
         if "patch:zero-to-none" in sys.argv:  # graph mode's zero_grad(set_to_none=False) made set_to_none=True
             zero = torch.optim.Optimizer.zero_grad
             torch.optim.Optimizer.zero_grad = lambda self, set_to_none=True: zero(self, True)
-        if "patch:no-side-stream" in sys.argv:  # the warm-up steps on the default stream instead of a side stream
-            torch.cuda.Stream = lambda device=None, **kw: torch.cuda.current_stream(device)
         through_train(sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6], sys.argv[7], **extra)
     else:
         main()

@@ -254,24 +254,15 @@ def test_plan_matches_allocation_trace(one_thread, model_type, gc, targets, seq_
     from qtool.plan.settings import Settings
     from qtool.train.load import random_decoder
     from qtool.train.settings import decoder_shape
-    from tests.test_plan import _planned_transient, _traced_peak
+    from tests.test_plan import _planned_transient, _traced_sgd_step
 
     config = {"model_type": model_type, "hidden_size": 256, "intermediate_size": 704, "head_dim": 32,
               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": 2000,
               "sliding_window": window, "layer_types": ["sliding_attention", "full_attention"]}
     shape = shape_from_config(config)
     model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec(targets, rank=16))
-    model.train()
-    model.grad_checkpointing = gc
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, 2000, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
-
-    def step():
-        model.loss(ids).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    traced = _traced_peak(step)
+    traced = _traced_sgd_step(model, ids, gc)
     planned, phase = _planned_transient(shape, Settings(rank=16, targets=targets, seq_len=seq_len, optimizer="sgd",
                                                         batch_size=batch_size, grad_checkpointing=gc, device="cpu"))
     assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)

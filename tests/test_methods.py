@@ -27,7 +27,7 @@ from qtool.train.recipe import save_own_modules
 from qtool.train.settings import TrainSettings, decoder_shape
 
 from conftest import TINY, save_tiny
-from test_plan import PERSISTENT_ROWS, _traced_peak, one_thread  # noqa: F401 (a fixture)
+from test_plan import PERSISTENT_ROWS, _traced_sgd_step, one_thread  # noqa: F401 (a fixture)
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = {"model_type": "llama", "hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 2,
@@ -333,17 +333,7 @@ def test_plan_matches_allocation_trace(one_thread, gc, kv_heads, seq_len, batch_
     config = {**CONFIG, "hidden_size": 256, "intermediate_size": 704, "num_key_value_heads": kv_heads,
               "vocab_size": vocab}
     model = random_decoder(decoder_shape(config), "cpu", spec=spec)
-    model.train()
-    model.grad_checkpointing = gc
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, vocab, (batch_size, seq_len))
-
-    def step():
-        model.loss(ids).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    traced = _traced_peak(step)
+    traced = _traced_sgd_step(model, torch.randint(0, vocab, (batch_size, seq_len)), gc)
     planned, phase = _planned_transient(shape_from_config(config), Settings(
         method=spec.method, adapter_size=spec.adapter_size, prefix_len=spec.prefix_len,
         prefix_projection=spec.prefix_projection, seq_len=seq_len, batch_size=batch_size, optimizer="sgd",

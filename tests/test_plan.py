@@ -181,6 +181,23 @@ PERSISTENT_ROWS = ("NF4", "embeddings", "lm_head", "norms", "LoRA adapters", "al
                    "cuBLAS")
 
 
+def _traced_sgd_step(model, ids, gc: bool) -> int:
+    """:func:`_traced_peak` of one training step of ``model`` (a qtool Decoder on the CPU) on ``ids``: loss, backward,
+    an SGD step on the trainable parameters, gradients freed."""
+    import torch
+
+    model.train()
+    model.grad_checkpointing = gc
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+
+    def step():
+        model.loss(ids).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return _traced_peak(step)
+
+
 def _planned_transient(shape, settings) -> tuple[int, str]:
     """The plan's allocated bytes beyond what exists before a step (weights, adapters, optimizer state)."""
     p = plan(shape, settings)
@@ -354,17 +371,7 @@ def _check_qtool_trace(config: dict, gc: bool, targets: str, seq_len: int, batch
     shape = shape_from_config(config)
     names = tuple(lin.name for lin in shape.linears() if targets == "all-linear" or lin.group == "attn")
     model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec(",".join(names), rank=16))
-    model.train()
-    model.grad_checkpointing = gc
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, vocab, (batch_size, seq_len))
-
-    def step():
-        model.loss(ids).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    traced = _traced_peak(step)
+    traced = _traced_sgd_step(model, torch.randint(0, vocab, (batch_size, seq_len)), gc)
     planned, phase = _planned_transient(shape, Settings(rank=16, targets=targets, seq_len=seq_len, optimizer="sgd",
                                                         batch_size=batch_size, grad_checkpointing=gc, device="cpu"))
     assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
@@ -397,17 +404,7 @@ def test_qtool_vocab_adapters_match_allocation_trace(one_thread, targets, rank, 
               "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": vocab, "tie_word_embeddings": tied}
     shape = shape_from_config(config)
     model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec(targets, rank=rank))
-    model.train()
-    model.grad_checkpointing = gc
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    ids = torch.randint(0, vocab, (batch_size, seq_len))
-
-    def step():
-        model.loss(ids).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    traced = _traced_peak(step)
+    traced = _traced_sgd_step(model, torch.randint(0, vocab, (batch_size, seq_len)), gc)
     planned, got_phase = _planned_step_bytes(shape, Settings(rank=rank, targets=targets, seq_len=seq_len, optimizer="sgd",
                                                              batch_size=batch_size, grad_checkpointing=gc, device="cpu"))
     assert got_phase == phase
