@@ -76,11 +76,13 @@ def run_once(shape, row, graphs: bool, device) -> dict:
         del model
     peaks = {k: v - carried if k == "peak_allocated_bytes" and v else v for k, v in res.peaks.items()}
     peaks.setdefault("peak_allocated_bytes", 0)
-    planned = next(r for r in compare_with_plan(shape, st, res.memory, peaks) if r["name"] == "peak allocated")
+    compared = compare_with_plan(shape, st, res.memory, peaks)
+    planned = next(r for r in compared if r["name"] == "peak allocated")
     timed = res.step_seconds[MEASURE_AFTER + 1:] or res.step_seconds[-1:]
     return {"losses": res.losses, "cuda_graph": res.cuda_graph, "peak_allocated_bytes": peaks["peak_allocated_bytes"],
             "planned_peak_allocated_bytes": planned["planned_bytes"], "plan_error_pct": planned["error_pct"],
-            "tokens_per_s": batch * seq / (sum(timed) / len(timed))}
+            "tokens_per_s": batch * seq / (sum(timed) / len(timed)),
+            "peaks": peaks, "plan_comparison": compared}  # reserved and NVML too (earlier rows' context included)
 
 
 def main():

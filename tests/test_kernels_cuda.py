@@ -77,3 +77,45 @@ def test_cuda_graph_replay_trains_like_eager():
                              device=torch.device("cuda"))
     assert runs[True].cuda_graph == "on" and runs[False].cuda_graph == "off"
     assert torch.allclose(torch.tensor(runs[True].losses), torch.tensor(runs[False].losses), rtol=2e-3)
+
+
+class _LegacyStreamSGD(torch.optim.SGD):
+    """SGD whose update is launched on the default (legacy) stream whatever stream is current — as bitsandbytes'
+    optimizer kernels are (its 32-bit update takes no stream argument)."""
+
+    def step(self, closure=None):
+        with torch.cuda.stream(torch.cuda.default_stream()):
+            return super().step(closure)
+
+
+def test_warm_up_update_waits_for_the_side_stream_backward(monkeypatch):
+    """Issue 14's NaN: the warm-up before the graph capture ran backward and the optimizer on a side stream, but
+    bitsandbytes updates on the legacy default stream, which a PyTorch side stream does not synchronise with — so the
+    update read gradients before the backward wrote them. Here the forward starts with a ~25 ms GPU sleep so that the
+    backward is certainly late; the graph run's losses must still equal the eager run's (with the race, step 0's
+    update reads unwritten gradients and step 1's loss differs)."""
+    from qtool.adapters.spec import AdapterSpec
+    from qtool.train import recipe
+    from qtool.train.data import Blocks
+    from qtool.train.load import random_decoder
+    from qtool.train.recipe import TrainSettings, train
+    from qtool.train.settings import decoder_shape
+
+    monkeypatch.setattr(recipe, "make_optimizer",
+                        lambda params, name, device, lr, wd: ("legacy-stream sgd", _LegacyStreamSGD(params, lr=lr)))
+    cfg = decoder_shape({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512})
+    pattern = torch.arange(64).repeat(40, 1) % 13
+    blocks = Blocks(pattern[:36], pattern[36:], 0)
+    runs = {}
+    for graphs in (False, True):
+        torch.manual_seed(0)
+        model = random_decoder(cfg, "cuda", spec=AdapterSpec(rank=8))
+        model.loss = lambda ids, *a, f=model.loss: (torch.cuda._sleep(50_000_000), f(ids, *a))[1]  # ~25 ms at 2 GHz
+        runs[graphs] = train(model, blocks, TrainSettings(steps=4, seq_len=64, batch_size=2, lr=1.0, measure_after=3,
+                                                          cuda_graphs=graphs),
+                             device=torch.device("cuda"))
+    eager, graph = runs[False].losses, runs[True].losses
+    assert runs[True].cuda_graph == "on"
+    assert abs(eager[1] - eager[0]) > 1e-2 * eager[0], eager  # the update moves the loss: the check below can fail
+    assert torch.allclose(torch.tensor(graph), torch.tensor(eager), rtol=1e-3), (graph, eager)

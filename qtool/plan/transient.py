@@ -315,7 +315,7 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
     Checked against allocation traces of both profiles on the CPU (tests/test_plan.py); :func:`_fused_layer_backward`
     for qtool on the GPU.
     """
-    if fused(st):
+    if fused(st) and not (_gemma(shape, st) and shape.attn_logit_softcapping):  # Gemma 2: torch ops on the GPU too
         return _fused_layer_backward(shape, st)
     h, f, q, nh = shape.hidden, shape.intermediate, shape.q_dim, shape.n_heads
     T, s = st.batch_size * st.seq_len, st.seq_len
@@ -329,14 +329,21 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
     probs_grads = 3 if st.device == "cuda" else 2
     attention = (rb * (2 * q + 2 * _kv_saved(shape, st, kernel)) * T if kernel in ("flash", "efficient")
                  else probs_grads * 4 * nh * s * T)
-    attention += rb * nh * s * T if _gemma(shape, st) and shape.attn_logit_softcapping else 0  # tanh's grad
+    if _gemma(shape, st) and shape.attn_logit_softcapping:
+        # Gemma 2's explicit attention (qtool/train/gemma.py) at its softmax backward, the largest moment: the fp32
+        # gradient of the probabilities and the result (on CUDA also grad * probs), beside the saved tanh output and
+        # fp32 probabilities; the compute-dtype probabilities were freed with probs @ v's backward (allocation trace
+        # at seq 1024, where the scores dominate: 7.6 score-sized bf16 units on the CPU)
+        attention = probs_grads * 4 * nh * s * T - rb * nh * s * T
     moments = {
         "MLP product backward": (3 if shape.mlp == "gated" else 2) * rb * f * T - m_saved
         + (2 * rb * f * T if _fused_gate_up(shape) else 0),
         "down_proj LoRA backward": 2 * rb * f * T if down.name in st.module_ranks(shape) else 0,
         "down_proj backward (dequantised weight)": dequantised_weight_bytes(down, st)
         + cb * (f + (h if rb != cb else 0)) * T,
-        "attention backward": attention + methods.attention_backward_extra(shape, st) - mlp_saved,
+        # Gemma: its post-attention and pre-feedforward norms' fp32 inputs are freed by then too (four norms a layer)
+        "attention backward": attention + methods.attention_backward_extra(shape, st) - mlp_saved
+        - (2 * (4 * h + 4) * T if _gemma(shape, st) else 0),
         "post-attention RMSNorm backward": norm_backward_bytes(shape, st) - mlp_saved + 4 * h * T + 4 * T,
     }
     if _gemma(shape, st):

@@ -164,14 +164,15 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
     # --- loop
     use_graph = st.cuda_graphs and device.type == "cuda" and st.dropout == 0
     graph, graph_note = None, "off"
-    side = torch.cuda.Stream(device) if use_graph else None
+    # the warm-up before the capture runs forward and backward on a side stream, as CUDA-graph capture wants
+    side, main = (torch.cuda.Stream(device), torch.cuda.current_stream(device)) if use_graph else (None, None)
     for step in range(st.steps):
         if step == st.measure_after or (step == 0 and st.steps <= st.measure_after):
             monitor.reset_peaks()  # measured peaks exclude the first steps' one-off allocations
             measured_from = len(monitor.samples)
         if use_graph and graph is None and step >= min(st.measure_after, st.steps - 1) and step >= 1:
             try:
-                torch.cuda.current_stream(device).wait_stream(side)
+                main.wait_stream(side)
                 graph = _GraphedMicroStep(model, (st.batch_size, st.seq_len), device, st.grad_accum, regulariser)
                 graph_note = "on"
             except RuntimeError as exc:  # a kernel that cannot be captured: keep training eagerly
@@ -183,6 +184,8 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
         t0 = time.perf_counter()
         measuring = step >= st.measure_after and graph is None
         on_side = use_graph and graph is None
+        if on_side:  # the warm-up reads the parameters the previous update wrote on the default stream
+            side.wait_stream(main)
         with torch.cuda.stream(side) if on_side else contextlib.nullcontext():
             # made on the stream that adds to it: a tensor of one stream used and freed on another can be reused by
             # the allocator while the other stream still reads it
@@ -199,19 +202,22 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
                 total = total + loss.detach()
             if measuring:
                 monitor.sample("backward")
-            if allocator:  # AdaLoRA: sensitivity from the unclipped gradient at the weights it was taken at
-                allocator.observe(step)
-            if st.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm)
-            opt.step()
-            if allocator:  # AdaLoRA: mask the updated λ to this step's budget, in place (outside any graph)
-                allocator.allocate(step)
-            # free gradient memory now instead of overwriting it next step; a graph needs its gradients to stay put
-            opt.zero_grad(set_to_none=not use_graph)
         if on_side:
-            # the warm-up step ran on the side stream: reading its loss on the default stream without this waits for
-            # nothing and reads memory the side stream has not written yet (issue 14: "loss became nan at step 1")
-            torch.cuda.current_stream(device).wait_stream(side)
+            # everything after the backward runs on the default stream, once the side stream's work is done:
+            # bitsandbytes launches its optimizer kernels on the legacy default stream whatever stream is current,
+            # and PyTorch's side streams do not synchronise with it — an update on the side stream would read
+            # gradients the backward has not written yet (issue 14: "loss became nan at step 1"). The loss too is
+            # read after this wait.
+            main.wait_stream(side)
+        if allocator:  # AdaLoRA: sensitivity from the unclipped gradient at the weights it was taken at
+            allocator.observe(step)
+        if st.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm)
+        opt.step()
+        if allocator:  # AdaLoRA: mask the updated λ to this step's budget, in place (outside any graph)
+            allocator.allocate(step)
+        # free gradient memory now instead of overwriting it next step; a graph needs its gradients to stay put
+        opt.zero_grad(set_to_none=not use_graph)
         total = float(total)  # synchronises: the step is complete
         if device.type == "cuda":
             torch.cuda.synchronize(device)
