@@ -140,6 +140,10 @@ def record(profile, shape, c, after_load, res, err, leaked, build_s, step_second
                 "optimizer": c.get("optimizer", "paged_adamw_32bit"), "double_quant": True, "block_size": 64,
                 "compute_dtype": "bfloat16", "adapter_dtype": "float32", "attention": "sdpa",
                 "loss": "chunked" if profile == "qtool" else "full", **({"init": c["init"]} if "init" in c else {})}
+    if profile == "qtool":
+        from qtool.train.loss import LOSS_CHUNK_MIB
+
+        settings["loss_chunk_mib"] = LOSS_CHUNK_MIB
     if c.get("method") == "adalora":  # the planner's Settings fields (qtool.plan.settings)
         settings.update(method="adalora", target_rank=c.get("target_rank", 8))
     rec = {"id": f"{profile}-{shape.name}-s{c['seq_len']}-b{settings['batch_size']}-r{c['rank']}-{c['targets']}-"

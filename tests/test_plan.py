@@ -495,6 +495,9 @@ def test_loss_chunk_rule_mirrors_the_trainer():
 
     for vocab in (300, 32000, 49152, 128256, 151936, 262208):
         assert acts.loss_chunk_tokens(vocab) == loss_chunk_tokens(vocab)
+        for mib in (64, 256):
+            assert acts.loss_chunk_tokens(vocab, mib) == loss_chunk_tokens(vocab, mib)
+    assert loss_chunk_tokens(32000) == 512 and loss_chunk_tokens(32000, 256) == 2048
 
 
 # --- validation and inverse planning -----------------------------------------------------------------------------

@@ -376,6 +376,8 @@ def settings_from_record(record: dict) -> Settings:
     """The Settings of a measurement record (schema: data/memory/README.md)."""
     known = {f for f in Settings.__dataclass_fields__}
     given = {k: v for k, v in record["settings"].items() if k in known}
+    if record["profile"] == "qtool":  # measured before the field existed: the trainer's chunk was 256 MiB then
+        given.setdefault("loss_chunk_mib", 256)
     return Settings(profile=record["profile"], **given)
 
 

@@ -267,10 +267,10 @@ def position_bytes(shape: Shape, st: Settings) -> int:
     return st.seq_len * (2 * widths(st)[0] * shape.rotary_dim * tables + (0 if fused(st) else 8))
 
 
-def loss_chunk_tokens(vocab: int) -> int:
-    """Tokens per chunk of qtool's cross-entropy: the largest power of two whose fp32 logits fit 256 MiB, at least
-    64 (= qtool.train.model.loss_chunk_tokens; a test keeps them equal)."""
-    return max(64, 2 ** int(math.log2(2**26 / vocab)))
+def loss_chunk_tokens(vocab: int, mib: int = 64) -> int:
+    """Tokens per chunk of qtool's cross-entropy: the largest power of two whose fp32 logits fit ``mib`` MiB, at
+    least 64 (= qtool.train.loss.loss_chunk_tokens; a test keeps them equal)."""
+    return max(64, 2 ** int(math.log2(mib * 2**18 / vocab)))
 
 
 def loss_tokens(st: Settings) -> int:
@@ -287,7 +287,7 @@ def loss_bytes(shape: Shape, st: Settings) -> int:
     gradient of the hidden states, allocated whole."""
     n = loss_tokens(st)
     if st.loss == "chunked":
-        chunk = loss_chunk_tokens(shape.vocab)
+        chunk = loss_chunk_tokens(shape.vocab, st.loss_chunk_mib)
         per_entry = 12 if n > chunk else 10
         return per_entry * min(n, chunk) * shape.vocab + alloc(n * widths(st)[0] * shape.hidden)
     return 12 * n * shape.vocab + 8 * n

@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 
 
-def loss_chunk_tokens(vocab_size: int) -> int:
-    """Tokens per loss chunk: the largest power of two with ``chunk * vocab * 4 bytes <= 256 MiB`` (at least 64)."""
-    return max(64, 2 ** int(math.log2(2**26 / vocab_size)))
+# fp32 logits per chunk. The loss backward's transient is about three chunks of them (qtool/plan/transient.py
+# loss_bytes): at 64 MiB, 0.19 GiB (0.73 GiB at the 256 MiB used until 2026-12-04) — with a chunk of at least 512
+# tokens at a 32k vocabulary (128 at 128k), products still large enough for the GPU's full rate.
+LOSS_CHUNK_MIB = 64
+
+
+def loss_chunk_tokens(vocab_size: int, mib: int = LOSS_CHUNK_MIB) -> int:
+    """Tokens per loss chunk: the largest power of two with ``chunk * vocab * 4 bytes <= mib MiB`` (at least 64)."""
+    return max(64, 2 ** int(math.log2(mib * 2**18 / vocab_size)))
 
 
 def _chunk_z(h, w, u, b, s, e):
