@@ -144,6 +144,7 @@ def record(profile, shape, c, after_load, res, err, leaked, build_s, step_second
         from qtool.train.loss import LOSS_CHUNK_MIB
 
         settings["loss_chunk_mib"] = LOSS_CHUNK_MIB
+        settings["flat_params"] = DEVICE == "cuda"  # qtool/train/flat.py: the CUDA-graph path
     if c.get("method") == "adalora":  # the planner's Settings fields (qtool.plan.settings)
         settings.update(method="adalora", target_rank=c.get("target_rank", 8))
     rec = {"id": f"{profile}-{shape.name}-s{c['seq_len']}-b{settings['batch_size']}-r{c['rank']}-{c['targets']}-"

@@ -459,7 +459,7 @@ def test_vocab_adapter_counts_equal_peft(tied, targets):
     model = get_peft_model(AutoModelForCausalLM.from_config(config), lora)
     # by storage: PEFT's tied head holds Parameters that are views of the embedding's (its own count has them twice)
     trainable = sum({p.data_ptr(): p.numel() for p in model.parameters() if p.requires_grad}.values())
-    p = plan(shape, Settings(rank=4, targets=targets, seq_len=64))
+    p = plan(shape, Settings(rank=4, targets=targets, seq_len=64, flat_params=False))  # per-tensor rows
     assert p.n_trainable == trainable
     adapter_row = next(r for r in p.rows if r.name.startswith("LoRA adapters ("))
     assert adapter_row.bytes == items.tensors_alloc(items.lora_tensors(shape, p.settings), 4)

@@ -84,8 +84,11 @@ def plan(shape: Shape, settings: Settings) -> Plan:
               else methods.trainable_tensors(shape, st))
     what = methods.label(st)
     param_bytes = items.DTYPE_BYTES[st.adapter_dtype]
-    lora = items.tensors_alloc(numels, param_bytes)
-    opt_device, opt_paged = items.optimizer_state_bytes(numels, st.optimizer, param_bytes)
+    # qtool's CUDA-graph trainer moves parameters and gradients into one buffer each (qtool/train/flat.py): the
+    # optimizer sees one tensor, so a paged optimizer pages all of its state
+    buffers = [sum(numels)] if items.flat_buffers(st) and numels else numels
+    lora = items.tensors_alloc(buffers, param_bytes)
+    opt_device, opt_paged = items.optimizer_state_bytes(buffers, st.optimizer, param_bytes)
     frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
     n_workspaces = items.cublas_workspaces(st)
     if st.grad_accum > 1:
@@ -114,7 +117,7 @@ def plan(shape: Shape, settings: Settings) -> Plan:
                n_workspaces * items.CUBLAS_WORKSPACE_BYTES)] if n_workspaces else []),
         *grads,
     ]
-    phases = _phases(shape, st, lora, numels)
+    phases = _phases(shape, st, lora, numels, buffers)
     phase = max(phases, key=lambda k: sum(r.bytes for r in phases[k][0] + phases[k][1]))
     kept, working = phases[phase]
     transient = kept + working
@@ -140,12 +143,13 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         n_trainable=sum(numels), notes=tuple(_notes(shape, st)))
 
 
-def _phases(shape: Shape, st: Settings, lora_bytes: int,
-            numels: list[int]) -> dict[str, tuple[list[Row], list[Row]]]:
+def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int],
+            buffers: list[int] | None = None) -> dict[str, tuple[list[Row], list[Row]]]:
     """Candidate transient phases as (tensors saved for backward, working tensors of the moment); the plan's peak is
     the phase with the most bytes. Eager steps free the gradients (zero_grad(set_to_none=True)), so they appear in
     the last layer's backward (its MLP's) and in the step; where they persist (accumulation, CUDA graphs) they are
-    persistent rows instead."""
+    persistent rows instead. ``buffers``: the tensors the optimizer sees (``numels``, or their flat buffer)."""
+    buffers = numels if buffers is None else buffers
     n = shape.n_layers
     # AdaLoRA's regulariser (added after the loss, so back-propagated first) allocates the gradients of every P and Q
     # before the layers' backward: they are a persistent row then (planned with the regulariser on, its default)
@@ -179,7 +183,7 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int,
     step = [row for row in (
         Row(f"{methods.label(st)} gradients", lora_bytes if grads_now else 0),
         Row("optimizer step temporaries", items.optimizer_step_bytes(
-            numels, st.optimizer, items.DTYPE_BYTES[st.adapter_dtype]))) if row.bytes]
+            buffers, st.optimizer, items.DTYPE_BYTES[st.adapter_dtype]))) if row.bytes]
     return {
         "loss backward": (kept + [Row("final norm and loss inputs (saved)", acts.head_saved_bytes(shape, st)),
                                   *head_saved, positions],
@@ -376,8 +380,9 @@ def settings_from_record(record: dict) -> Settings:
     """The Settings of a measurement record (schema: data/memory/README.md)."""
     known = {f for f in Settings.__dataclass_fields__}
     given = {k: v for k, v in record["settings"].items() if k in known}
-    if record["profile"] == "qtool":  # measured before the field existed: the trainer's chunk was 256 MiB then
-        given.setdefault("loss_chunk_mib", 256)
+    if record["profile"] == "qtool":  # fields recorded since 2026-12-04; before, the trainer ran as their defaults say
+        given.setdefault("loss_chunk_mib", 256)  # 256 MiB of logits per loss chunk
+        given.setdefault("flat_params", False)  # one optimizer tensor per LoRA factor
     return Settings(profile=record["profile"], **given)
 
 

@@ -204,9 +204,11 @@ def resident_rounding_bytes(shape: Shape, st: Settings) -> int:
     in 22 MiB segments). None on the CPU."""
     if st.device != "cuda":
         return 0
+    flat = flat_buffers(st)  # the factors loaded one by one were freed when they moved into the flat buffer
     return _rounding(shape, st.profile == "hf", st.block_size, st.double_quant, DTYPE_BYTES[st.compute_dtype],
-                     DTYPE_BYTES[st.adapter_dtype], frozen_bytes_per_param(st), tuple(st.module_ranks(shape).items()),
-                     tuple(st.spec.vocab_tensors(shape)) if st.method == "lora" else ())
+                     DTYPE_BYTES[st.adapter_dtype], frozen_bytes_per_param(st),
+                     () if flat else tuple(st.module_ranks(shape).items()),
+                     tuple(st.spec.vocab_tensors(shape)) if st.method == "lora" and not flat else ())
 
 
 @functools.lru_cache(maxsize=64)  # a fit search plans one shape many times; this is its slowest item
@@ -297,6 +299,12 @@ def optimizer_step_bytes(numels: list[int], optimizer: str, param_bytes: int = 4
     """Temporaries of one optimizer step: torch's foreach AdamW makes ``sqrt(exp_avg_sq)`` for every tensor
     (torch/optim/adamw.py _multi_tensor_adamw); bitsandbytes' fused kernels and plain SGD make none."""
     return tensors_alloc(numels, param_bytes) if optimizer == "adamw_torch" else 0
+
+
+def flat_buffers(st: Settings) -> bool:
+    """qtool's CUDA-graph trainer keeps the trainable parameters and their gradients in one buffer each
+    (qtool/train/flat.py); the optimizer updates the buffer."""
+    return fused(st) and st.flat_params
 
 
 def gradients_persist(st: Settings) -> bool:

@@ -52,6 +52,7 @@ class Settings:
     attention: str = "sdpa"     # sdpa | flash (transformers' flash_attention_2: 16-bit q, k, v) | eager
     loss: str | None = None     # chunked (qtool's default) | full (fp32 logits; the only choice in hf)
     loss_chunk_mib: int = 64    # chunked: fp32 logits per chunk (qtool.train.loss.LOSS_CHUNK_MIB; 256 before 2026-12-04)
+    flat_params: bool = True    # qtool on CUDA: trainable parameters and gradients in one buffer (qtool/train/flat.py)
     device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
 
     init: str = "zero"          # the symmetric init keeps its initial factors, frozen, beside the trained ones

@@ -14,6 +14,7 @@ import torch
 
 from qtool.adapters.spec import CONVERTER_INITS, UNTARGETED_METHODS
 from qtool.errors import QtoolError, UsageError
+from qtool.train.flat import flatten_parameters
 from qtool.train.measure import MemoryMonitor, compare_with_plan, plan_settings
 from qtool.train.settings import TrainSettings, check_inputs
 
@@ -136,7 +137,12 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
     model.train()
     model.grad_checkpointing = st.grad_checkpointing
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_name, opt = make_optimizer(params, st.optimizer, device, st.lr, st.weight_decay)
+    use_graph = st.cuda_graphs and device.type == "cuda" and st.dropout == 0
+    # the CUDA-graph path keeps gradients allocated anyway: parameters and gradients in one buffer each, so the
+    # optimizer runs one kernel instead of one per tensor (qtool/train/flat.py); zeroed in place from now on
+    flat = use_graph
+    opt_params = flatten_parameters(params) if flat else params
+    opt_name, opt = make_optimizer(opt_params, st.optimizer, device, st.lr, st.weight_decay)
     monitor = MemoryMonitor(device)
     monitor.sample("after_load")
     allocator = regulariser = None
@@ -162,7 +168,6 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
         return blocks.train[torch.stack(rows)].to(device, non_blocking=True)
 
     # --- loop
-    use_graph = st.cuda_graphs and device.type == "cuda" and st.dropout == 0
     graph, graph_note = None, "off"
     # the warm-up before the capture runs forward and backward on a side stream, as CUDA-graph capture wants
     side, main = (torch.cuda.Stream(device), torch.cuda.current_stream(device)) if use_graph else (None, None)
@@ -212,12 +217,12 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
         if allocator:  # AdaLoRA: sensitivity from the unclipped gradient at the weights it was taken at
             allocator.observe(step)
         if st.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, st.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(opt_params, st.max_grad_norm)
         opt.step()
         if allocator:  # AdaLoRA: mask the updated λ to this step's budget, in place (outside any graph)
             allocator.allocate(step)
         # free gradient memory now instead of overwriting it next step; a graph needs its gradients to stay put
-        opt.zero_grad(set_to_none=not use_graph)
+        opt.zero_grad(set_to_none=not flat)
         total = float(total)  # synchronises: the step is complete
         if device.type == "cuda":
             torch.cuda.synchronize(device)
