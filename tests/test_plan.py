@@ -352,7 +352,8 @@ def small_vocab_checkpoints(tmp_path_factory) -> dict[int, Path]:
 
 def _traced_hf_step(path: Path, recipe: str, targets: str, seq_len: int, batch_size: int, gc: bool) -> tuple[int, str]:
     """(traced peak, grad_fn of the first decoder layer's output) of one SGD step of ``recipe`` on the CPU; GQA
-    attention runs SDPA's math kernel, CUDA's only one for it in fp32 (test_hf_math_attention_matches_allocation_trace)."""
+    attention runs SDPA's math kernel, CUDA's only one for it in fp32 (see
+    test_hf_math_attention_matches_allocation_trace)."""
     import contextlib
 
     import torch
@@ -712,7 +713,8 @@ SPANNED_PROFILES = ("qtool", "hf")
 
 def test_replays_recorded_measurements():
     """Every recorded peak allocated is planned within 5%; reserved and NVML errors are reported. Needs >= 12
-    records per profile of SPANNED_PROFILES spanning 0.1B-65B shapes, seq 512-8192, rank 8-64, qkvo and all-linear, GC on and off.
+    records per profile of SPANNED_PROFILES spanning 0.1B-65B shapes, seq 512-8192, rank 8-64, qkvo and
+    all-linear, GC on and off.
     A record of an out-of-memory run must be planned not to fit its GPU. Measured peaks are compared as a fresh
     process would see them: less what earlier runs in the bench's process left allocated (carried_allocated_bytes)
     and, for NVML, the paged optimizer state they leaked."""

@@ -36,6 +36,7 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # caching allocator does not reserve, paged optimizer state aside (NVML "used" is device-wide). Record: median of
 # nvml_used - peak_reserved - paged_state - paged_leaked, per profile (hf 1366 MiB; qtool 112 MiB more: its Triton
 # kernels and the instantiated CUDA graph). At after-load, before any kernel ran, nvml - allocated is 1235 MiB.
+# These dicts are keyed by Settings.stack: hf-prepare runs the hf stack (the same kernels, another recipe).
 CUDA_CONTEXT_BYTES = {"qtool": 1478 * MiB, "hf": 1366 * MiB}
 # Caching-allocator slack, peak reserved - peak allocated: a fixed part plus a fraction of the working bytes of the
 # peak phase (its transient less the tensors saved for backward: what churns through the cache). qtool also counts

@@ -122,8 +122,8 @@ class Settings:
         if loss not in LOSSES:
             problems.append(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
         elif st.is_hf and loss == "chunked":
-            problems.append(f"--loss chunked: the {st.profile} profile computes full fp32 logits (transformers ForCausalLMLoss); "
-                            "chunked loss is a qtool-profile option")
+            problems.append(f"--loss chunked: the {st.profile} profile computes full fp32 logits (transformers "
+                            "ForCausalLMLoss); chunked loss is a qtool-profile option")
         if st.is_hf and shape.model_type == "gemma2" and st.attention == "sdpa":
             problems.append("gemma2 uses attention logit soft-capping, which transformers' sdpa attention rejects; "
                             "use --attention eager")
