@@ -45,6 +45,23 @@ def test_json_is_one_object_on_stdout():
     assert allocated == data["peak_allocated_bytes"]
 
 
+def test_hf_prepare_profile_names_its_recipe():
+    """--profile hf-prepare: the prepare-only loop, named in the notes, with the reentrant checkpoint's row; -h says
+    which loop each hf profile is."""
+    result = run("llama-2-7b", "--seq-len", "512", "--profile", "hf-prepare")
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "profile hf-prepare;" in out and "recomputed layer's output (reentrant checkpointing)" in out
+    assert "- profile hf-prepare: transformers + PEFT + bitsandbytes in a loop right after " \
+           "prepare_model_for_kbit_training(model)" in out
+    data = json.loads(run("llama-2-7b", "--profile", "hf-prepare", "--json").stdout)
+    assert data["settings"]["profile"] == "hf-prepare" and data["settings"]["loss"] == "full"
+    assert any("reentrant" in note for note in data["notes"])
+    helptext = " ".join(run("-h").stdout.split())
+    assert "hf-prepare (the same stack in a loop right after prepare_model_for_kbit_training: reentrant " \
+           "checkpointing)" in helptext
+
+
 def test_fit_answers_the_largest_value():
     result = run("-m", "llama-2-13b", "--fit", "24GB", "--solve", "batch-size", "--seq-len", "1024")
     assert result.exit_code == 0, result.output
@@ -158,7 +175,8 @@ def test_every_option_has_help():
 
 def test_fixed_value_options_list_their_values_and_take_aliases():
     text = " ".join(run("-h").stdout.split())
-    for flag, values in [("--profile", "qtool|hf"), ("--attention", "sdpa|flash|eager"), ("--loss", "chunked|full"),
+    for flag, values in [("--profile", "qtool|hf|hf-prepare"), ("--attention", "sdpa|flash|eager"),
+                         ("--loss", "chunked|full"),
                          ("--compute-dtype", "bfloat16|float16|float32"),
                          ("--adapter-dtype", "bfloat16|float16|float32"),
                          ("--optimizer", "paged_adamw_32bit|adamw_32bit|paged_adamw_8bit|adamw_8bit|adamw_torch|sgd"),

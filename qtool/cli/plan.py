@@ -162,7 +162,9 @@ def _list_models(as_json: bool) -> str:
               "folder or hub id (local cache only). Same as the MODEL argument.")
 @click.option("--params", help="A bare parameter count (65e9, 7B); the closest known shape is assumed.")
 @click.option("--profile", type=_SettingChoice(PROFILES), default="qtool", show_default=True,
-              help="Whose training step: qtool (qtool train) or hf (transformers + PEFT + bitsandbytes).")
+              help="Whose training step: qtool (qtool train); hf (transformers + PEFT + bitsandbytes as Trainer "
+              "and SFTTrainer run it: non-reentrant checkpointing); hf-prepare (the same stack in a loop right after "
+              "prepare_model_for_kbit_training: reentrant checkpointing).")
 @click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
               help="What is trained: lora, adalora (P, λ, Q at --init-rank, the peak: pruning masks, frees nothing; "
                    "and their importance EMAs), adapter (Houlsby) or prefix (prefix tuning).")
@@ -201,7 +203,7 @@ def _list_models(as_json: bool) -> str:
               + _aliases(ATTENTIONS))
 @click.option("--loss", type=_SettingChoice(LOSSES),
               help="chunked (fp32 logits a chunk at a time) or full (all fp32 logits).  "
-              "[default: chunked for qtool; hf is always full]")
+              "[default: chunked for qtool; hf and hf-prepare are always full]")
 @click.option("--fit", "fit_to", help="A GPU name (\"RTX 4090\", H200) or a memory size: 24GB is 24 x 10^9 bytes, "
               "24GiB (or 24Gi) 24 x 2^30 bytes. With it, solve for the largest --solve value that fits.")
 @click.option("--solve", type=click.Choice(["seq-len", "batch-size", "rank"]),
@@ -217,6 +219,7 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
     Examples:
       qtool plan --params 65e9 --rank 16
       qtool plan llama-2-7b --targets all-linear --seq-len 4096 --profile hf
+      qtool plan llama-3-8b --profile hf-prepare
       qtool plan ./llama2-7b-nf4 --fit "RTX 4090" --solve batch-size --json
       qtool plan llama-2-7b --method prefix --prefix-len 64
       qtool plan llama-2-7b --compare-methods --rank 16

@@ -24,7 +24,7 @@ from qtool.plan import resident as items
 from qtool.plan import transient as acts
 from qtool.plan import vocab
 from qtool.plan.settings import (ATTENTIONS, BLOCKSIZES, DEVICES, DTYPES, LOSSES, OPTIMIZERS, PROFILES,  # noqa: F401
-                                 TARGET_PRESETS, Settings, layer_linears)
+                                 RECIPES, TARGET_PRESETS, Settings, layer_linears)
 from qtool.units import MiB, parse_size
 
 KNOBS = ("seq_len", "batch_size", "rank")
@@ -126,10 +126,10 @@ def plan(shape: Shape, settings: Settings) -> Plan:
     if st.device == "cuda":
         # the warm-up steps of a CUDA-graph run cache their working blocks among the gradients they allocate
         pinned = lora if items.fused(st) else 0
-        slack = items.RESERVED_SLACK_BYTES[st.profile] + int(items.RESERVED_SLACK_FRACTION[st.profile]
+        slack = items.RESERVED_SLACK_BYTES[st.stack] + int(items.RESERVED_SLACK_FRACTION[st.stack]
                                                              * (sum(r.bytes for r in working) + pinned))
         overheads = [Row("allocator slack (reserved - allocated)", slack, counter="reserved"),
-                     Row("CUDA context, kernels and driver reservation", items.CUDA_CONTEXT_BYTES[st.profile],
+                     Row("CUDA context, kernels and driver reservation", items.CUDA_CONTEXT_BYTES[st.stack],
                          counter="nvml")]
     rows = tuple(persistent + transient + overheads)
     return Plan(
@@ -161,6 +161,8 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int],
         mask = acts.mask_bytes(shape, st)
         kept += [Row("attention mask", mask)] if mask else []
         layer = [Row("recomputed layer's saved tensors", acts.recompute_bytes(shape, st))]
+        output = acts.reentrant_output_bytes(shape, st)  # hf-prepare: the whole layer reruns
+        layer += [Row("recomputed layer's output (reentrant checkpointing)", output)] if output else []
         first_kept = [Row("checkpointed input of layer 0", acts.checkpoint_bytes(shape, st) // n), *kept[1:], *layer]
     else:
         kept = [Row(f"activations saved by {n} layers", acts.layers_saved_bytes(shape, st))]
@@ -224,6 +226,10 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int],
 
 def _notes(shape: Shape, st: Settings) -> list[str]:
     notes = [shape.note] if shape.note else []
+    if st.is_hf:
+        notes.append(f"profile {st.profile}: {RECIPES[st.profile]}"
+                     + ("; without checkpointing (gradient_checkpointing_disable()) it is the hf step"
+                        if st.profile != "hf" and not st.grad_checkpointing else ""))
     if st.seq_len > shape.max_positions:
         notes.append(f"--seq-len {st.seq_len} exceeds {shape.name}'s max_position_embeddings ({shape.max_positions})")
     if st.method == "prefix" and st.prefix_len + st.seq_len >= shape.max_positions:

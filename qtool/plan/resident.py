@@ -36,6 +36,7 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # caching allocator does not reserve, paged optimizer state aside (NVML "used" is device-wide). Record: median of
 # nvml_used - peak_reserved - paged_state - paged_leaked, per profile (hf 1366 MiB; qtool 112 MiB more: its Triton
 # kernels and the instantiated CUDA graph). At after-load, before any kernel ran, nvml - allocated is 1235 MiB.
+# These dicts are keyed by Settings.stack: hf-prepare runs the hf stack (the same kernels, another recipe).
 CUDA_CONTEXT_BYTES = {"qtool": 1478 * MiB, "hf": 1366 * MiB}
 # Caching-allocator slack, peak reserved - peak allocated: a fixed part plus a fraction of the working bytes of the
 # peak phase (its transient less the tensors saved for backward: what churns through the cache). qtool also counts
@@ -160,14 +161,14 @@ def quantised_weights(shape: Shape, st: Settings) -> tuple[int, int, int]:
         packed += p * shape.n_layers
         meta += m * shape.n_layers
         allocated += shape.n_layers * nf4_tensor_alloc(lin.n_in * lin.n_out, st.block_size, st.double_quant,
-                                                       code_tables=st.profile == "hf")
+                                                       code_tables=st.is_hf)
     return packed, meta, allocated
 
 
 def frozen_bytes_per_param(st: Settings) -> int:
     """Embeddings, head and norms: the compute dtype in qtool; fp32 in hf (PEFT ``prepare_model_for_kbit_training``
     casts every non-Params4bit fp16/bf16 parameter to fp32, peft/utils/other.py)."""
-    return 4 if st.profile == "hf" else DTYPE_BYTES[st.compute_dtype]
+    return 4 if st.is_hf else DTYPE_BYTES[st.compute_dtype]
 
 
 def embedding_bytes(shape: Shape, st: Settings) -> tuple[int, int]:
@@ -190,7 +191,7 @@ def norm_and_bias_bytes(shape: Shape, st: Settings) -> int:
     per_layer, final = _norm_parts(shape, frozen_bytes_per_param(st))
     biases = [lin.n_out * DTYPE_BYTES[st.compute_dtype] for lin in layer_linears(shape) if lin.bias]
     tables = 2 if shape.rope_local else 1  # gemma3: the sliding layers' own RoPE
-    rotary = (2 if st.profile == "hf" else 1) * tables * alloc(4 * shape.head_dim // 2)
+    rotary = (2 if st.is_hf else 1) * tables * alloc(4 * shape.head_dim // 2)
     embed_scale = alloc(4) if shape.model_type in ("gemma2", "gemma3_text") else 0  # sqrt(hidden), a 0-dim tensor
     return (shape.n_layers * sum(alloc(b) for b in per_layer + biases) + sum(alloc(b) for b in final) + rotary
             + embed_scale)
@@ -205,7 +206,7 @@ def resident_rounding_bytes(shape: Shape, st: Settings) -> int:
     if st.device != "cuda":
         return 0
     flat = flat_buffers(st)  # the factors loaded one by one were freed when they moved into the flat buffer
-    return _rounding(shape, st.profile == "hf", st.block_size, st.double_quant, DTYPE_BYTES[st.compute_dtype],
+    return _rounding(shape, st.is_hf, st.block_size, st.double_quant, DTYPE_BYTES[st.compute_dtype],
                      DTYPE_BYTES[st.adapter_dtype], frozen_bytes_per_param(st),
                      () if flat else tuple(st.module_ranks(shape).items()),
                      tuple(st.spec.vocab_tensors(shape)) if st.method == "lora" and not flat else ())
@@ -234,7 +235,7 @@ def cublas_workspaces(st: Settings) -> int:
     own stream). None on the CPU."""
     if st.device != "cuda":
         return 0
-    return 4 if st.profile == "qtool" else 2
+    return 4 if st.stack == "qtool" else 2
 
 
 # --- LoRA, gradients, optimizer ----------------------------------------------------------------------------------

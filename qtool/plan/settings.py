@@ -13,7 +13,17 @@ from qtool.errors import UsageError
 if TYPE_CHECKING:
     from qtool.arch import Linear, Shape
 
-PROFILES = ("qtool", "hf")
+# Whose training step is planned, and the loop each profile models (qtool plan prints it in the notes).
+RECIPES = {
+    "qtool": "qtool train: NF4 weights packed on the GPU, fused kernels, chunked loss, each step one CUDA graph",
+    "hf": "transformers + PEFT + bitsandbytes as Trainer(gradient_checkpointing=True) and TRL's SFTTrainer run it: "
+          "prepare_model_for_kbit_training, then gradient_checkpointing_enable() (non-reentrant), get_peft_model",
+    "hf-prepare": "transformers + PEFT + bitsandbytes in a loop right after prepare_model_for_kbit_training(model) "
+                  "and get_peft_model (or a Trainer that leaves gradient_checkpointing unset): its checkpointing is "
+                  "reentrant, so each layer's backward reruns the whole layer, output included",
+}
+PROFILES = tuple(RECIPES)
+HF_PROFILES = ("hf", "hf-prepare")  # transformers + PEFT + bitsandbytes: one stack, two recipes
 OPTIMIZERS = ("paged_adamw_32bit", "adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_torch", "sgd")
 DTYPES = ("bfloat16", "float16", "float32")
 ATTENTIONS = ("sdpa", "flash", "eager")
@@ -64,6 +74,21 @@ class Settings:
     prefix_projection: int = 0  # method prefix: the reparameterisation MLP's hidden width while training (0: none)
 
     @property
+    def is_hf(self) -> bool:
+        """transformers + PEFT + bitsandbytes (the hf and hf-prepare recipes): every rule of that stack applies."""
+        return self.profile in HF_PROFILES
+
+    @property
+    def stack(self) -> str:
+        """The software stack whose measured constants apply (qtool.plan.resident): qtool or hf."""
+        return "hf" if self.is_hf else self.profile
+
+    @property
+    def reentrant_checkpointing(self) -> bool:
+        """Checkpointing through torch's reentrant CheckpointFunction: hf-prepare with checkpointing on."""
+        return self.profile == "hf-prepare" and self.grad_checkpointing
+
+    @property
     def spec(self) -> AdapterSpec:
         """The adapter being trained, as the trainer and the adapter writer describe it."""
         if self.method == "adalora":
@@ -95,13 +120,13 @@ class Settings:
             problems.append(f"--alpha must be positive, got {st.alpha}")
         if st.block_size not in BLOCKSIZES:
             problems.append(f"--block-size {st.block_size} is not one bitsandbytes accepts: {BLOCKSIZES}")
-        loss = st.loss or ("full" if st.profile == "hf" else "chunked")
+        loss = st.loss or ("full" if st.is_hf else "chunked")
         if loss not in LOSSES:
             problems.append(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
-        elif st.profile == "hf" and loss == "chunked":
-            problems.append("--loss chunked: the hf profile computes full fp32 logits (transformers ForCausalLMLoss); "
-                            "chunked loss is a qtool-profile option")
-        if st.profile == "hf" and shape.model_type == "gemma2" and st.attention == "sdpa":
+        elif st.is_hf and loss == "chunked":
+            problems.append(f"--loss chunked: the {st.profile} profile computes full fp32 logits (transformers "
+                            "ForCausalLMLoss); chunked loss is a qtool-profile option")
+        if st.is_hf and shape.model_type == "gemma2" and st.attention == "sdpa":
             problems.append("gemma2 uses attention logit soft-capping, which transformers' sdpa attention rejects; "
                             "use --attention eager")
         if st.init not in INITS:
@@ -113,7 +138,7 @@ class Settings:
         elif st.method in UNTARGETED_METHODS and st.profile != "qtool":
             problems.append(f"--method {st.method} is planned for --profile qtool only (qtool train): PEFT has "
                             + ("no Houlsby adapters" if st.method == "adapter" else
-                               "prefix tuning, but refuses it with gradient checkpointing, and the hf profile's "
+                               "prefix tuning, but refuses it with gradient checkpointing, and the hf profiles' "
                                "activation model has no prefix"))
         if st.method != "adalora" and st.target_rank is not None:
             problems.append("--target-rank is an AdaLoRA setting; add --method adalora")

@@ -30,7 +30,7 @@ def widths(st: Settings) -> tuple[int, int, int, int]:
     returns its input's dtype; PEFT runs LoRA in the adapter dtype. qtool: everything in the compute dtype, LoRA
     weights cast to it inside the forward."""
     cb, ab = DTYPE_BYTES[st.compute_dtype], DTYPE_BYTES[st.adapter_dtype]
-    if st.profile == "hf":
+    if st.is_hf:
         return 4, cb, ab, ab
     return cb, cb, ab, cb
 
@@ -40,7 +40,7 @@ def sdpa_mask_bytes(shape: Shape, st: Settings) -> int:
     — a sliding window no longer than the sequence (masking_utils _ignore_causal_mask_sdpa: ``kv_length >=
     local_attention_size``). Kept by every checkpointed layer call. qtool's trainer always runs ``is_causal``."""
     window = shape.sliding_window
-    if st.profile != "hf" or st.attention != "sdpa" or window is None or st.seq_len < window:
+    if not st.is_hf or st.attention != "sdpa" or window is None or st.seq_len < window:
         return 0
     return st.batch_size * st.seq_len ** 2
 
@@ -108,7 +108,7 @@ def lora_input_bytes(shape: Shape, st: Settings, names: list[str], n_in: int, ke
     hit = [n for n in names if n in st.module_ranks(shape)]
     if not hit:
         return 0
-    if st.profile == "hf" and ab != rb:
+    if st.is_hf and ab != rb:
         return len(hit) * ab * n_in
     return 0 if kept else rb * n_in
 
@@ -297,7 +297,7 @@ def dequantised_weight_bytes(lin: Linear, st: Settings) -> int:
     """The transient dequantised weight of one product (out x in, compute dtype); bitsandbytes' dequantize_4bit
     first rebuilds the fp32 absmax of a double-quantised weight, qtool's kernel fuses it. Lives for one matmul."""
     n = lin.n_in * lin.n_out
-    absmax = 4 * -(-n // st.block_size) if st.double_quant and st.profile == "hf" else 0
+    absmax = 4 * -(-n // st.block_size) if st.double_quant and st.is_hf else 0
     return alloc(n * DTYPE_BYTES[st.compute_dtype]) + alloc(absmax)
 
 
@@ -312,6 +312,8 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
       math/eager attention, s^2 fp32 tensors: the grad of the probabilities and of the scores, and on CUDA a third,
       ``grad * probs``, which aten's softmax backward materialises first (SoftMax.cu softmax_backward_cuda_out);
     * the post-attention RMSNorm's backward (norm_backward_bytes), the MLP freed but the norm's own input kept.
+    Reentrant checkpointing (hf-prepare) adds, from the attention backward on, a second gradient of the hidden state
+    (:func:`reentrant_residual_grad_bytes`).
     Checked against allocation traces of both profiles on the CPU (tests/test_plan.py); :func:`_fused_layer_backward`
     for qtool on the GPU.
     """
@@ -343,7 +345,7 @@ def layer_backward_bytes(shape: Shape, st: Settings) -> tuple[int, str]:
         + cb * (f + (h if rb != cb else 0)) * T,
         # Gemma: its post-attention and pre-feedforward norms' fp32 inputs are freed by then too (four norms a layer)
         "attention backward": attention + methods.attention_backward_extra(shape, st) - mlp_saved
-        - (2 * (4 * h + 4) * T if _gemma(shape, st) else 0),
+        - (2 * (4 * h + 4) * T if _gemma(shape, st) else 0) + reentrant_residual_grad_bytes(shape, st),
         "post-attention RMSNorm backward": norm_backward_bytes(shape, st) - mlp_saved + 4 * h * T + 4 * T,
     }
     if _gemma(shape, st):
@@ -402,14 +404,34 @@ def checkpoint_bytes(shape: Shape, st: Settings) -> int:
 def recompute_bytes(shape: Shape, st: Settings) -> int:
     """Under checkpointing, the layer being back-propagated is recomputed and its saved tensors live again, less the
     norm input when that is the checkpointed input itself (hf: the fp32 input; qtool's fused norm: the bf16 input).
-    Both profiles checkpoint non-reentrantly (qtool/train/model.py passes use_reentrant=False; transformers'
-    gradient_checkpointing_enable() defaults to it), which stops recomputing once the last saved tensor is back, so
-    the layer output is not rebuilt."""
+    qtool and hf checkpoint non-reentrantly (qtool/train/model.py passes use_reentrant=False; transformers'
+    gradient_checkpointing_enable() without kwargs does), which stops recomputing once the last saved tensor is back,
+    so the layer output is not rebuilt; hf-prepare rebuilds it too (:func:`reentrant_output_bytes`)."""
     rb, T = widths(st)[0], st.batch_size * st.seq_len
     shared = rb * shape.hidden * T if rb == 4 or _fused_norms(shape, st) else 0
     if _gemma(shape, st):  # the largest of its layers (sliding and global ones differ)
         return max(layer_saved_bytes(shape, st, layer=i) for i in range(shape.n_layers)) - shared
     return layer_saved_bytes(shape, st) - shared
+
+
+def reentrant_output_bytes(shape: Shape, st: Settings) -> int:
+    """hf-prepare checkpoints reentrantly: prepare_model_for_kbit_training passes gradient_checkpointing_kwargs={},
+    which transformers forwards as is, and torch's checkpoint without use_reentrant takes the reentrant
+    CheckpointFunction. Its backward reruns the whole layer under enable_grad, output included, and holds that output
+    (rb h per token) through the layer's inner backward (torch/utils/checkpoint.py CheckpointFunction.backward:
+    ``outputs`` lives until it returns). Its forward keeps the same layer inputs as the non-reentrant one and nothing
+    else, so this is the only difference between the two recipes (allocation traces of both, tests/test_plan.py)."""
+    return widths(st)[0] * shape.hidden * st.batch_size * st.seq_len if st.reentrant_checkpointing else 0
+
+
+def reentrant_residual_grad_bytes(shape: Shape, st: Settings) -> int:
+    """hf-prepare: the gradient of the attention block's output (rb h per token) is a new tensor beside the layer's
+    incoming gradient. The residual add hands that incoming gradient on as it is, and autograd adds the post-attention
+    norm's gradient to it in place when nothing else holds it (non-reentrant: the engine's buffer alone). Under
+    reentrant checkpointing CheckpointFunction.backward still holds it (its ``args``, passed to the inner backward), so
+    the sum is made out of place and both live through the attention backward (allocation trace: +2 hidden states
+    against hf at that moment, +1 at the MLP's)."""
+    return reentrant_output_bytes(shape, st)
 
 
 def mask_bytes(shape: Shape, st: Settings) -> int:

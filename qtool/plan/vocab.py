@@ -56,7 +56,7 @@ def head_saved_bytes(shape: Shape, st: Settings, n_loss: int) -> int:
     if not r:
         return 0
     cb, ab, T = DTYPE_BYTES[st.compute_dtype], DTYPE_BYTES[st.adapter_dtype], st.batch_size * st.seq_len
-    if st.profile == "hf":
+    if st.is_hf:
         return alloc(4 * shape.hidden * T) + alloc(ab * r * T)
     b_copy = alloc(cb * shape.vocab * r) if cb != ab else 0  # B.to(compute dtype): a view when equal
     return alloc(cb * r * n_loss) + b_copy + alloc(cb * r * shape.hidden)
@@ -66,7 +66,7 @@ def head_loss_bytes(shape: Shape, st: Settings, n_loss: int) -> int:
     """qtool's chunked loss backward with a head LoRA: B's fp32 gradient accumulator, one chunk's ``gᵀ u`` and u's
     gradient (hf's head backward needs less than its cross-entropy backward: nothing is added there)."""
     r = _ranks(shape, st).get("lm_head")
-    if not r or st.profile == "hf":
+    if not r or st.is_hf:
         return 0
     cb = DTYPE_BYTES[st.compute_dtype]
     return alloc(4 * shape.vocab * r) + alloc(cb * shape.vocab * r) + alloc(cb * r * n_loss)
@@ -74,7 +74,7 @@ def head_loss_bytes(shape: Shape, st: Settings, n_loss: int) -> int:
 
 def head_forward_bytes(shape: Shape, st: Settings) -> int:
     """hf: the logits-sized moment of the head LoRA's forward, 12 T V bytes (module docstring); 0 in qtool."""
-    if not _ranks(shape, st).get("lm_head") or st.profile != "hf":
+    if not _ranks(shape, st).get("lm_head") or not st.is_hf:
         return 0
     return 3 * alloc(4 * st.batch_size * st.seq_len * shape.vocab)
 
@@ -86,6 +86,6 @@ def embed_backward_bytes(shape: Shape, st: Settings) -> int:
     if not r:
         return 0
     T, h = st.batch_size * st.seq_len, shape.hidden
-    rb = 4 if st.profile == "hf" else DTYPE_BYTES[st.compute_dtype]
+    rb = 4 if st.is_hf else DTYPE_BYTES[st.compute_dtype]
     return alloc(rb * T * h) + 2 * alloc(4 * T * h) + alloc(4 * T * r) + alloc(4 * h * r) + alloc(4 * shape.vocab * r)
 
