@@ -8,7 +8,7 @@ Each run is a fresh subprocess: the cap is per process, and bitsandbytes never f
 cap before anything is allocated, builds a random-weight NF4 model of the real shape (qtool.train.load.random_decoder)
 and trains a few steps (qtool.train.recipe.train, CUDA graph as the product runs), catching the allocator's
 OutOfMemoryError. The cap, unless given, separates the two plans (:func:`qtool.plan.cap.separating_cap`: midway
-between the paged plan's peak reserved and the unpaged plan's peak allocated). The managed memory is the optimizer
+between their peak reserved, what the cap limits). The managed memory is the optimizer
 state alone (2.7 GiB by default), far below what an H200 has free.
 
     python bench/paged_oom.py [--model llama-3.2-1b --rank 512 --targets all-linear --seq-len 128] [--cap 6GiB]
@@ -16,6 +16,13 @@ state alone (2.7 GiB by default), far below what an H200 has free.
 
 Prints one JSON line per run and a table last; exits 1 if a measured outcome differs from the plan's prediction.
 ``--dry-run``: the CPU path (a tiny shape, no cap, torch AdamW in both runs; the plan still shown for the real one).
+
+H200, 2026-12-04, on a tree with main's work in progress (flattened LoRA parameters; not this branch's trainer) and an
+earlier cap rule (midway between paged reserved and unpaged allocated, 6.02 GiB): adamw_32bit ran out of memory at
+its first optimizer step (allocating a 1.34 GiB moment), and so did paged_adamw_32bit, at the CUDA graph capture:
+its reserved peak was 6.72 GiB against 5.43 planned (-19%; allocated 3.96 against 3.93). Under 7 GiB it trained
+(NVML 10.9 GiB, 2.69 GiB paged) while adamw_32bit still ran out; under 5 GiB both did. Hence the cap rule now:
+midway between the reserved peaks (6.77 GiB), which stands clear of that error on both sides.
 """
 from __future__ import annotations
 
@@ -65,6 +72,8 @@ def measure(job: dict) -> dict:
 
     device = torch.device(job["device"])
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # set_per_process_memory_fraction wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
     total = fraction = None
     if cuda and job["cap_bytes"]:
         total = torch.cuda.mem_get_info(device)[1]  # the allocator's cap is fraction x this total (cudaMemGetInfo)
@@ -183,7 +192,7 @@ def main(argv=None) -> int:
     config = {k: getattr(args, k) for k in ("model", "rank", "targets", "seq_len", "batch_size", "steps")}
     print(f"{args.model} rank {args.rank} on {args.targets}, seq {args.seq_len} x batch {args.batch_size}; allocator "
           f"cap {cap_bytes:,} bytes = {gib(cap_bytes)} GiB" + (" (given)" if args.cap else
-                                                                 " (midway: paged reserved .. unpaged allocated)"),
+                                                                 " (midway between the planned reserved peaks)"),
           file=sys.stderr)
     results = []
     run_config = {**config, **DRY_RUN} if args.dry_run else config
@@ -196,7 +205,7 @@ def main(argv=None) -> int:
                "dry_run": args.dry_run,
                "planned": check.to_dict(), "predicted": check.verdict, "date": time.strftime("%Y-%m-%d")}
         measured = OUTCOMES.get(rec["outcome"])
-        rec["as_predicted"] = None if args.dry_run or check.verdict == "edge" else measured == check.verdict
+        rec["as_predicted"] = None if args.dry_run else measured == check.verdict
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(rec)
         print(json.dumps(rec), flush=True)

@@ -38,9 +38,11 @@ def test_the_bench_cap_lets_paged_state_fit_and_ooms_the_same_state_on_the_devic
     unpaged, paged = checks["adamw_32bit"], checks["paged_adamw_32bit"]
     assert list(checks) == ["adamw_32bit", "paged_adamw_32bit"]
     assert (unpaged.verdict, paged.verdict) == ("oom", "fits")
-    # margins beyond the plan's known errors: reserved -9%..+19% (planned vs measured), allocated within 5%
-    assert cap_bytes >= 1.10 * paged.peak_reserved_bytes
-    assert cap_bytes <= 0.95 * unpaged.peak_allocated_bytes
+    assert cap_bytes == (unpaged.peak_reserved_bytes + paged.peak_reserved_bytes) // 2
+    # clear of the planner's reserved error on both sides: the paged run's reserved measured 19% over its plan on
+    # the H200 (bench/paged_oom.py's docstring); the records' worst the other way is 12%
+    assert cap_bytes >= 1.19 * paged.peak_reserved_bytes
+    assert cap_bytes <= 0.88 * unpaged.peak_reserved_bytes
     # the managed memory is the optimizer state alone, far below an H200's
     assert paged.paged_bytes == unpaged.device_optimizer_bytes and paged.paged_bytes < 0.03 * GPUS["H200"] * MiB
     assert paged.device_optimizer_bytes == 0 and unpaged.paged_bytes == 0
@@ -80,15 +82,15 @@ def test_verdicts_at_the_boundaries():
     shape = known_shape("llama-3.2-1b")
     p = plan(shape, Settings(rank=512, targets="all-linear", seq_len=128, optimizer="adamw_32bit"))
     assert cap.verdict(p, p.peak_reserved_bytes) == "fits"
-    assert cap.verdict(p, p.peak_reserved_bytes - 1) == "edge"
-    assert cap.verdict(p, p.peak_allocated_bytes) == "edge"
-    assert cap.verdict(p, p.peak_allocated_bytes - 1) == "oom"
+    assert cap.verdict(p, p.peak_reserved_bytes - 1) == "oom"
+    assert cap.check(p, p.peak_allocated_bytes).live_tensors_fit  # an OOM of the allocator's cache alone
+    assert not cap.check(p, p.peak_allocated_bytes - 1).live_tensors_fit
     assert cap.optimizers_to_compare("adamw_8bit") == ("adamw_8bit", "paged_adamw_8bit")
     assert cap.optimizers_to_compare("adamw_torch") == ("adamw_torch",)
 
 
 def test_no_separating_cap_is_a_usage_error_that_says_what_to_change():
-    with pytest.raises(UsageError, match="no allocator cap separates") as exc:
+    with pytest.raises(UsageError, match="differ by less than 30%") as exc:
         cap.separating_cap(known_shape("llama-2-7b"), Settings(rank=8))
     assert "--rank" in exc.value.hint
     with pytest.raises(UsageError, match="no paged counterpart"):
@@ -109,8 +111,10 @@ def test_cli_prints_the_verdicts_and_that_paged_state_is_outside_the_cap():
     line = {row.split()[0]: row for row in out.splitlines() if row.startswith(("adamw_32bit", "paged_adamw_32bit"))}
     assert "OOM expected" in line["adamw_32bit"] and "fits under the cap" in line["paged_adamw_32bit"]
     assert "outside the allocator cap" in out
-    edge = CliRunner().invoke(main, ["plan", *BENCH_ARGS, "--allocator-cap", "7GiB", "--optimizer", "adamw"])
-    assert edge.exit_code == 0 and "at the edge" in edge.stdout
+    assert line["adamw_32bit"].rstrip().endswith("no") and line["paged_adamw_32bit"].rstrip().endswith("yes")
+    cache = CliRunner().invoke(main, ["plan", *BENCH_ARGS, "--allocator-cap", "7GiB", "--optimizer", "adamw"])
+    row = next(r for r in cache.stdout.splitlines() if r.startswith("adamw_32bit"))
+    assert "OOM expected" in row and row.rstrip().endswith("yes")  # 6.62 GiB of live tensors, 8.11 reserved
 
 
 def test_cli_json_carries_the_cap_checks():
@@ -121,6 +125,7 @@ def test_cli_json_carries_the_cap_checks():
     assert block["cap_bytes"] == 6 * 2**30 and "managed memory" in block["note"]
     by_name = {c["optimizer"]: c for c in block["checks"]}
     assert by_name["adamw_32bit"]["verdict"] == "oom" and by_name["paged_adamw_32bit"]["verdict"] == "fits"
+    assert by_name["adamw_32bit"]["live_tensors_fit"] is False
     assert by_name["paged_adamw_32bit"]["peak_reserved_bytes"] == data["peak_reserved_bytes"]  # the default optimizer
     assert by_name["paged_adamw_32bit"]["reserved_margin_bytes"] == 6 * 2**30 - data["peak_reserved_bytes"]
     assert "allocator_cap" not in json.loads(CliRunner().invoke(main, ["plan", *BENCH_ARGS, "--json"]).stdout)

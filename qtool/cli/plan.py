@@ -144,7 +144,7 @@ def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str
     return "\n".join(lines)
 
 
-CAP_VERDICTS = {"fits": "fits under the cap", "oom": "OOM expected", "edge": "at the edge"}
+CAP_VERDICTS = {"fits": "fits under the cap", "oom": "OOM expected"}
 
 
 def _render_cap(checks) -> str:
@@ -154,14 +154,15 @@ def _render_cap(checks) -> str:
     cap_bytes = checks[0].cap_bytes
     rows = [(c.optimizer, CAP_VERDICTS[c.verdict], *(f"{n / 2**30:,.2f}" for n in (
         c.peak_allocated_bytes, c.peak_reserved_bytes, c.reserved_margin_bytes, c.device_optimizer_bytes,
-        c.paged_bytes, c.peak_nvml_bytes))) for c in checks]
+        c.paged_bytes, c.peak_nvml_bytes)), "yes" if c.live_tensors_fit else "no") for c in checks]
     lines = [f"--allocator-cap {fmt_both(cap_bytes)} (torch.cuda.set_per_process_memory_fraction: it limits the "
              "caching allocator's reserved bytes):",
              table(rows, ("optimizer", "verdict", "peak alloc GiB", "peak reserved GiB", "cap - reserved GiB",
-                          "opt. state in cap GiB", "paged GiB", "NVML GiB"), "llrrrrrr"),
+                          "opt. state in cap GiB", "paged GiB", "NVML GiB", "live tensors fit"), "llrrrrrrl"),
              f"- {OUTSIDE_NOTE}; the card must still hold it (NVML column)",
-             "- fits: planned reserved <= cap; OOM expected: planned allocated > cap; at the edge: in between (the "
-             "allocator returns its cache before raising OOM; whether enough comes back is not planned)"]
+             "- the verdict compares the planned peak reserved with the cap; where the live tensors (peak allocated) "
+             "fit all the same, only the allocator's cache is over it, which it cannot return during a CUDA graph "
+             "capture"]
     return "\n".join(lines)
 
 
