@@ -95,7 +95,8 @@ def _render_compare(shape, settings, rows: list[dict]) -> str:
                       "(its training peak; inference: the plain LoRA it exports to)", "", f"units: {UNITS}"])
 
 
-def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str, inference=None) -> str:
+def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str, inference=None,
+            cap_checks=None) -> str:
     st, shape = p.settings, p.shape
     ranks = sorted(set(st.module_ranks(shape).values()))
     if st.method == "adalora":
@@ -133,11 +134,35 @@ def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str
                      else f"; at {fit.value + 1:,} it does not fit")
             lines += ["", f"{target}: largest --{knob} that fits is {fit.value:,} "
                       f"(NVML used {fmt_both(fit.plan.peak_nvml_bytes)}){bound}"]
+    if cap_checks:
+        lines += ["", _render_cap(cap_checks)]
     if inference is not None:
         lines += ["", "inference:", _inference_table([inference]), INFERENCE_FOOTNOTE]
     if p.notes:
         lines += ["", "notes:"] + [f"- {note}" for note in p.notes]
     lines += ["", f"units: {UNITS}; --fit takes either (24GB, 24GiB) or a GPU name"]
+    return "\n".join(lines)
+
+
+CAP_VERDICTS = {"fits": "fits under the cap", "oom": "OOM expected"}
+
+
+def _render_cap(checks) -> str:
+    """The --allocator-cap section: per optimizer, the verdict and the planned counters beside the cap."""
+    from qtool.plan.cap import OUTSIDE_NOTE
+
+    cap_bytes = checks[0].cap_bytes
+    rows = [(c.optimizer, CAP_VERDICTS[c.verdict], *(f"{n / 2**30:,.2f}" for n in (
+        c.peak_allocated_bytes, c.peak_reserved_bytes, c.reserved_margin_bytes, c.device_optimizer_bytes,
+        c.paged_bytes, c.peak_nvml_bytes)), "yes" if c.live_tensors_fit else "no") for c in checks]
+    lines = [f"--allocator-cap {fmt_both(cap_bytes)} (torch.cuda.set_per_process_memory_fraction: it limits the "
+             "caching allocator's reserved bytes):",
+             table(rows, ("optimizer", "verdict", "peak alloc GiB", "peak reserved GiB", "cap - reserved GiB",
+                          "opt. state in cap GiB", "paged GiB", "NVML GiB", "live tensors fit"), "llrrrrrrl"),
+             f"- {OUTSIDE_NOTE}; the card must still hold it (NVML column)",
+             "- the verdict compares the planned peak reserved with the cap; where the live tensors (peak allocated) "
+             "fit all the same, only the allocator's cache is over it, which it cannot return during a CUDA graph "
+             "capture"]
     return "\n".join(lines)
 
 
@@ -208,10 +233,13 @@ def _list_models(as_json: bool) -> str:
               "24GiB (or 24Gi) 24 x 2^30 bytes. With it, solve for the largest --solve value that fits.")
 @click.option("--solve", type=click.Choice(["seq-len", "batch-size", "rank"]),
               help="What --fit solves for, the other settings fixed.  [default: seq-len]")
+@click.option("--allocator-cap", help="A cap on PyTorch's caching allocator, as torch.cuda."
+              "set_per_process_memory_fraction sets it (6GiB = 6 x 2^30 bytes, 6GB = 6 x 10^9): does the step fit "
+              "under it with --optimizer and with its paged/unpaged counterpart? Paged state is outside the cap.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (with --list-models too).")
 @click.option("--list-models", is_flag=True, help="List the known model names with their shapes and exit.")
 def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, list_models, compare_methods,
-             **options):
+             allocator_cap, **options):
     """Plan the GPU memory of QLoRA training: every byte on a named row, the peak, and what fits; and what the
     trained adapter costs at inference.
 
@@ -223,6 +251,7 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
       qtool plan ./llama2-7b-nf4 --fit "RTX 4090" --solve batch-size --json
       qtool plan llama-2-7b --method prefix --prefix-len 64
       qtool plan llama-2-7b --compare-methods --rank 16
+      qtool plan llama-3.2-1b --rank 512 --targets all-linear --seq-len 128 --allocator-cap 6GiB
     """
     if list_models:
         click.echo(_list_models(as_json))
@@ -251,12 +280,17 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
                                                         == ParameterSource.COMMANDLINE])
     if ignored:
         raise UsageError(ignored)
+    from qtool.plan import cap
+
+    cap_bytes = cap.parse_cap(allocator_cap) if allocator_cap else None  # a bad size fails before any planning
     shape = _shape(model_arg or model, params)
     settings = planner.Settings(double_quant=not no_double_quant, **options)
     if compare_methods:
-        if settings.method != "lora" or fit_to:
-            raise UsageError("--compare-methods plans all four methods at LoRA's budget: drop --method"
-                             + (" and --fit" if fit_to else ""), hint="set the budget with --rank and --targets")
+        if settings.method != "lora" or fit_to or allocator_cap:
+            dropped = [flag for flag, given in (("--method", settings.method != "lora"), ("--fit", fit_to),
+                                                ("--allocator-cap", allocator_cap)) if given]
+            raise UsageError("--compare-methods plans all four methods at LoRA's budget: drop "
+                             + " and ".join(dropped), hint="set the budget with --rank and --targets")
         rows = planner.compare_methods(shape, settings)
         if as_json:
             import json
@@ -275,8 +309,9 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
     if fit_to:
         fit_label, capacity = planner.capacity_bytes(fit_to)
         fit = planner.largest_fitting(shape, settings, capacity, (solve or "seq-len").replace("-", "_"))
+    cap_checks = cap.check_cap(shape, settings, cap_bytes) if allocator_cap else None
     if not as_json:
-        click.echo(_render(p, gpus, seq_limit, fit, fit_label, inference))
+        click.echo(_render(p, gpus, seq_limit, fit, fit_label, inference, cap_checks))
         return
     import json
 
@@ -289,6 +324,11 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
                       "value": fit.value, "limited": fit.limited, "limit": fit.limit,
                       "limit_reason": fit.limit_reason,
                       "peak_nvml_bytes": fit.plan.peak_nvml_bytes if fit.plan else None}
+    if cap_checks:
+        from qtool.plan.cap import OUTSIDE_NOTE
+
+        out["allocator_cap"] = {"cap_bytes": cap_checks[0].cap_bytes, "checks": [c.to_dict() for c in cap_checks],
+                                "note": OUTSIDE_NOTE}
     click.echo(json.dumps(out, indent=1))
     for note in p.notes:
         click.echo(f"note: {note}", err=True)
