@@ -142,6 +142,8 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
     # optimizer runs one kernel instead of one per tensor (qtool/train/flat.py); zeroed in place from now on
     flat = use_graph
     opt_params = flatten_parameters(params) if flat else params
+    if flat:  # give the factors' old blocks back: cached, they would stay reserved beside the flat buffer
+        torch.cuda.empty_cache()
     opt_name, opt = make_optimizer(opt_params, st.optimizer, device, st.lr, st.weight_decay)
     monitor = MemoryMonitor(device)
     monitor.sample("after_load")
