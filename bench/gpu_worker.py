@@ -245,8 +245,10 @@ def run_hf(shape, configs, steps, warmup, profile="hf"):
     leaked = 0
     for c in configs:
         cleanup()
-        if profile == "hf":  # as transformers' Trainer does: no kwargs, so use_reentrant=False
-            model.gradient_checkpointing_enable() if c["gc"] else model.gradient_checkpointing_disable()
+        if profile == "hf" and c["gc"]:  # as transformers' Trainer does: no kwargs, so use_reentrant=False
+            model.gradient_checkpointing_enable()
+        elif profile == "hf":
+            model.gradient_checkpointing_disable()
         reentrant = checkpoint_use_reentrant(model)
         peft_model = get_peft_model(model, LoraConfig(r=c["rank"], lora_alpha=c.get("alpha", 2 * c["rank"]),
                                                       target_modules=list(TARGETS.get(c["targets"], c["targets"])),
@@ -402,6 +404,7 @@ def unsloth_report(unsloth, model) -> dict:
     the embeddings live, the sequence length it prepared for. A value it does not expose is None."""
     import importlib
     import importlib.metadata as md
+    import importlib.util
 
     def module_attr(module, name):
         try:
