@@ -2,19 +2,31 @@
 training configurations on it, printing one JSON record per configuration (schema: data/memory/README.md).
 
 Profiles:
-  qtool  our trainer (qtool.train.model.random_decoder + qtool.train.recipe.train), paged AdamW 32-bit
-  hf     transformers + PEFT + bitsandbytes as people run it: Linear4bit NF4 + double quant (compute bf16),
-         prepare_model_for_kbit_training, get_peft_model, gradient checkpointing, bnb PagedAdamW32bit, loss from
-         model(input_ids, labels=...)
+  qtool       our trainer (qtool.train.model.random_decoder + qtool.train.recipe.train), paged AdamW 32-bit
+  hf          transformers + PEFT + bitsandbytes as transformers' Trainer runs it: Linear4bit NF4 + double quant
+              (compute bf16), prepare_model_for_kbit_training, then gradient_checkpointing_enable() (no kwargs:
+              non-reentrant), get_peft_model, bnb PagedAdamW32bit, loss from model(input_ids, labels=...), clipping
+  hf-prepare  the same loop right after prepare_model_for_kbit_training(model) with its defaults and no further
+              gradient_checkpointing_enable(): peft passes gradient_checkpointing_kwargs={}, so transformers calls
+              torch's checkpoint without use_reentrant, which is reentrant (through torch 2.13, with a warning);
+              input gradients on (enable_input_require_grads), norms, embeddings and head in fp32. GC only.
+  unsloth     Unsloth's FastLanguageModel on a pre-quantised folder of the same weights (bench/random_folder.py):
+              from_pretrained(load_in_4bit=True, max_seq_length=seq), get_peft_model(use_gradient_checkpointing=
+              "unsloth"), bnb PagedAdamW32bit, a plain loop (loss, backward, step, zero_grad; no clipping). Needs the
+              unsloth wheels on the path and one configuration per process (see run_unsloth).
 
-Both sides get the *same* random NF4 weights (made directly in packed form on the GPU, never in 16-bit), so a
-65B model needs no 130 GB file. Run by bench/train_bench.py; usable alone:
+All profiles get the *same* random NF4 weights (made directly in packed form on the GPU, never in 16-bit; unsloth's
+folder holds the same bytes), so a 65B model needs no 130 GB file. Every record carries ``achieved_tflops``: the
+model FLOPs of bench/flops.py (recompute included) over the mean step time after warm-up. Run by
+bench/train_bench.py; usable alone:
 
     python bench/gpu_worker.py qtool llama-2-7b '[{"seq_len": 512, "rank": 16, "targets": "qkvo", "gc": true}]'
 
-A configuration with ``"method": "adalora"`` (qtool only) trains AdaLoRA from ``rank`` (= init rank) to
-``target_rank`` (default 8), with ``tinit`` = ``tfinal`` = 1 unless given: over the default 6 steps the budget falls
-during the CUDA-graph replays (masking in place between them) and the mask is fixed at step 5.
+QTOOL_BENCH_DEVICE=cpu makes a slow dry run of the code paths (no measurements); QTOOL_BENCH_LAYERS=N cuts the
+shape to N decoder layers for it. A configuration with ``"method": "adalora"`` (qtool only) trains AdaLoRA from
+``rank`` (= init rank) to ``target_rank`` (default 8), with ``tinit`` = ``tfinal`` = 1 unless given: over the default
+6 steps the budget falls during the CUDA-graph replays (masking in place between them) and the mask is fixed at
+step 5.
 """
 from __future__ import annotations
 
@@ -28,21 +40,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qtool.arch import known_shape  # noqa: E402
+from bench.flops import TARGETS, achieved_tflops, step_flops  # noqa: E402
+from bench.random_folder import bench_shape, hf_config_dict  # noqa: E402,F401 (hf_config_dict: tests import it here)
 from qtool.train.measure import MemoryMonitor  # noqa: E402
 
 WARMUP = int(os.environ.get("QTOOL_BENCH_WARMUP", 2))
 DEVICE = os.environ.get("QTOOL_BENCH_DEVICE", "cuda")  # "cpu": a slow dry run of the code paths, no measurements
-TARGETS = {"qkvo": ["q_proj", "k_proj", "v_proj", "o_proj"],
-           "all-linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-
-
-def hf_config_dict(shape) -> dict:
-    return {"model_type": shape.model_type, "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
-            "num_hidden_layers": shape.n_layers, "num_attention_heads": shape.n_heads,
-            "num_key_value_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "vocab_size": shape.vocab,
-            "tie_word_embeddings": shape.tied_embeddings, "max_position_embeddings": max(shape.max_positions, 8192),
-            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "dtype": "bfloat16"}
+PROFILES = ("qtool", "hf", "hf-prepare", "unsloth")
 
 
 def versions() -> dict:
@@ -134,12 +138,15 @@ def run_qtool(shape, configs, steps, warmup):
         detach_adapters(model)
 
 
-def record(profile, shape, c, after_load, res, err, leaked, build_s, step_seconds=None, peaks=None, losses=None):
+def record(profile, shape, c, after_load, res, err, leaked, build_s, step_seconds=None, peaks=None, losses=None,
+           adapter_dtype="float32"):
     settings = {"rank": c["rank"], "alpha": c.get("alpha", 2 * c["rank"]), "targets": c["targets"],
                 "seq_len": c["seq_len"], "batch_size": c.get("batch_size", 1), "grad_checkpointing": c["gc"],
                 "optimizer": c.get("optimizer", "paged_adamw_32bit"), "double_quant": True, "block_size": 64,
-                "compute_dtype": "bfloat16", "adapter_dtype": "float32", "attention": "sdpa",
-                "loss": "chunked" if profile == "qtool" else "full", **({"init": c["init"]} if "init" in c else {})}
+                "compute_dtype": "bfloat16", "adapter_dtype": adapter_dtype, "attention": "sdpa",
+                # unsloth: its fused cross-entropy, which works through the logits chunk by chunk
+                "loss": "chunked" if profile in ("qtool", "unsloth") else "full",
+                **({"init": c["init"]} if "init" in c else {})}
     if profile == "qtool":
         from qtool.train.loss import LOSS_CHUNK_MIB
 
@@ -165,8 +172,13 @@ def record(profile, shape, c, after_load, res, err, leaked, build_s, step_second
         timed = sorted(step_seconds[WARMUP + 1:] or step_seconds[1:] or step_seconds)  # after capture / warm-up
         median = timed[len(timed) // 2]
         rec["measured"].update(peaks)
+        mean = sum(timed) / len(timed)
+        flops = step_flops(shape, settings["seq_len"], settings["batch_size"], c["rank"], c["targets"], c["gc"])
         rec["measured"].update({"step_seconds": [round(s, 4) for s in step_seconds], "median_step_seconds": median,
+                                "mean_step_seconds": mean,
                                 "tokens_per_second": settings["seq_len"] * settings["batch_size"] / median,
+                                "flops_per_step": flops["total"],
+                                "achieved_tflops": achieved_tflops(flops["total"], mean),
                                 "losses": [round(float(x), 4) for x in losses]})
     return rec
 
@@ -221,68 +233,208 @@ def build_hf(shape):
     return model
 
 
-def run_hf(shape, configs, steps, warmup):
+def run_hf(shape, configs, steps, warmup, profile="hf"):
+    """Profiles hf and hf-prepare (module docstring): one model, prepared once, each configuration's adapters
+    attached by get_peft_model and removed by unload() after its run."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    if profile == "hf-prepare" and not all(c["gc"] for c in configs):
+        raise ValueError("profile hf-prepare trains with the checkpointing prepare_model_for_kbit_training turns on: "
+                         "every configuration needs \"gc\": true")
     device = torch.device(DEVICE)
     t0 = time.perf_counter()
     model = build_hf(shape)
-    model = prepare_model_for_kbit_training(model)  # fp32 casts of non-4-bit params, GC on, input grads
+    model = prepare_model_for_kbit_training(model)  # fp32 casts of non-4-bit params, GC on (reentrant), input grads
     build_s = time.perf_counter() - t0
     leaked = 0
-    vocab = shape.vocab
     for c in configs:
         cleanup()
-        if c["gc"]:
+        if profile == "hf" and c["gc"]:  # as transformers' Trainer does: no kwargs, so use_reentrant=False
             model.gradient_checkpointing_enable()
-        else:
+        elif profile == "hf":
             model.gradient_checkpointing_disable()
+        reentrant = checkpoint_use_reentrant(model)
         peft_model = get_peft_model(model, LoraConfig(r=c["rank"], lora_alpha=c.get("alpha", 2 * c["rank"]),
-                                                      target_modules=TARGETS.get(c["targets"], c["targets"]),
+                                                      target_modules=list(TARGETS.get(c["targets"], c["targets"])),
                                                       lora_dropout=0.0, task_type="CAUSAL_LM"))
         peft_model.train()
         params = [p for p in peft_model.parameters() if p.requires_grad]
         opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4) if DEVICE == "cuda" else torch.optim.AdamW(params, lr=2e-4)
         monitor = MemoryMonitor(device)
         after_load = monitor.sample("after_load")
-        gen = torch.Generator().manual_seed(0)
-        b = c.get("batch_size", 1)
-        losses, step_seconds, err = [], [], None
-        try:
-            for step in range(steps):
-                if step == warmup:
-                    monitor.reset_peaks()
-                    since = len(monitor.samples)
-                ids = torch.randint(0, vocab, (b, c["seq_len"]), generator=gen).to(device)
-                if DEVICE == "cuda":
-                    torch.cuda.synchronize()
-                t = time.perf_counter()
-                loss = peft_model(input_ids=ids, labels=ids).loss
-                if step >= warmup:
-                    monitor.sample("forward")
-                loss.backward()
-                if step >= warmup:
-                    monitor.sample("backward")
-                torch.nn.utils.clip_grad_norm_(params, 0.3)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                losses.append(float(loss))
-                step_seconds.append(time.perf_counter() - t)
-                monitor.sample("optimizer_step")
-        except torch.cuda.OutOfMemoryError as exc:
-            err = f"OOM: {str(exc)[:200]}"
-        rec = record("hf", shape, c, after_load, None, err, leaked, build_s, step_seconds if not err else None,
-                     monitor.peaks(since) if not err else None, losses)
+        losses, step_seconds, peaks, err, ids = train_loop(peft_model, params, opt, shape.vocab, c, steps, warmup,
+                                                            monitor, max_grad_norm=0.3)
+        rec = record(profile, shape, c, after_load, None, err, leaked, build_s, step_seconds, peaks, losses)
+        rec["settings"]["gc_use_reentrant"] = reentrant if c["gc"] else None
         rec["trainable_params"] = sum(p.numel() for p in params)
         rec["measured"]["paged_state_bytes"] = paged_state_bytes(opt)
         leaked += rec["measured"]["paged_state_bytes"]
         print(json.dumps(rec), flush=True)
         if os.environ.get("QTOOL_PROFILE") and not err:
-            profile_step(lambda: peft_model(input_ids=ids, labels=ids).loss.backward(), f"hf-{shape.name}")
+            profile_step(lambda: peft_model(input_ids=ids, labels=ids).loss.backward(), f"{profile}-{shape.name}")
         del opt, params
         model = peft_model.unload()
         del peft_model
+
+
+def checkpoint_use_reentrant(model) -> bool | None:
+    """Whether the model's layers checkpoint reentrantly (None: no checkpointing function set). transformers binds
+    its kwargs with functools.partial; without ``use_reentrant`` torch's own default applies, which is reentrant
+    through torch 2.13 (torch/utils/checkpoint.py: a warning, then ``use_reentrant = True``)."""
+    for module in model.modules():
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if fn is not None and getattr(module, "gradient_checkpointing", False):
+            return bool(getattr(fn, "keywords", {}).get("use_reentrant", True))
+    return None
+
+
+def train_loop(model, params, opt, vocab, c, steps, warmup, monitor, max_grad_norm=None):
+    """The eager step of the hf, hf-prepare and unsloth profiles: ``loss = model(input_ids=ids, labels=ids).loss``
+    (the output, and its logits, dropped before backward, as transformers' Trainer does), backward, clipping when
+    ``max_grad_norm``, step, ``zero_grad(set_to_none=True)``. Random ids of exactly batch x seq, no padding or mask.
+    Each step is timed between device synchronisations (Unsloth's checkpointing copies on side streams; bitsandbytes
+    steps on the legacy stream). Returns ``(losses, step_seconds, peaks, error, last_ids)``; peaks are taken from
+    step ``warmup`` on, and error is set (and the rest None) on an out-of-memory error."""
+    device = torch.device(DEVICE)
+    gen = torch.Generator().manual_seed(0)
+    b = c.get("batch_size", 1)
+    losses, step_seconds, since, ids = [], [], 0, None
+    try:
+        for step in range(steps):
+            if step == warmup:
+                monitor.reset_peaks()
+                since = len(monitor.samples)
+            ids = torch.randint(0, vocab, (b, c["seq_len"]), generator=gen).to(device)
+            sync()
+            t = time.perf_counter()
+            loss = model(input_ids=ids, labels=ids).loss
+            if step >= warmup:
+                monitor.sample("forward")
+            loss.backward()
+            if step >= warmup:
+                monitor.sample("backward")
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            sync()
+            step_seconds.append(time.perf_counter() - t)
+            monitor.sample("optimizer_step")
+    except torch.cuda.OutOfMemoryError as exc:
+        return None, None, None, f"OOM: {str(exc)[:200]}", None
+    return losses, step_seconds, monitor.peaks(since), None, ids
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+# --------------------------------------------------------------------------------------------------------- unsloth
+# Set before Unsloth is imported: no statistics download (unsloth/models/_utils.py get_statistics skips it under any
+# of these), no hub look-ups (has_internet() answers False when either offline variable is set), and Unsloth's
+# compiled-module cache outside the repository.
+UNSLOTH_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_unsloth(shape, configs, steps, warmup):
+    """Profile unsloth (module docstring). One configuration per process: ``max_seq_length`` is fixed at load, and
+    it decides the checkpointing (Unsloth's "unsloth" mode falls back to plain checkpointing below 512; at 512 and
+    above it offloads each checkpointed layer input to pinned host buffers, unsloth_zoo/gradient_checkpointing.py,
+    which no GPU counter sees: the record gives their size). The folder is written once per shape under
+    QTOOL_BENCH_FOLDERS (default: the temporary directory) and reused by later processes."""
+    import contextlib
+
+    stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # Unsloth's banner and notices: stdout carries only the record
+        rec = unsloth_record(shape, configs, steps, warmup)
+    print(json.dumps(rec), file=stdout, flush=True)
+
+
+def unsloth_record(shape, configs, steps, warmup) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    if len(configs) != 1:
+        raise ValueError(f"profile unsloth runs one configuration per process, got {len(configs)}")
+    c = configs[0]
+    if "transformers" in sys.modules or "peft" in sys.modules:
+        raise RuntimeError("unsloth must be imported before transformers and peft (it patches them on import)")
+    for k, v in UNSLOTH_ENV.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", tempfile.mkdtemp(prefix="unsloth-compiled-"))
+    t0 = time.perf_counter()
+    import unsloth
+    from unsloth import FastLanguageModel
+    import bitsandbytes as bnb
+
+    from bench.random_folder import write_random_nf4_folder
+
+    import_s = time.perf_counter() - t0
+    device = torch.device(DEVICE)
+    t0 = time.perf_counter()
+    root = Path(os.environ.get("QTOOL_BENCH_FOLDERS", tempfile.gettempdir()))
+    folder = write_random_nf4_folder(shape, root / f"qtool-bench-{shape.name}-{shape.n_layers}l-nf4", device)
+    cleanup()
+    folder_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model, _tokenizer = FastLanguageModel.from_pretrained(
+        str(folder), max_seq_length=c["seq_len"], dtype=torch.bfloat16, load_in_4bit=True,
+        fix_tokenizer=False)  # the word-level bench tokenizer needs no chat-template or pad fixes
+    model = FastLanguageModel.get_peft_model(
+        model, r=c["rank"], target_modules=list(TARGETS.get(c["targets"], c["targets"])),
+        lora_alpha=c.get("alpha", 2 * c["rank"]), lora_dropout=0, bias="none",
+        use_gradient_checkpointing="unsloth" if c["gc"] else False, random_state=0)
+    FastLanguageModel.for_training(model)  # training mode: checkpointing only runs in it
+    build_s = time.perf_counter() - t0
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = bnb.optim.PagedAdamW32bit(params, lr=2e-4) if DEVICE == "cuda" else torch.optim.AdamW(params, lr=2e-4)
+    monitor = MemoryMonitor(device)
+    after_load = monitor.sample("after_load")
+    losses, step_seconds, peaks, err, _ = train_loop(model, params, opt, shape.vocab, c, steps, warmup, monitor)
+    rec = record("unsloth", shape, c, after_load, None, err, 0, build_s, step_seconds, peaks, losses,
+                 adapter_dtype=str(params[0].dtype).removeprefix("torch."))
+    rec["trainable_params"] = sum(p.numel() for p in params)
+    rec["measured"]["paged_state_bytes"] = paged_state_bytes(opt)
+    rec["measured"].update(unsloth_import_seconds=round(import_s, 2), folder_write_seconds=round(folder_s, 2))
+    rec["unsloth"] = unsloth_report(unsloth, model)
+    return rec
+
+
+def unsloth_report(unsloth, model) -> dict:
+    """What Unsloth says it set up: versions, attention back-ends, its checkpointing mode and offload buffers, where
+    the embeddings live, the sequence length it prepared for. A value it does not expose is None."""
+    import importlib
+    import importlib.metadata as md
+    import importlib.util
+
+    def module_attr(module, name):
+        try:
+            return getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            return None
+
+    def buffer_bytes(buffers):
+        return sum(t.numel() * t.element_size() for t in (buffers or []) if torch.is_tensor(t))
+
+    gc_module = "unsloth_zoo.gradient_checkpointing"
+    embed = model.get_input_embeddings().weight
+    out = {"version": getattr(unsloth, "__version__", None),
+           "unsloth_zoo": md.version("unsloth_zoo") if importlib.util.find_spec("unsloth_zoo") else None,
+           "has_flash_attention": module_attr("unsloth.models._utils", "HAS_FLASH_ATTENTION"),
+           "xformers": md.version("xformers") if importlib.util.find_spec("xformers") else None,
+           "gradient_checkpointing": getattr(model, "_unsloth_gradient_checkpointing", None),
+           "checkpoint_function": torch.utils.checkpoint.CheckpointFunction.__name__,
+           "gc_host_buffer_bytes": buffer_bytes(module_attr(gc_module, "CPU_BUFFERS")),
+           "gc_device_buffer_bytes": buffer_bytes(module_attr(gc_module, "GPU_BUFFERS"))
+           + buffer_bytes(module_attr(gc_module, "GPU_BUFFERS_B")),
+           "embedding_device": str(embed.device), "embedding_dtype": str(embed.dtype),
+           "max_seq_length": getattr(model, "max_seq_length", None)}
+    print(f"### unsloth: {json.dumps(out)}", file=sys.stderr)
+    return out
 
 
 def profile_step(fn, tag):
@@ -318,10 +470,17 @@ def profile_step(fn, tag):
 
 def main(argv):
     profile, name, configs = argv[0], argv[1], json.loads(argv[2])
+    if profile not in PROFILES:
+        raise SystemExit(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
     steps = int(os.environ.get("QTOOL_BENCH_STEPS", 6))
     warmup = WARMUP
-    shape = known_shape(name)
-    {"qtool": run_qtool, "hf": run_hf}[profile](shape, configs, steps, warmup)
+    shape = bench_shape(name, int(os.environ.get("QTOOL_BENCH_LAYERS", 0)) or None)
+    if profile == "unsloth":
+        run_unsloth(shape, configs, steps, warmup)
+    elif profile == "qtool":
+        run_qtool(shape, configs, steps, warmup)
+    else:
+        run_hf(shape, configs, steps, warmup, profile)
 
 
 if __name__ == "__main__":

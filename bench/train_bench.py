@@ -6,8 +6,11 @@ peaks that calibrate and validate ``qtool plan``. Each (profile, model) runs in 
     python bench/train_bench.py --suite full  --out OUT_DIR     # the planner's matrix + the speed comparison
     python bench/train_bench.py --report data/memory/h200-2026-11-29.json   # the tables of recorded runs
     python bench/train_bench.py --suite adalora --profiles qtool --out OUT_DIR  # AdaLoRA peaks beside the plan
+    python bench/train_bench.py --suite unsloth --profiles qtool,hf,hf-prepare,unsloth --out OUT_DIR  # issue 11
 
-Writes OUT_DIR/records.json (the schema of data/memory/README.md) and prints a table last.
+Writes OUT_DIR/records.json (the schema of data/memory/README.md) and prints a table last: per speed row and
+profile, tokens/s, achieved TFLOP/s (bench/flops.py) and its share of the GPU's dense bf16 peak, and the three
+memory counters. The unsloth profile runs one process per configuration (bench/gpu_worker.py run_unsloth).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # qtool and bench.flops
 
 
 def c(seq, rank, targets="qkvo", gc=True, batch=1):
@@ -46,8 +50,11 @@ SUITES = {
                        c(4096, 24, "all-linear", gc=False) | {"method": "adalora", "target_rank": 16}],
         "llama-3-8b": [c(8192, 12, "all-linear") | {"method": "adalora"}],
     },
+    # issue 11: the speed rows against Unsloth and against the loop right after prepare_model_for_kbit_training
+    "unsloth": {"llama-2-7b": [c(512, 16), c(2048, 16)], "llama-3-8b": [c(2048, 16)]},
 }
 SPEED_ROWS = [("llama-2-7b", 512), ("llama-2-7b", 2048), ("llama-3-8b", 2048), ("llama-1-65b", 512)]
+PROFILE_ORDER = ("qtool", "hf", "hf-prepare", "unsloth")
 
 
 def run_worker(profile, model, configs, env, timeout):
@@ -73,7 +80,7 @@ def main():
     ap.add_argument("--report", help="print the tables of a records file instead of running")
     ap.add_argument("--profiles", default="qtool,hf")
     ap.add_argument("--models", default="", help="comma-separated subset of the suite's models")
-    ap.add_argument("--timeout", type=int, default=400)
+    ap.add_argument("--timeout", type=int, default=400, help="seconds per worker process")
     args = ap.parse_args()
     if args.report:
         return report(json.loads(Path(args.report).read_text()))
@@ -89,11 +96,14 @@ def main():
     records = []
     for model in models:
         for profile in args.profiles.split(","):
-            try:
-                records += run_worker(profile, model, suite[model], env, args.timeout)
-            except subprocess.TimeoutExpired:
-                print(f"timeout: {profile} {model}", file=sys.stderr)
-            (out / "records.json").write_text(json.dumps(records, indent=1))
+            # unsloth fixes max_seq_length and its checkpointing mode at load: one process per configuration
+            groups = [[cfg] for cfg in suite[model]] if profile == "unsloth" else [suite[model]]
+            for configs in groups:
+                try:
+                    records += run_worker(profile, model, configs, env, args.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"timeout after {args.timeout} s: {profile} {model}", file=sys.stderr, flush=True)
+                (out / "records.json").write_text(json.dumps(records, indent=1))
     report(records)
 
 
@@ -103,41 +113,90 @@ def report(records):
         m, s = r["measured"], r["settings"]
         rows.append([r["profile"], r["model"]["name"], s["seq_len"], s["batch_size"], s["rank"], s["targets"],
                      "on" if s["grad_checkpointing"] else "off", f"{m.get('tokens_per_second', 0):,.0f}",
-                     gib(m.get("peak_allocated_bytes")), gib(m.get("peak_reserved_bytes")),
+                     tflops(r), gib(m.get("peak_allocated_bytes")), gib(m.get("peak_reserved_bytes")),
                      gib(m.get("nvml_used_bytes")), r.get("error") or ""])
-    header = ["profile", "model", "seq", "b", "r", "targets", "GC", "tok/s", "alloc GiB", "reserved", "NVML", "err"]
+    header = ["profile", "model", "seq", "b", "r", "targets", "GC", "tok/s", "TFLOP/s", "alloc GiB", "reserved",
+              "NVML", "err"]
     plan_rows = _plan_errors(records)
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    for row in [header] + rows:
-        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+    print_table(header, rows)
     if plan_rows:
         print("\nplan vs measured peak allocated (less what earlier runs in the process left; goal within 5%):")
         for row in plan_rows:
             print("  " + row)
+    speed_table(records)
+
+
+def tflops(r) -> str:
+    t = achieved(r)
+    return f"{t:.0f}" if t else "-"
+
+
+def achieved(r) -> float | None:
+    """The record's achieved TFLOP/s; for records made before bench/gpu_worker.py wrote it, the same count over the
+    mean of the same timed steps (after the two warm-up steps and the one after them)."""
+    from bench.flops import achieved_tflops, step_flops
+    from qtool.arch import shape_from_config
+
+    m, s = r["measured"], r["settings"]
+    if "achieved_tflops" in m or not m.get("step_seconds"):
+        return m.get("achieved_tflops")
+    timed = m["step_seconds"][3:] or m["step_seconds"][1:]
+    shape = shape_from_config({"model_type": "llama", **r["model"]}, name=r["model"].get("name", "record"))
+    flops = step_flops(shape, s["seq_len"], s["batch_size"], s["rank"], s["targets"], s["grad_checkpointing"])
+    return achieved_tflops(flops["total"], sum(timed) / len(timed))
+
+
+def print_table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header] + rows:
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
+
+
+def speed_table(records):
+    """The speed rows (rank 16, q,k,v,o, GC, batch 1), every profile measured: tokens/s (median step), achieved
+    TFLOP/s (mean step, bench/flops.py) and its share of the GPU's dense bf16 peak, qtool's speed-up over the row,
+    the three memory counters and, for Unsloth, the pinned host memory its checkpointing offloads to."""
+    from bench.flops import peak_tflops
+
     speed = {(r["model"]["name"], r["settings"]["seq_len"], r["profile"]): r for r in records
              if r["settings"]["rank"] == 16 and r["settings"]["targets"] == "qkvo" and r["settings"]["batch_size"] == 1
-             and r["settings"]["grad_checkpointing"] and not r.get("error")}
-    print("\nspeed (rank 16, qkvo, GC, batch 1):  tokens/s qtool / hf = ratio;  peak allocated qtool / hf GiB")
+             and r["settings"]["grad_checkpointing"] and not r.get("error") and "tokens_per_second" in r["measured"]}
+    profiles = [p for p in PROFILE_ORDER if any(k[2] == p for k in speed)]
+    profiles += sorted({k[2] for k in speed} - set(profiles))
+    rows = []
     for model, seq in SPEED_ROWS:
-        q, h = speed.get((model, seq, "qtool")), speed.get((model, seq, "hf"))
-        if q and h:
-            qm, hm = q["measured"], h["measured"]
-            print(f"  {model:12s} {seq:5d}: {qm['tokens_per_second']:8,.0f} / {hm['tokens_per_second']:8,.0f} = "
-                  f"{qm['tokens_per_second'] / hm['tokens_per_second']:.2f}x;  {gib(qm['peak_allocated_bytes'])} / "
-                  f"{gib(hm['peak_allocated_bytes'])}")
-
+        q = speed.get((model, seq, "qtool"))
+        for profile in profiles:
+            r = speed.get((model, seq, profile))
+            if r is None:
+                continue
+            m = r["measured"]
+            peak = peak_tflops(r["gpu"])
+            share = f"{100 * achieved(r) / peak:.0f}%" if peak and achieved(r) else "-"
+            ratio = f"{q['measured']['tokens_per_second'] / m['tokens_per_second']:.2f}x" if q else "-"
+            host = (r.get("unsloth") or {}).get("gc_host_buffer_bytes")
+            rows.append([profile, model, seq, f"{m['tokens_per_second']:,.0f}", tflops(r), share, ratio,
+                         gib(m.get("peak_allocated_bytes")), gib(m.get("peak_reserved_bytes")),
+                         gib(m.get("nvml_used_bytes")), gib(host)])
+    if rows:
+        peaks = sorted({f"{r['gpu']} {peak_tflops(r['gpu']):.0f}" for r in speed.values() if peak_tflops(r["gpu"])})
+        print(f"\nspeed (rank 16, q,k,v,o, GC, batch 1); % of dense bf16 peak TFLOP/s ({', '.join(peaks) or '?'}); "
+              "qtool x = qtool tok/s / row tok/s; host = pinned host memory of Unsloth's checkpoint offload")
+        print_table(["profile", "model", "seq", "tok/s", "TFLOP/s", "% peak", "qtool x", "alloc GiB", "reserved GiB",
+                     "NVML GiB", "host GiB"], rows)
 
 
 def _plan_errors(records) -> list[str]:
     """One line per measured record: the planner's peak allocated against the measured one (tests/test_plan.py's
     replay, for records not yet in data/memory/)."""
-    sys.path.insert(0, str(HERE.parent))
     from qtool.plan.planner import carried_allocated_bytes, plan_for_record
+
+    from qtool.plan.settings import PROFILES
 
     lines = []
     for r in records:
-        if r.get("error") or "peak_allocated_bytes" not in r["measured"]:
-            continue
+        if r.get("error") or not r["measured"].get("peak_allocated_bytes") or r["profile"] not in PROFILES:
+            continue  # a CPU dry run, or a profile qtool plan does not model (yet): nothing to compare
         p = plan_for_record(r)
         measured = r["measured"]["peak_allocated_bytes"] - carried_allocated_bytes(r, p)
         extra = r["measured"].get("adalora")
