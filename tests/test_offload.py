@@ -221,7 +221,7 @@ from qtool.train.settings import decoder_shape
 shape = decoder_shape({"model_type": "llama", "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 12,
                        "num_attention_heads": 16, "num_key_value_heads": 4, "vocab_size": 2048})
 pattern = torch.arange(2048).repeat(12, 1) % 97
-st = TrainSettings(steps=6, seq_len=2048, batch_size=2, lr=1e-3, measure_after=3, offload_activations=sys.argv[1] == "1")
+st = TrainSettings(steps=6, seq_len=2048, batch_size=2, lr=2e-4, measure_after=3, offload_activations=sys.argv[1] == "1")
 model = random_decoder(shape, "cuda", spec=AdapterSpec("qkvo", rank=16))
 res = train(model, Blocks(pattern[:10], pattern[10:], 0), st, device=torch.device("cuda"))
 print(json.dumps({"losses": res.losses, "cuda_graph": res.cuda_graph, "peak": res.peaks["peak_allocated_bytes"],
@@ -248,12 +248,12 @@ def test_offload_in_the_cuda_graph_step_saves_the_planned_memory():
                               cwd=root, timeout=600)
         assert done.returncode == 0, done.stderr[-2000:]
         runs[offload] = json.loads(done.stdout.strip().splitlines()[-1])
-    assert runs[True]["cuda_graph"] == "on" and runs[False]["cuda_graph"] == "on"
-    losses = torch.tensor(runs[True]["losses"])
-    assert torch.isfinite(losses).all() and torch.allclose(losses, torch.tensor(runs[False]["losses"]), rtol=2e-3)
     saved = runs[False]["peak"] - runs[True]["peak"]
     plan_saved = runs[False]["planned"] - runs[True]["planned"]
     print(f"peak allocated {runs[False]['peak'] / 2**20:.0f} -> {runs[True]['peak'] / 2**20:.0f} MiB (planned "
           f"{runs[False]['planned'] / 2**20:.0f} -> {runs[True]['planned'] / 2**20:.0f}): saved {saved / 2**20:.0f} MiB, "
-          f"planned {plan_saved / 2**20:.0f}")
+          f"planned {plan_saved / 2**20:.0f}; losses {runs[False]['losses']} / {runs[True]['losses']}")
+    assert runs[True]["cuda_graph"] == "on" and runs[False]["cuda_graph"] == "on"
+    losses = torch.tensor(runs[True]["losses"])
+    assert torch.isfinite(losses).all() and torch.allclose(losses, torch.tensor(runs[False]["losses"]), rtol=2e-3)
     assert 0.8 * plan_saved <= saved <= 1.25 * plan_saved, (saved, plan_saved)
