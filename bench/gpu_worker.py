@@ -23,10 +23,11 @@ bench/train_bench.py; usable alone:
     python bench/gpu_worker.py qtool llama-2-7b '[{"seq_len": 512, "rank": 16, "targets": "qkvo", "gc": true}]'
 
 QTOOL_BENCH_DEVICE=cpu makes a slow dry run of the code paths (no measurements); QTOOL_BENCH_LAYERS=N cuts the
-shape to N decoder layers for it. A configuration with ``"method": "adalora"`` (qtool only) trains AdaLoRA from
-``rank`` (= init rank) to ``target_rank`` (default 8), with ``tinit`` = ``tfinal`` = 1 unless given: over the default
-6 steps the budget falls during the CUDA-graph replays (masking in place between them) and the mask is fixed at
-step 5.
+shape to N decoder layers for it. A qtool configuration with ``"offload": true`` trains with
+``--offload-activations`` (needs ``"gc": true``). A configuration with ``"method": "adalora"`` (qtool only) trains
+AdaLoRA from ``rank`` (= init rank) to ``target_rank`` (default 8), with ``tinit`` = ``tfinal`` = 1 unless given:
+over the default 6 steps the budget falls during the CUDA-graph replays (masking in place between them) and the mask
+is fixed at step 5.
 """
 from __future__ import annotations
 
@@ -113,7 +114,7 @@ def run_qtool(shape, configs, steps, warmup):
                         torch.randint(0, cfg.vocab, (1, c["seq_len"]), generator=gen), 0)
         st = TrainSettings(steps=steps, seq_len=c["seq_len"], batch_size=c.get("batch_size", 1), rank=c["rank"],
                            alpha=c.get("alpha", 2 * c["rank"]), targets=c["targets"], init=c.get("init", "zero"),
-                           grad_checkpointing=c["gc"],
+                           grad_checkpointing=c["gc"], offload_activations=c.get("offload", False),
                            optimizer=c.get("optimizer", "paged_adamw_32bit") if DEVICE == "cuda" else "adamw_torch", measure_after=warmup, max_grad_norm=0.3,
                            **({"method": "adalora", "init_rank": c["rank"], **ada} if ada else {}))
         monitor = MemoryMonitor(device)
@@ -124,6 +125,8 @@ def run_qtool(shape, configs, steps, warmup):
         except torch.cuda.OutOfMemoryError as exc:
             res, err = None, f"OOM: {str(exc)[:200]}"
         rec = record("qtool", shape, c, after_load, res, err, leaked, build_s)
+        if c.get("offload"):  # planned as it ran (data/memory/README.md: settings hold Settings fields)
+            rec["settings"]["offload_activations"] = True
         if res is not None:
             rec["trainable_params"] = res.trainable_params
             rec["measured"]["cuda_graph"] = res.cuda_graph
@@ -156,7 +159,7 @@ def record(profile, shape, c, after_load, res, err, leaked, build_s, step_second
         settings.update(method="adalora", target_rank=c.get("target_rank", 8))
     rec = {"id": f"{profile}-{shape.name}-s{c['seq_len']}-b{settings['batch_size']}-r{c['rank']}-{c['targets']}-"
                  f"{'gc' if c['gc'] else 'nogc'}" + (f"-{c['init']}" if c.get("init", "zero") != "zero" else "")
-                 + ("-adalora" if c.get("method") == "adalora" else ""),
+                 + ("-adalora" if c.get("method") == "adalora" else "") + ("-offload" if c.get("offload") else ""),
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "versions": versions(),
            "profile": profile,
            "model": {"name": shape.name, **{k: v for k, v in hf_config_dict(shape).items() if k != "dtype"}},

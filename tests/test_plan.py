@@ -475,6 +475,35 @@ def _check_qtool_trace(config: dict, gc: bool, targets: str, seq_len: int, batch
     assert abs(planned - traced) / traced < 0.02, (planned, traced, phase)
 
 
+@pytest.mark.parametrize("targets,seq_len,batch_size,kv_heads", [("all-linear", 300, 2, 4), ("qkvo", 384, 1, 2)])
+def test_qtool_offloaded_step_matches_allocation_trace(one_thread, targets, seq_len, batch_size, kv_heads):
+    """--offload-activations on the CPU, where the "host" buffers are ordinary CPU tensors: made in the warm-up call,
+    so the traced step sees only what the GPU would (the copies back, the recomputed output) and must match the plan
+    without the checkpoint row; and the step without offloading traces exactly the 4 layer inputs more."""
+    import torch
+    from qtool.adapters.spec import AdapterSpec
+    from qtool.train.load import random_decoder
+    from qtool.train.offload import ActivationOffload
+    from qtool.train.settings import decoder_shape
+
+    warnings.filterwarnings("ignore")
+    config = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": kv_heads, "vocab_size": 2000}
+    shape = shape_from_config(config)
+    names = tuple(lin.name for lin in shape.linears() if targets == "all-linear" or lin.group == "attn")
+    ids = torch.randint(0, 2000, (batch_size, seq_len))
+    traced = {}
+    for offload in (False, True):
+        model = random_decoder(decoder_shape(config), "cpu", spec=AdapterSpec(",".join(names), rank=16))
+        model.offload = ActivationOffload() if offload else None
+        traced[offload] = _traced_sgd_step(model, ids, True)
+    planned, phase = _planned_transient(shape, Settings(rank=16, targets=targets, seq_len=seq_len, optimizer="sgd",
+                                                        batch_size=batch_size, device="cpu", offload_activations=True))
+    assert abs(planned - traced[True]) / traced[True] < 0.02, (planned, traced[True], phase)
+    inputs = 4 * batch_size * seq_len * 256 * 2  # layers x tokens x hidden x bf16
+    assert abs(traced[False] - traced[True] - inputs) / inputs < 0.01, (traced, inputs)
+
+
 def _planned_step_bytes(shape, settings) -> tuple[int, str]:
     """As _planned_transient, with the adapter gradients made during the step counted (the embedding's backward,
     the step's last, holds every one of them)."""

@@ -108,7 +108,8 @@ def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str
         what = st.spec.describe()
     head = (f"{shape.name} ({shape.model_type}, {shape.n_params():,} params) - profile {st.profile}; "
             f"{what} ({p.n_trainable:,} trainable); "
-            f"seq {st.seq_len} x batch {st.batch_size}; checkpointing {'on' if st.grad_checkpointing else 'off'}; "
+            f"seq {st.seq_len} x batch {st.batch_size}; checkpointing "
+            f"{('on, inputs offloaded' if st.offload_activations else 'on') if st.grad_checkpointing else 'off'}; "
             f"{st.optimizer}; {st.attention} attention; {st.loss} loss")
     rows = [(r.name, *_gb_gib(r.bytes), r.where, r.counter) for r in p.rows]
     lines = [head, "", table(rows, ("item", "GB", "GiB", "where", "counted from"), "lrrll"), ""]
@@ -214,6 +215,9 @@ def _list_models(as_json: bool) -> str:
 @click.option("--grad-accum", type=int, default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=True, show_default=True,
               help="Recompute each layer's activations in the backward instead of keeping them.")
+@click.option("--offload-activations", is_flag=True,
+              help="qtool train --offload-activations: the checkpointed layer inputs in pinned host memory (a host "
+                   "row no GPU counter sees); on the GPU only the one or two being copied.")
 @click.option("--optimizer", type=_SettingChoice(OPTIMIZERS), default="paged_adamw_32bit", show_default=True,
               help="bitsandbytes (paged_*, *_8bit), torch AdamW or SGD." + _aliases(OPTIMIZERS))
 @click.option("--adapter-dtype", type=_SettingChoice(DTYPES), default="float32", show_default=True,

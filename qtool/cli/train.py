@@ -65,6 +65,9 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
               help="dtype of the products. auto: bfloat16 on CUDA and on CPUs with bf16 instructions, else float32.")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=True, show_default=True,
               help="Keep only each layer's input and recompute it in the backward.")
+@click.option("--offload-activations", is_flag=True,
+              help="Keep the checkpointed layer inputs in pinned host memory instead of on the GPU (copied while "
+                   "the next layer runs, fetched back for the backward); needs --grad-checkpointing.")
 @click.option("--rslora", is_flag=True, help="Scale the bypass by alpha/sqrt(rank) instead of alpha/rank.")
 @click.option("--eval-blocks", default=32, show_default=True, type=int,
               help="Held-out blocks for the loss before and after training (at most 5% of the data).")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
-from qtool.plan import methods
+from qtool.plan import methods, offload
 from qtool.plan import resident as items
 from qtool.plan import transient as acts
 from qtool.plan import vocab
@@ -39,7 +39,7 @@ FIT_TABLE_GPUS = ("RTX 4090", "A100-40GB", "L40S", "A100-80GB", "H100-80GB", "H2
 @dataclass(frozen=True)
 class Row:
     """One line item. ``where``: device | paged | host. ``counter``: the first memory counter that sees it
-    (allocated < reserved < nvml); the peaks are cumulative sums over the counters."""
+    (allocated < reserved < nvml; none for host memory); the peaks are cumulative sums over the counters."""
 
     name: str
     bytes: int
@@ -113,6 +113,7 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         *([Row("allocator rounding of the resident tensors (unsplit large blocks)", rounding)] if rounding else []),
         Row(f"optimizer state ({st.optimizer}) on device", opt_device),
         *([Row("optimizer state, paged (managed memory)", opt_paged, "paged", "nvml")] if opt_paged else []),
+        *([Row(offload.HOST_ROW, offload.host_bytes(shape, st), "host", "none")] if st.offload_activations else []),
         *([Row(f"cuBLAS workspaces ({n_workspaces} x {items.CUBLAS_WORKSPACE_BYTES // MiB} MiB)",
                n_workspaces * items.CUBLAS_WORKSPACE_BYTES)] if n_workspaces else []),
         *grads,
@@ -157,13 +158,19 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int],
     positions = Row("rotary cos/sin" + ("" if items.fused(st) else " and position ids"),
                     acts.position_bytes(shape, st))
     if st.grad_checkpointing:
-        kept = [Row(f"checkpointed inputs of {n} layers", acts.checkpoint_bytes(shape, st))]
         mask = acts.mask_bytes(shape, st)
-        kept += [Row("attention mask", mask)] if mask else []
+        mask_rows = [Row("attention mask", mask)] if mask else []
         layer = [Row("recomputed layer's saved tensors", acts.recompute_bytes(shape, st))]
         output = acts.reentrant_output_bytes(shape, st)  # hf-prepare: the whole layer reruns
         layer += [Row("recomputed layer's output (reentrant checkpointing)", output)] if output else []
-        first_kept = [Row("checkpointed input of layer 0", acts.checkpoint_bytes(shape, st) // n), *kept[1:], *layer]
+        if st.offload_activations:  # the inputs are a host row (persistent); on the GPU only those in flight
+            kept = mask_rows
+            first_kept = [*kept, *layer, *(Row(*r) for r in offload.backward_rows(shape, st, first=True))]
+            layer += [Row(*r) for r in offload.backward_rows(shape, st)]
+        else:
+            kept = [Row(f"checkpointed inputs of {n} layers", acts.checkpoint_bytes(shape, st)), *mask_rows]
+            first_kept = [Row("checkpointed input of layer 0", acts.checkpoint_bytes(shape, st) // n), *mask_rows,
+                          *layer]
     else:
         kept = [Row(f"activations saved by {n} layers", acts.layers_saved_bytes(shape, st))]
         layer = []
@@ -266,6 +273,10 @@ def _notes(shape: Shape, st: Settings) -> list[str]:
         notes.append(f"AdaLoRA is planned at --init-rank {st.rank}, its peak: pruning masks singular values in place "
                      "and frees nothing" + ("; the importance update and masking run between the CUDA-graph "
                                             "replays of forward+backward, which stay on" if items.fused(st) else ""))
+    if st.offload_activations:
+        notes.append("--offload-activations: each step copies every layer's input to the host and back "
+                     f"(2 x {shape.n_layers} x {offload.layer_input_bytes(shape, st) / 2**20:,.1f} MiB over PCIe or "
+                     "NVLink-C2C), overlapped with the layers' compute")
     if st.optimizer.startswith("paged_"):
         notes.append("paged optimizer buffers (>= 1e5 elements) live in CUDA managed memory: NVML sees them, "
                      "torch.cuda.max_memory_allocated does not")

@@ -54,6 +54,7 @@ class Settings:
     batch_size: int = 1
     grad_accum: int = 1         # micro-batches per optimizer step; > 1 keeps the LoRA gradients resident
     grad_checkpointing: bool = True
+    offload_activations: bool = False  # qtool: checkpointed layer inputs in pinned host memory (qtool.plan.offload)
     optimizer: str = "paged_adamw_32bit"
     adapter_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
@@ -129,6 +130,12 @@ class Settings:
         if st.is_hf and shape.model_type == "gemma2" and st.attention == "sdpa":
             problems.append("gemma2 uses attention logit soft-capping, which transformers' sdpa attention rejects; "
                             "use --attention eager")
+        if st.offload_activations and not st.grad_checkpointing:
+            problems.append("--offload-activations moves the checkpointed layer inputs to host memory: it needs "
+                            "--grad-checkpointing (drop --no-grad-checkpointing or --offload-activations)")
+        if st.offload_activations and st.profile != "qtool":
+            problems.append("--offload-activations is planned for --profile qtool (qtool train "
+                            "--offload-activations); the hf profile plans transformers' checkpointing as people run it")
         if st.init not in INITS:
             problems.append(f"--init {st.init!r} is not one of {', '.join(INITS)}")
         if st.method not in METHODS:

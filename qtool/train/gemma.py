@@ -30,7 +30,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from qtool.arch import Shape
 from qtool.errors import UsageError
@@ -161,13 +160,7 @@ class GemmaDecoder(Decoder):
         t, device = input_ids.shape[1], input_ids.device
         tables = {local: self.rope_tables(0, t, x.dtype, device, local) for local in {l.local_rope for l in self.layers}}
         masks = {w: self.attention_mask(t, w, x.dtype, device) for w in {layer.window for layer in self.layers}}
-        for layer in self.layers:
-            args = (x, *tables[layer.local_rope], masks[layer.window])
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # keep only each layer's input; its activations are recomputed in backward
-                x = checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=self.uses_rng)
-            else:
-                x = layer(*args)
+        x = self.run_layers(x, lambda i: (*tables[self.layers[i].local_rope], masks[self.layers[i].window]))
         return rms_norm(x, self.norm, self.shape.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

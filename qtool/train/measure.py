@@ -89,11 +89,13 @@ def plan_settings(st, n_micro_tokens: int | None = None):
     if st.method in UNTARGETED_METHODS:  # the method's own sizes; LoRA's fields stay at their defaults
         method = {"method": st.method, **{f: getattr(st, f) for f, (m, _) in METHOD_FLAGS.items() if m == st.method}}
         return Settings(profile="qtool", seq_len=st.seq_len, batch_size=st.batch_size, grad_accum=st.grad_accum,
-                        grad_checkpointing=st.grad_checkpointing, optimizer=optimizer, **method)
+                        grad_checkpointing=st.grad_checkpointing, offload_activations=st.offload_activations,
+                        optimizer=optimizer, **method)
     adalora = {"method": "adalora", "target_rank": st.spec.adalora.target_rank} if st.method == "adalora" else {}
     return Settings(profile="qtool", rank=st.spec.rank, alpha=st.alpha, targets=st.targets, init=st.init,
                     seq_len=st.seq_len, batch_size=st.batch_size, grad_accum=st.grad_accum,
-                    grad_checkpointing=st.grad_checkpointing, optimizer=optimizer, **adalora)
+                    grad_checkpointing=st.grad_checkpointing, offload_activations=st.offload_activations,
+                    optimizer=optimizer, **adalora)
 
 
 def compare_with_plan(shape, st, memory: list[dict], peaks: dict) -> list[dict]:
@@ -107,4 +109,7 @@ def compare_with_plan(shape, st, memory: list[dict], peaks: dict) -> list[dict]:
             ("peak allocated", p.peak_allocated_bytes, peaks.get("peak_allocated_bytes") or None),
             ("peak reserved", p.peak_reserved_bytes, peaks.get("peak_reserved_bytes") or None),
             ("NVML used", p.peak_nvml_bytes, peaks.get("nvml_used_bytes") or None)]
+    if st.offload_activations:  # the offloaded layer inputs: pinned host memory, seen by none of the GPU counters
+        rows.append(("pinned host memory", sum(r.bytes for r in p.rows if r.where == "host"),
+                     peaks.get("pinned_host_bytes") or None))
     return [{"name": n, "planned_bytes": a, "measured_bytes": b, "error_pct": error_pct(a, b)} for n, a, b in rows]

@@ -25,6 +25,7 @@ from qtool.adapters.prefix import prefix_attention
 from qtool.arch import Shape
 from qtool.train import fused
 from qtool.train.loss import chunked_cross_entropy, loss_chunk_tokens
+from qtool.train.offload import offloaded_layer
 
 def rope_inv_freq(shape: Shape) -> torch.Tensor:
     """RoPE inverse frequencies of the rotated features (``shape.rotary_dim``), fp32; ``llama3`` applies Llama 3.1's
@@ -139,6 +140,7 @@ class Decoder(nn.Module):
         self.register_buffer("lm_head", embed if lm_head is None else lm_head, persistent=False)
         self.register_buffer("inv_freq", rope_inv_freq(shape).to(embed.device), persistent=False)
         self.grad_checkpointing = False
+        self.offload = None  # ActivationOffload (qtool.train.offload): checkpointed inputs in host memory
         self.uses_rng = False  # dropout in a layer: the recomputation must replay the same random masks
         self.prefix = None  # prefix tuning (qtool.adapters.prefix.PrefixTuning): keys/values before every attention
         self.embed_adapter = None  # LoRA on the input embedding (qtool.adapters.vocab.LoRAEmbedding)
@@ -188,14 +190,28 @@ class Decoder(nn.Module):
         # a window shorter than the sequence needs a mask (alive for the whole forward and backward: t^2 bytes);
         # otherwise it changes nothing and the layers keep is_causal, the fast path
         mask = window_mask(t, window, input_ids.device) if window and t > window and kv is None else None
-        for i, layer in enumerate(self.layers):
-            args = (x, cos, sin, None if kv is None else kv[i], mask if self.shape.window(i) else None)
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                # keep only each layer's input; its activations are recomputed in backward
-                x = checkpoint(layer, *args, use_reentrant=False, preserve_rng_state=self.uses_rng)
-            else:
-                x = layer(*args)
+        x = self.run_layers(x, lambda i: (cos, sin, None if kv is None else kv[i],
+                                          mask if self.shape.window(i) else None))
         return fused.rms_norm(x, self.norm, self.shape.rms_norm_eps)
+
+    def run_layers(self, x: torch.Tensor, args_of) -> torch.Tensor:
+        """The layers in order on the hidden states ``x``; ``args_of(i)``: layer i's arguments after its input.
+        With gradient checkpointing each layer keeps only its input (its activations are recomputed in the
+        backward): on the device, or in host memory when ``offload`` is set (:mod:`qtool.train.offload`)."""
+        checkpointing = self.grad_checkpointing and torch.is_grad_enabled()
+        offload = self.offload if checkpointing else None
+        if offload is not None:
+            offload.begin_forward()
+        for i, layer in enumerate(self.layers):
+            if offload is not None:
+                x = offloaded_layer(offload, i, layer, x, *args_of(i), preserve_rng=self.uses_rng)
+            elif checkpointing:
+                x = checkpoint(layer, x, *args_of(i), use_reentrant=False, preserve_rng_state=self.uses_rng)
+            else:
+                x = layer(x, *args_of(i))
+        if offload is not None:
+            offload.end_forward()  # the last input's copy joined before anything else may reuse its memory
+        return x
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[batch, seq, vocab]`` in the compute dtype."""

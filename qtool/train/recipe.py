@@ -16,6 +16,7 @@ from qtool.adapters.spec import CONVERTER_INITS, UNTARGETED_METHODS
 from qtool.errors import QtoolError, UsageError
 from qtool.train.flat import flatten_parameters
 from qtool.train.measure import MemoryMonitor, compare_with_plan, plan_settings
+from qtool.train.offload import ActivationOffload
 from qtool.train.settings import TrainSettings, check_inputs
 
 
@@ -136,6 +137,8 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
     torch.manual_seed(st.seed)
     model.train()
     model.grad_checkpointing = st.grad_checkpointing
+    # the checkpointed inputs in pinned host memory: its buffers appear in the first (eager) step, before any capture
+    model.offload = ActivationOffload() if st.offload_activations else None
     params = [p for p in model.parameters() if p.requires_grad]
     use_graph = st.cuda_graphs and device.type == "cuda" and st.dropout == 0
     # the CUDA-graph path keeps gradients allocated anyway: parameters and gradients in one buffer each, so the
@@ -247,7 +250,9 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
                        trainable_params=sum(p.numel() for p in params), losses=losses, step_seconds=step_seconds,
                        eval_loss=eval_after, eval_loss_before=eval_before, tokens_per_step=st.batch_size * st.seq_len * st.grad_accum,
                        paged_state_bytes=paged, cuda_graph=graph_note, memory=[s.to_json() for s in monitor.samples],
-                       peaks=monitor.peaks(measured_from or 0), settings=asdict(st), eval_curve=curve,
+                       peaks={**monitor.peaks(measured_from or 0),
+                              **({"pinned_host_bytes": model.offload.host_bytes()} if model.offload else {})},
+                       settings=asdict(st), eval_curve=curve,
                        adalora=allocator.report() if allocator else {})
 
 

@@ -38,6 +38,7 @@ class TrainSettings:
     max_grad_norm: float | None = 0.3  # QLoRA's setting
     optimizer: str = "auto"  # paged_adamw_32bit on CUDA, adamw_torch on the CPU
     grad_checkpointing: bool = True
+    offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (qtool.train.offload)
     cuda_graphs: bool = True  # replay each micro-batch's forward+backward as one CUDA graph (CUDA, no dropout)
     use_rslora: bool = False
     seed: int = 0
@@ -98,6 +99,9 @@ class TrainSettings:
             p.append(f"--compute-dtype {self.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}")
         if not 0 < self.eval_fraction < 1:
             p.append(f"eval fraction must be in (0, 1) (got {self.eval_fraction})")
+        if self.offload_activations and not self.grad_checkpointing:
+            p.append("--offload-activations moves the checkpointed layer inputs to host memory: it needs "
+                     "--grad-checkpointing (drop --no-grad-checkpointing or --offload-activations)")
         if self.method != "adalora":
             p += [f"--{k.replace('_', '-')} is an AdaLoRA setting; add --method adalora (or leave it out)"
                   for k in ADALORA_FIELDS if getattr(self, k) is not None]
