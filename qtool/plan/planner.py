@@ -19,12 +19,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
-from qtool.plan import methods, offload
+from qtool.plan import fsdp, methods, notes, offload
 from qtool.plan import resident as items
 from qtool.plan import transient as acts
 from qtool.plan import vocab
+from qtool.plan.rows import Row
 from qtool.plan.settings import (ATTENTIONS, BLOCKSIZES, DEVICES, DTYPES, LOSSES, OPTIMIZERS, PROFILES,  # noqa: F401
-                                 RECIPES, TARGET_PRESETS, Settings, layer_linears)
+                                 RECIPES, TARGET_PRESETS, Settings, gpus_problems, layer_linears)
 from qtool.units import MiB, parse_size
 
 KNOBS = ("seq_len", "batch_size", "rank")
@@ -34,17 +35,6 @@ _LIMITS = {"seq_len": 1 << 22, "batch_size": 1 << 16}
 GPUS = {"RTX 4090": 24564, "A100-40GB": 40960, "L40S": 46068, "A100-80GB": 81920, "H100-80GB": 81559,
         "H200": 143771, "RTX 3090": 24576, "L4": 23034, "A10": 23028, "RTX A6000": 49140, "T4": 15360}
 FIT_TABLE_GPUS = ("RTX 4090", "A100-40GB", "L40S", "A100-80GB", "H100-80GB", "H200")
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line item. ``where``: device | paged | host. ``counter``: the first memory counter that sees it
-    (allocated < reserved < nvml; none for host memory); the peaks are cumulative sums over the counters."""
-
-    name: str
-    bytes: int
-    where: str = "device"
-    counter: str = "allocated"
 
 
 @dataclass(frozen=True)
@@ -75,6 +65,8 @@ class Plan:
 def plan(shape: Shape, settings: Settings) -> Plan:
     """The memory plan of one training step of ``settings`` on ``shape``. Raises UsageError on bad input."""
     st = settings.check(shape)
+    if st.gpus > 1:
+        return _per_gpu_plan(shape, st)
     n_params = shape.declared_params or shape.n_params()
     packed, meta, quant_alloc = items.quantised_weights(shape, st)
     emb, head = items.embedding_bytes(shape, st)
@@ -118,15 +110,25 @@ def plan(shape: Shape, settings: Settings) -> Plan:
                n_workspaces * items.CUBLAS_WORKSPACE_BYTES)] if n_workspaces else []),
         *grads,
     ]
-    phases = _phases(shape, st, lora, numels, buffers)
+    # the warm-up steps of a CUDA-graph run cache their working blocks among the gradients they allocate
+    return _assemble(shape, st, persistent, _phases(shape, st, lora, numels, buffers),
+                     pinned=lora if items.graphed(st) else 0,
+                     after_load_allocated_bytes=quant_alloc + emb + head + norms + lora + rounding,
+                     fp16_weights_bytes=items.fp16_bytes(n_params), nf4_weights_bytes=packed + meta,
+                     weights_4bit_total_bytes=packed + meta + emb + head + norms,
+                     n_trainable=sum(numels), notes=tuple(notes.plan_notes(shape, st)))
+
+
+def _assemble(shape: Shape, st: Settings, persistent: list[Row], phases: dict[str, tuple[list[Row], list[Row]]],
+              pinned: int, **totals) -> Plan:
+    """The plan from its persistent rows and candidate phases: the peak phase is the one with the most bytes; the
+    allocator's slack and the CUDA context on top. ``pinned``: bytes that count as working for the slack."""
     phase = max(phases, key=lambda k: sum(r.bytes for r in phases[k][0] + phases[k][1]))
     kept, working = phases[phase]
     transient = kept + working
     allocated = sum(r.bytes for r in persistent + transient if r.counter == "allocated")
     overheads = []
     if st.device == "cuda":
-        # the warm-up steps of a CUDA-graph run cache their working blocks among the gradients they allocate
-        pinned = lora if items.fused(st) else 0
         slack = items.RESERVED_SLACK_BYTES[st.stack] + int(items.RESERVED_SLACK_FRACTION[st.stack]
                                                              * (sum(r.bytes for r in working) + pinned))
         overheads = [Row("allocator slack (reserved - allocated)", slack, counter="reserved"),
@@ -137,11 +139,28 @@ def plan(shape: Shape, settings: Settings) -> Plan:
         shape=shape, settings=st, rows=rows, peak_phase=phase,
         peak_allocated_bytes=allocated,
         peak_reserved_bytes=sum(r.bytes for r in rows if r.counter in ("allocated", "reserved")),
-        peak_nvml_bytes=sum(r.bytes for r in rows if r.counter in ("allocated", "reserved", "nvml")),
-        after_load_allocated_bytes=quant_alloc + emb + head + norms + lora + rounding,
-        fp16_weights_bytes=items.fp16_bytes(n_params), nf4_weights_bytes=packed + meta,
-        weights_4bit_total_bytes=packed + meta + emb + head + norms,
-        n_trainable=sum(numels), notes=tuple(_notes(shape, st)))
+        peak_nvml_bytes=sum(r.bytes for r in rows if r.counter in ("allocated", "reserved", "nvml")), **totals)
+
+
+def _per_gpu_plan(shape: Shape, st: Settings) -> Plan:
+    """``--gpus N > 1``: one rank's plan under FSDP2 (:mod:`qtool.plan.fsdp`): its shards of the parameters, gradients
+    and optimizer state; the one-GPU activation phases at the per-GPU batch, each with FSDP's unsharded parameters and
+    communication buffers of that moment."""
+    numels = items.lora_tensors(shape, st)
+    local = fsdp.local_trainable_numels(shape, st)
+    # the eager step frees its gradients (zero_grad(set_to_none=True)): the phases hold the sharded ones
+    phases = _phases(shape, replace(st, batch_size=st.per_gpu_batch), fsdp.sharded_grads_bytes(shape, st), local, local)
+    extra = fsdp.phase_rows(shape, st)
+    phases = {name: (kept + extra[name][0], working + extra[name][1]) for name, (kept, working) in phases.items()}
+    persistent = fsdp.persistent_rows(shape, st, f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})")
+    packed, meta, _ = items.quantised_weights(shape, st)
+    emb, head = items.embedding_bytes(shape, st)
+    return _assemble(shape, st, persistent, phases, pinned=0,
+                     after_load_allocated_bytes=fsdp.after_load_bytes(shape, st),
+                     fp16_weights_bytes=items.fp16_bytes(shape.declared_params or shape.n_params()),
+                     nf4_weights_bytes=packed + meta,
+                     weights_4bit_total_bytes=packed + meta + emb + head + items.norm_and_bias_bytes(shape, st),
+                     n_trainable=sum(numels), notes=tuple(notes.plan_notes(shape, st) + fsdp.notes(shape, st)))
 
 
 def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int],
@@ -231,58 +250,6 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int],
     }
 
 
-def _notes(shape: Shape, st: Settings) -> list[str]:
-    notes = [shape.note] if shape.note else []
-    if st.is_hf:
-        notes.append(f"profile {st.profile}: {RECIPES[st.profile]}"
-                     + ("; without checkpointing (gradient_checkpointing_disable()) it is the hf step"
-                        if st.profile != "hf" and not st.grad_checkpointing else ""))
-    if st.seq_len > shape.max_positions:
-        notes.append(f"--seq-len {st.seq_len} exceeds {shape.name}'s max_position_embeddings ({shape.max_positions})")
-    if st.method == "prefix" and st.prefix_len + st.seq_len >= shape.max_positions:
-        notes.append(f"--prefix-len {st.prefix_len} + --seq-len {st.seq_len} leave no position of {shape.name}'s "
-                     f"{shape.max_positions} (max_position_embeddings) to generate into: the prefix takes positions "
-                     "before the sequence, and qtool train refuses this")
-    from qtool.train.settings import SUPPORTED  # torch-free: the model types qtool train builds
-
-    if st.profile == "qtool" and shape.model_type not in SUPPORTED:
-        notes.append(f"the qtool trainer builds {', '.join(SUPPORTED)} decoders; {shape.model_type} is planned with "
-                     "the Llama activation formulas (use --profile hf for transformers)")
-    if st.profile == "qtool" and shape.model_type in acts.GEMMA_TYPES and shape.attn_logit_softcapping:
-        notes.append(f"{shape.name} soft-caps its attention scores, which SDPA cannot: qtool runs an explicit "
-                     "attention that keeps the (batch, heads, seq, seq) scores three times per layer (tanh output "
-                     "and probabilities in the compute dtype, probabilities in fp32)")
-    elif st.profile == "qtool" and acts.gemma_mask_bytes(shape, st):
-        notes.append(f"at --seq-len >= {shape.local_window} (the sliding window) {shape.name}'s sliding layers pass "
-                     "SDPA a (seq, seq) mask, which each keeps converted to the compute dtype, and k, v repeated")
-    if st.profile == "qtool" and st.loss == "full":
-        notes.append("qtool train always uses its chunked loss; --loss full plans a full fp32-logits loss instead")
-    if acts.attention_kernel(shape, st) in ("math", "eager") and not (st.profile == "qtool"
-                                                                     and shape.attn_logit_softcapping):
-        notes.append(f"attention runs the {acts.attention_kernel(shape, st)} kernel: its probabilities "
-                     "(4 bytes x heads x seq^2 per layer) dominate at long sequences")
-    if acts.sdpa_mask_bytes(shape, st):
-        notes.append(f"at --seq-len >= {shape.sliding_window} (the sliding window) transformers builds a mask, "
-                     "repeats k and v, and SDPA runs its memory-efficient kernel: no seq^2 probabilities, unlike "
-                     "shorter GQA runs")
-    if acts.window_mask_bytes(shape, st):
-        notes.append(f"{shape.name} attends within a {shape.sliding_window}-token window: beyond it the qtool trainer "
-                     "builds one (seq x seq) boolean mask, repeats k and v to the query heads and runs SDPA's "
-                     "memory-efficient kernel, which keeps a 16-bit copy of the mask per layer")
-    if st.method == "adalora":
-        notes.append(f"AdaLoRA is planned at --init-rank {st.rank}, its peak: pruning masks singular values in place "
-                     "and frees nothing" + ("; the importance update and masking run between the CUDA-graph "
-                                            "replays of forward+backward, which stay on" if items.fused(st) else ""))
-    if st.offload_activations:
-        notes.append("--offload-activations: each step copies every layer's input to the host and back "
-                     f"(2 x {shape.n_layers} x {offload.layer_input_bytes(shape, st) / 2**20:,.1f} MiB over PCIe or "
-                     "NVLink-C2C), overlapped with the layers' compute")
-    if st.optimizer.startswith("paged_"):
-        notes.append("paged optimizer buffers (>= 1e5 elements) live in CUDA managed memory: NVML sees them, "
-                     "torch.cuda.max_memory_allocated does not")
-    return notes
-
-
 # --- fitting ---------------------------------------------------------------------------------------------------
 
 def capacity_bytes(text: str) -> tuple[str, int]:
@@ -340,6 +307,7 @@ class Fit:
     limited: bool = False  # the value is the search's upper bound (knob_limit): memory might allow more
     limit: int = 0         # that bound ...
     limit_reason: str = ""  # ... and why (knob_limit)
+    step: int = 1          # the values searched are multiples of it: a global batch over --gpus N steps by N
 
 
 def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str = "seq_len") -> Fit:
@@ -347,18 +315,25 @@ def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str =
     :func:`knob_limit` (a seq-len never beyond the model's position limit).
     Line items are non-decreasing in each knob, so an exponential then binary search is exact. (One exception: an hf
     Mistral's attention drops its s^2 term at the sliding window, where transformers switches kernels; the search
-    still returns a value that fits while value + 1 does not, and memory grows again beyond the window.)"""
+    still returns a value that fits while value + 1 does not, and memory grows again beyond the window.)
+    With ``--gpus N`` the batch is the global one, so it is searched in multiples of N (the per-GPU batch)."""
     if knob not in KNOBS:
         raise UsageError(f"cannot solve for {knob!r}; choose one of {', '.join(KNOBS)}")
     st = settings.check(shape)
-    return _search(_plans_along(shape, st, knob), capacity, knob, *knob_limit(shape, st, knob))
+    step = st.gpus if knob == "batch_size" else 1
+    limit, why = knob_limit(shape, st, knob)
+    fit = _search(_plans_along(shape, st, knob, step), capacity, knob, limit // step, why)
+    if step == 1:
+        return fit
+    return replace(fit, value=None if fit.value is None else fit.value * step, limit=limit // step * step, step=step)
 
 
-def _plans_along(shape: Shape, st: Settings, knob: str) -> Callable[[int], Plan]:
-    """value -> the plan with ``knob`` set to it, memoised: a fit table searches the same values for every GPU."""
+def _plans_along(shape: Shape, st: Settings, knob: str, step: int = 1) -> Callable[[int], Plan]:
+    """value -> the plan with ``knob`` set to ``value x step``, memoised: a fit table searches the same values for
+    every GPU."""
     @functools.cache
     def at(value: int) -> Plan:
-        return plan(shape, replace(st, **{knob: value}, alpha=None if knob == "rank" else st.alpha))
+        return plan(shape, replace(st, **{knob: value * step}, alpha=None if knob == "rank" else st.alpha))
 
     return at
 
@@ -389,6 +364,31 @@ def fit_table(shape: Shape, settings: Settings, gpus: tuple[str, ...] = FIT_TABL
                       "headroom_bytes": capacity - p.peak_nvml_bytes, "max_seq_len": best.value,
                       "max_seq_len_limited": best.limited})
     return table
+
+
+def gpu_counts(shape: Shape, settings: Settings, gpus: tuple[str, ...] = FIT_TABLE_GPUS,
+               counts: tuple[int, ...] = fsdp.GPU_COUNTS) -> dict:
+    """``--fit-gpus``: the per-GPU plan at each count of ``counts`` (FSDP2; ``settings.batch_size`` is the global
+    batch, so a count that does not divide it is not planned), and per GPU of ``gpus`` the smallest count whose
+    per-GPU peak fits it (None if none does). Counts are tried in order: per-GPU memory need not fall with the count
+    (NCCL's buffers come with the second GPU), so the smallest that fits is not found by bisection."""
+    st = replace(settings, gpus=1).check(shape)
+    problems = gpus_problems(replace(st, gpus=2, batch_size=2), shape, "--fit-gpus (FSDP2 over several GPUs)")
+    if problems:
+        raise UsageError(problems)
+    by_count = {n: plan(shape, replace(st, gpus=n)) if st.batch_size % n == 0 else None for n in counts}
+    per_count = [{"gpus": n, "per_gpu_batch_size": p.settings.per_gpu_batch if p else None,
+                  "peak_allocated_bytes": p.peak_allocated_bytes if p else None,
+                  "peak_reserved_bytes": p.peak_reserved_bytes if p else None,
+                  "peak_nvml_bytes": p.peak_nvml_bytes if p else None, "peak_phase": p.peak_phase if p else None}
+                 for n, p in by_count.items()]
+    table = []
+    for name in gpus:
+        capacity = GPUS[name] * MiB
+        verdicts = [{"gpus": n, "fits": fits(p, capacity) if p else None} for n, p in by_count.items()]
+        table.append({"gpu": name, "memory_bytes": capacity, "fits": verdicts,
+                      "smallest_gpus": next((v["gpus"] for v in verdicts if v["fits"]), None)})
+    return {"global_batch_size": st.batch_size, "counts": per_count, "table": table}
 
 
 # --- measurement records (data/memory/*.json) --------------------------------------------------------------------

@@ -111,8 +111,15 @@ def booked(sizes: list[int]) -> int:
 
 
 def fused(st: Settings) -> bool:
-    """qtool on a GPU: Triton RMSNorm, RoPE, SwiGLU and dequantisation, bf16 flash SDPA, a CUDA graph per step."""
+    """qtool on a GPU: Triton RMSNorm, RoPE, SwiGLU and dequantisation, bf16 flash SDPA (and, on one GPU, a CUDA graph
+    per step: :func:`graphed`)."""
     return st.profile == "qtool" and st.device == "cuda"
+
+
+def graphed(st: Settings) -> bool:
+    """qtool on one GPU: each micro-batch's forward+backward is one CUDA graph replay. Under FSDP (``gpus > 1``) the
+    trainer runs eager: FSDP's hooks all-gather and reduce-scatter between the layers, outside any graph."""
+    return fused(st) and st.gpus == 1
 
 
 # --- weights -----------------------------------------------------------------------------------------------------
@@ -177,7 +184,7 @@ def embedding_bytes(shape: Shape, st: Settings) -> tuple[int, int]:
     return one, 0 if shape.tied_embeddings else one
 
 
-def _norm_parts(shape: Shape, nb: int) -> tuple[list[int], list[int]]:
+def norm_parts(shape: Shape, nb: int) -> tuple[list[int], list[int]]:
     """(per layer, once) bytes of the norm weights of ``nb`` bytes each (LayerNorm: weight and bias)."""
     per_norm = [shape.hidden * nb] * (2 if shape.norm == "layer" else 1)
     qk = [shape.head_dim * nb] * 2 if shape.qk_norm else []
@@ -188,13 +195,19 @@ def norm_and_bias_bytes(shape: Shape, st: Settings) -> int:
     """Norm weights (one tensor per norm), Linear biases and the rotary inverse frequencies (fp32, head_dim / 2;
     transformers keeps a second, original copy). bnb ``Linear4bit.forward`` casts a bias to the compute dtype on
     first use (nn/modules.py), so biases end in the compute dtype in both profiles."""
-    per_layer, final = _norm_parts(shape, frozen_bytes_per_param(st))
+    per_layer, final = norm_parts(shape, frozen_bytes_per_param(st))
     biases = [lin.n_out * DTYPE_BYTES[st.compute_dtype] for lin in layer_linears(shape) if lin.bias]
+    return (shape.n_layers * sum(alloc(b) for b in per_layer + biases) + sum(alloc(b) for b in final)
+            + buffer_bytes(shape, st))
+
+
+def buffer_bytes(shape: Shape, st: Settings) -> int:
+    """The model's frozen buffers that are no parameter (FSDP does not shard them): the rotary inverse frequencies
+    (fp32, head_dim / 2; transformers keeps a second, original copy) and Gemma's embedding scale."""
     tables = 2 if shape.rope_local else 1  # gemma3: the sliding layers' own RoPE
     rotary = (2 if st.is_hf else 1) * tables * alloc(4 * shape.head_dim // 2)
     embed_scale = alloc(4) if shape.model_type in ("gemma2", "gemma3_text") else 0  # sqrt(hidden), a 0-dim tensor
-    return (shape.n_layers * sum(alloc(b) for b in per_layer + biases) + sum(alloc(b) for b in final) + rotary
-            + embed_scale)
+    return rotary + embed_scale
 
 
 def resident_rounding_bytes(shape: Shape, st: Settings) -> int:
@@ -216,7 +229,7 @@ def resident_rounding_bytes(shape: Shape, st: Settings) -> int:
 def _rounding(shape: Shape, code_tables: bool, block_size: int, double_quant: bool, cb: int, ab: int, fb: int,
               ranks: tuple[tuple[str, int], ...], vocab: tuple[int, ...] = ()) -> int:
     rank_of = dict(ranks)
-    per_layer, final = _norm_parts(shape, fb)
+    per_layer, final = norm_parts(shape, fb)
     layer: list[int] = []
     for lin in layer_linears(shape):
         layer += nf4_tensor_parts(lin.n_in * lin.n_out, block_size, double_quant, code_tables=code_tables)
@@ -232,10 +245,11 @@ def cublas_workspaces(st: Settings) -> int:
     """cuBLAS workspaces the step creates: one per (thread, stream) that runs a matmul (see CUBLAS_WORKSPACE_BYTES).
     hf: the default stream, in the forward and in autograd's thread. qtool: the side stream of the two eager warm-up
     steps and the CUDA graph's capture stream, each in both threads (qtool/train.py; torch.cuda.graph captures on its
-    own stream). None on the CPU."""
+    own stream); eager qtool under FSDP: the default stream in both threads (FSDP's own streams only copy and
+    communicate). None on the CPU."""
     if st.device != "cuda":
         return 0
-    return 4 if st.stack == "qtool" else 2
+    return 4 if st.stack == "qtool" and graphed(st) else 2
 
 
 # --- LoRA, gradients, optimizer ----------------------------------------------------------------------------------
@@ -304,14 +318,14 @@ def optimizer_step_bytes(numels: list[int], optimizer: str, param_bytes: int = 4
 
 def flat_buffers(st: Settings) -> bool:
     """qtool's CUDA-graph trainer keeps the trainable parameters and their gradients in one buffer each
-    (qtool/train/flat.py); the optimizer updates the buffer."""
-    return fused(st) and st.flat_params
+    (qtool/train/flat.py); the optimizer updates the buffer. Not under FSDP, which shards each parameter itself."""
+    return graphed(st) and st.flat_params
 
 
 def gradients_persist(st: Settings) -> bool:
     """LoRA gradients stay allocated between steps: accumulated over micro-batches, or written in place by a CUDA
     graph replay (qtool/train.py pre-allocates them before capture and zeroes them with set_to_none=False)."""
-    return st.grad_accum > 1 or fused(st)
+    return st.grad_accum > 1 or graphed(st)
 
 
 def fp16_bytes(n_params: int) -> int:

@@ -65,6 +65,8 @@ class Settings:
     loss_chunk_mib: int = 64    # chunked: fp32 logits per chunk (qtool.train.loss.LOSS_CHUNK_MIB; 256 before 2026-12-04)
     flat_params: bool = True    # qtool on CUDA: trainable parameters and gradients in one buffer (qtool/train/flat.py)
     device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
+    gpus: int = 1               # > 1: FSDP2 data parallelism, planned per GPU (qtool.plan.fsdp); batch_size is then
+    #                             the global batch, each rank trains batch_size / gpus sequences
 
     init: str = "zero"          # the symmetric init keeps its initial factors, frozen, beside the trained ones
     method: str = "lora"        # lora | adalora | adapter | prefix (qtool.adapters.spec; the last two: profile qtool)
@@ -88,6 +90,11 @@ class Settings:
     def reentrant_checkpointing(self) -> bool:
         """Checkpointing through torch's reentrant CheckpointFunction: hf-prepare with checkpointing on."""
         return self.profile == "hf-prepare" and self.grad_checkpointing
+
+    @property
+    def per_gpu_batch(self) -> int:
+        """Sequences each GPU trains per micro-batch: the global batch split over the data-parallel ranks."""
+        return self.batch_size // self.gpus
 
     @property
     def spec(self) -> AdapterSpec:
@@ -154,6 +161,47 @@ class Settings:
                                                       and f != "alpha" and getattr(st, f) != getattr(default, f)])
         if not shape_problems(shape):
             problems += st.spec.target_problems(shape) + st.spec.method_problems(shape)
+        problems += gpus_problems(st, shape)
         if problems:
             raise UsageError(problems)
         return replace(st, loss=loss, alpha=st.alpha if st.alpha is not None else 2 * st.rank)
+
+
+# Why the hf profiles are single-GPU only: what transformers + PEFT + bitsandbytes does under FSDP is another memory
+# layout, not the one the hf profiles measured, and it is not modelled.
+HF_FSDP_REASON = (
+    "the hf profiles plan transformers + PEFT + bitsandbytes on one GPU; their multi-GPU QLoRA recipe (accelerate's "
+    "FSDP with bnb_4bit_quant_storage set to a float dtype so that FSDP can flatten the packed weights with the rest, "
+    "fp32 norms/embeddings/head from prepare_model_for_kbit_training, its own mixed-precision casts) keeps other "
+    "buffers than qtool's FSDP2 layout and is not modelled")
+
+
+def gpus_problems(st: Settings, shape: Shape, flag: str | None = None) -> list[str]:
+    """What --gpus N > 1 (FSDP2 data parallelism, qtool.plan.fsdp) cannot plan with these settings; ``flag``: how
+    the problems name the request (default ``--gpus N``)."""
+    if st.gpus < 1:
+        return [f"--gpus must be at least 1, got {st.gpus}"]
+    if st.gpus == 1:
+        return []
+    n = st.gpus
+    flag = flag or f"--gpus {n}"
+    problems = []
+    if st.batch_size >= 1 and st.batch_size % n:
+        problems.append(f"--batch-size {st.batch_size} is the global batch and does not split evenly over --gpus {n} "
+                        f"(each rank trains batch-size / {n} sequences): give a multiple of {n}")
+    if st.is_hf:
+        problems.append(f"{flag} with --profile {st.profile}: {HF_FSDP_REASON}; plan --profile qtool, or --gpus 1")
+    if st.device != "cuda":
+        problems.append(f"{flag} plans FSDP over CUDA GPUs (NCCL); --device cpu is one process")
+    if st.method != "lora":
+        problems.append(f"{flag} plans LoRA factors sharded by FSDP2; --method {st.method} is planned on one GPU "
+                        "only (--gpus 1)")
+    if st.offload_activations:
+        problems.append(f"--offload-activations is off under FSDP in qtool train; drop it with {flag}")
+    from qtool.arch import shape_problems
+
+    if st.method == "lora" and not shape_problems(shape) and not st.spec.target_problems(shape) \
+            and st.spec.vocab_ranks(shape):
+        problems.append(f"{flag}: LoRA on embed_tokens/lm_head (the root FSDP group) is not modelled; target the "
+                        "decoder layers' modules, or plan --gpus 1")
+    return problems
