@@ -96,7 +96,7 @@ def _render_compare(shape, settings, rows: list[dict]) -> str:
 
 
 def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str, inference=None,
-            cap_checks=None) -> str:
+            cap_checks=None, counts=None) -> str:
     st, shape = p.settings, p.shape
     ranks = sorted(set(st.module_ranks(shape).values()))
     if st.method == "adalora":
@@ -106,9 +106,11 @@ def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str
         what = f"LoRA rank {'/'.join(map(str, ranks))} on {st.targets}"
     else:
         what = st.spec.describe()
+    batch = (f"{st.batch_size} (global: {st.per_gpu_batch} per GPU on {st.gpus} GPUs, FSDP2)" if st.gpus > 1
+             else f"{st.batch_size}")
     head = (f"{shape.name} ({shape.model_type}, {shape.n_params():,} params) - profile {st.profile}; "
             f"{what} ({p.n_trainable:,} trainable); "
-            f"seq {st.seq_len} x batch {st.batch_size}; checkpointing "
+            f"seq {st.seq_len} x batch {batch}; checkpointing "
             f"{('on, inputs offloaded' if st.offload_activations else 'on') if st.grad_checkpointing else 'off'}; "
             f"{st.optimizer}; {st.attention} attention; {st.loss} loss")
     rows = [(r.name, *_gb_gib(r.bytes), r.where, r.counter) for r in p.rows]
@@ -117,31 +119,58 @@ def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str
     lines.append(f"weights: fp16 {fmt_bytes(p.fp16_weights_bytes)} ({fmt_bytes(p.fp16_weights_bytes, 'GiB')}) -> "
                  f"4-bit {fmt_bytes(p.weights_4bit_total_bytes)} = NF4 packed + constants "
                  f"{fmt_bytes(p.nf4_weights_bytes)} + unquantised embeddings/head/norms {fmt_bytes(unquantised)}")
-    lines.append(f"peak (during {p.peak_phase}): allocated {fmt_bytes(p.peak_allocated_bytes)}, "
+    lines.append(f"{'peak per GPU' if st.gpus > 1 else 'peak'} (during {p.peak_phase}): allocated "
+                 f"{fmt_bytes(p.peak_allocated_bytes)}, "
                  f"reserved {fmt_bytes(p.peak_reserved_bytes)}, NVML used {fmt_both(p.peak_nvml_bytes)}")
     gpu_rows = [(g["gpu"], *_gb_gib(g["memory_bytes"]), "yes" if g["fits"] else "no",
                  *_gb_gib(g["headroom_bytes"]), _max_seq(g)) for g in gpus]
     lines += ["", table(gpu_rows, ("GPU", "memory GB", "memory GiB", "fits", "headroom GB", "headroom GiB",
-                                   f"max seq-len (batch {st.batch_size})"), "lrrlrrr")]
+                                   f"max seq-len (batch {st.batch_size}"
+                                   + (f" over {st.gpus} GPUs)" if st.gpus > 1 else ")")), "lrrlrrr")]
     if any(g["max_seq_len_limited"] for g in gpus):
         lines.append(f"(capped): {seq_limit[0]:,} fits, and the search stops there, at the {seq_limit[1]}")
     if fit is not None:
         knob = fit.knob.replace("_", "-")
         target = f"--fit {fit_label} ({fmt_both(fit.capacity_bytes)})"
         if fit.value is None:
-            lines += ["", f"{target}: nothing fits, not even --{knob} 1"]
+            lines += ["", f"{target}: nothing fits, not even --{knob} {fit.step}"]
         else:
             bound = (f"; the search stops there, at the {fit.limit_reason}" if fit.limited
-                     else f"; at {fit.value + 1:,} it does not fit")
+                     else f"; at {fit.value + fit.step:,} it does not fit")
             lines += ["", f"{target}: largest --{knob} that fits is {fit.value:,} "
                       f"(NVML used {fmt_both(fit.plan.peak_nvml_bytes)}){bound}"]
     if cap_checks:
         lines += ["", _render_cap(cap_checks)]
+    if counts is not None:
+        lines += ["", _render_counts(counts)]
     if inference is not None:
         lines += ["", "inference:", _inference_table([inference]), INFERENCE_FOOTNOTE]
     if p.notes:
         lines += ["", "notes:"] + [f"- {note}" for note in p.notes]
     lines += ["", f"units: {UNITS}; --fit takes either (24GB, 24GiB) or a GPU name"]
+    return "\n".join(lines)
+
+
+def _render_counts(result: dict) -> str:
+    """The --fit-gpus section: the per-GPU peak at each GPU count, then per GPU the smallest count that fits."""
+    batch = result["global_batch_size"]
+    per_count = [(c["gpus"], c["per_gpu_batch_size"] or "-", *(f"{c[k] / 2**30:,.2f}" if c[k] is not None else "-"
+                  for k in ("peak_allocated_bytes", "peak_nvml_bytes")), c["peak_phase"] or "batch does not split")
+                 for c in result["counts"]]
+    verdict = {True: "yes", False: "no", None: "-"}
+    per_gpu = [(g["gpu"], f"{g['memory_bytes'] / 2**30:,.2f}", *(verdict[v["fits"]] for v in g["fits"]),
+                g["smallest_gpus"] or "none") for g in g_rows] if (g_rows := result["table"]) else []
+    counts = [c["gpus"] for c in result["counts"]]
+    lines = [f"--fit-gpus: FSDP2 data parallelism; --batch-size {batch} is the global batch, split evenly over the "
+             "GPUs (per-GPU peaks):",
+             table(per_count, ("GPUs", "batch per GPU", "peak alloc GiB", "NVML GiB", "peak phase"), "rrrrl"), "",
+             "smallest number of GPUs whose per-GPU peak (NVML used) fits:",
+             table(per_gpu, ("GPU", "memory GiB", *(f"{n} GPU" + ("s" if n > 1 else "") for n in counts),
+                             "smallest"), "lr" + "l" * len(counts) + "r")]
+    unsplit = [str(c["gpus"]) for c in result["counts"] if c["per_gpu_batch_size"] is None]
+    if unsplit:
+        lines.append(f"-: --batch-size {batch} does not split over {', '.join(unsplit)} GPUs (each rank trains "
+                     f"batch / N sequences); a global batch of {max(counts)} or a multiple of it tries every count")
     return "\n".join(lines)
 
 
@@ -240,10 +269,16 @@ def _list_models(as_json: bool) -> str:
 @click.option("--allocator-cap", help="A cap on PyTorch's caching allocator, as torch.cuda."
               "set_per_process_memory_fraction sets it (6GiB = 6 x 2^30 bytes, 6GB = 6 x 10^9): does the step fit "
               "under it with --optimizer and with its paged/unpaged counterpart? Paged state is outside the cap.")
+@click.option("--gpus", type=int, default=1, show_default=True,
+              help="Data-parallel GPUs (PyTorch FSDP2, profile qtool): plan one GPU's memory, with the base, adapters, "
+                   "gradients and optimizer state sharded. --batch-size is then the global batch, split evenly.")
+@click.option("--fit-gpus", is_flag=True,
+              help="For each GPU of the table, the smallest count of 1, 2, 4, 8 whose per-GPU peak fits (FSDP2; "
+                   "--batch-size is the global batch: a count that does not divide it is skipped).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout (with --list-models too).")
 @click.option("--list-models", is_flag=True, help="List the known model names with their shapes and exit.")
 def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, list_models, compare_methods,
-             allocator_cap, **options):
+             allocator_cap, fit_gpus, **options):
     """Plan the GPU memory of QLoRA training: every byte on a named row, the peak, and what fits; and what the
     trained adapter costs at inference.
 
@@ -256,6 +291,8 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
       qtool plan llama-2-7b --method prefix --prefix-len 64
       qtool plan llama-2-7b --compare-methods --rank 16
       qtool plan llama-3.2-1b --rank 512 --targets all-linear --seq-len 128 --allocator-cap 6GiB
+      qtool plan llama-3.1-70b --seq-len 8192 --batch-size 8 --gpus 4
+      qtool plan llama-3.1-70b --seq-len 8192 --batch-size 8 --fit-gpus
     """
     if list_models:
         click.echo(_list_models(as_json))
@@ -265,6 +302,9 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
                          hint=f"add --fit with a GPU name or a size, e.g. --fit 24GiB --solve {solve}")
     if model_arg and model:
         raise UsageError("give the model once: as the MODEL argument or with --model")
+    if fit_gpus and options["gpus"] != 1:
+        raise UsageError("--fit-gpus tries 1, 2, 4 and 8 GPUs itself: drop --gpus",
+                         hint="--gpus N plans N GPUs; --fit-gpus finds the smallest count that fits")
     init_rank = options.pop("init_rank")
     if options["method"] == "adalora":
         if click.get_current_context().get_parameter_source("rank").name == "COMMANDLINE":
@@ -290,9 +330,10 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
     shape = _shape(model_arg or model, params)
     settings = planner.Settings(double_quant=not no_double_quant, **options)
     if compare_methods:
-        if settings.method != "lora" or fit_to or allocator_cap:
+        if settings.method != "lora" or fit_to or allocator_cap or settings.gpus != 1 or fit_gpus:
             dropped = [flag for flag, given in (("--method", settings.method != "lora"), ("--fit", fit_to),
-                                                ("--allocator-cap", allocator_cap)) if given]
+                                                ("--allocator-cap", allocator_cap), ("--gpus", settings.gpus != 1),
+                                                ("--fit-gpus", fit_gpus)) if given]
             raise UsageError("--compare-methods plans all four methods at LoRA's budget: drop "
                              + " and ".join(dropped), hint="set the budget with --rank and --targets")
         rows = planner.compare_methods(shape, settings)
@@ -314,8 +355,9 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
         fit_label, capacity = planner.capacity_bytes(fit_to)
         fit = planner.largest_fitting(shape, settings, capacity, (solve or "seq-len").replace("-", "_"))
     cap_checks = cap.check_cap(shape, settings, cap_bytes) if allocator_cap else None
+    counts = planner.gpu_counts(shape, settings) if fit_gpus else None
     if not as_json:
-        click.echo(_render(p, gpus, seq_limit, fit, fit_label, inference, cap_checks))
+        click.echo(_render(p, gpus, seq_limit, fit, fit_label, inference, cap_checks, counts))
         return
     import json
 
@@ -323,11 +365,18 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
     out["inference"] = inference
     out["fit_table"] = gpus
     out["seq_len_limit"] = {"value": seq_limit[0], "reason": seq_limit[1]}
+    if p.settings.gpus > 1:
+        out["data_parallel"] = {"strategy": "FSDP2", "gpus": p.settings.gpus,
+                                "global_batch_size": p.settings.batch_size,
+                                "per_gpu_batch_size": p.settings.per_gpu_batch, "rows": "per GPU (rank 0)"}
     if fit is not None:
         out["fit"] = {"target": fit_label, "capacity_bytes": fit.capacity_bytes, "knob": fit.knob,
                       "value": fit.value, "limited": fit.limited, "limit": fit.limit,
                       "limit_reason": fit.limit_reason,
-                      "peak_nvml_bytes": fit.plan.peak_nvml_bytes if fit.plan else None}
+                      "peak_nvml_bytes": fit.plan.peak_nvml_bytes if fit.plan else None,
+                      **({"step": fit.step} if fit.step != 1 else {})}
+    if counts is not None:
+        out["fit_gpus"] = counts
     if cap_checks:
         from qtool.plan.cap import OUTSIDE_NOTE
 
