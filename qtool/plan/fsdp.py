@@ -61,8 +61,7 @@ NCCL_COMMUNICATOR_BYTES = {2: 544 * MiB, 4: 688 * MiB}
 NCCL_SOURCE = "NVIDIA/nccl#964: 544 MiB for 2 GPUs, 688 MiB for 3-4 (A100, NVLink); not measured on our stack"
 
 
-KINDS = ("nf4", "norm", "embedding", "lora", "lora_init")  # NF4 bytes and constants; norms and biases; embeddings and
-#                                                           head; trained LoRA factors; their frozen initial copies
+KINDS = ("nf4", "norm", "embedding", "lora")  # NF4 bytes and constants; norms and biases; embeddings and head; LoRA
 
 
 @dataclass(frozen=True)
@@ -95,8 +94,8 @@ def layer_params(shape: Shape, st: Settings) -> list[Param]:
     """The parameters of one decoder layer's FSDP group, as qtool's NF4Weight holds them (qtool/nf4/codec.py
     QuantizedWeight: packed uint8 ``[(n + 1) // 2, 1]``, absmax ``[n_blocks]``, nested absmax ``[n_blocks / 256]``;
     the NF4 code table is one shared per device, not a parameter), Linear biases and norm weights in the compute dtype,
-    LoRA A ``[r, in]`` and B ``[out, r]`` in the adapter dtype (and their frozen initial copies with the symmetric
-    init)."""
+    LoRA A ``[r, in]`` and B ``[out, r]`` in the adapter dtype. The symmetric init's frozen initial factors are
+    buffers (qtool/adapters/lora.py LoRALinear), which FSDP neither shards nor gathers: :func:`persistent_rows`."""
     cb, ab = DTYPE_BYTES[st.compute_dtype], DTYPE_BYTES[st.adapter_dtype]
     ranks = st.module_ranks(shape)
     params = []
@@ -108,8 +107,6 @@ def layer_params(shape: Shape, st: Settings) -> list[Param]:
         if lin.name in ranks:
             r = ranks[lin.name]
             params += [Param(r, r * lin.n_in, ab, "lora"), Param(lin.n_out, lin.n_out * r, ab, "lora")]
-            params += [Param(r, r * lin.n_in, ab, "lora_init"),
-                       Param(lin.n_out, lin.n_out * r, ab, "lora_init")] if st.init == "symmetric" else []
     fb = frozen_bytes_per_param(st)
     per_layer, _ = norm_parts(shape, fb)
     return params + [Param(b // fb, b // fb, fb, "norm") for b in per_layer]
@@ -168,8 +165,7 @@ def sharded_grads_bytes(shape: Shape, st: Settings) -> int:
 def after_load_bytes(shape: Shape, st: Settings) -> int:
     """Allocated on each rank after loading and sharding: the shards of every parameter and the model's buffers."""
     n = st.gpus
-    layer = [p for p in layer_params(shape, st) if p.kind != "lora_init"]
-    return shape.n_layers * sharded_bytes(layer, n) + sharded_bytes(root_params(shape, st), n) \
+    return shape.n_layers * sharded_bytes(layer_params(shape, st), n) + sharded_bytes(root_params(shape, st), n) \
         + items.buffer_bytes(shape, st)
 
 
@@ -191,8 +187,9 @@ def persistent_rows(shape: Shape, st: Settings, adapters: str) -> list[Row]:
         Row(f"norms and biases ({frozen}), {shard}; rotary tables whole",
             n_layers * sharded_bytes(layer, n, "norm") + sharded_bytes(root, n, "norm") + items.buffer_bytes(shape, st)),
         Row(f"{adapters}, {shard}", n_layers * sharded_bytes(layer, n, "lora")),
-        *([Row(f"LoRA initial factors, frozen (symmetric init), {shard}",
-               n_layers * sharded_bytes(layer, n, "lora_init"))] if st.init == "symmetric" else []),
+        *([Row("LoRA initial factors, frozen (symmetric init; buffers, which FSDP does not shard)",
+               items.tensors_alloc(items.lora_tensors(shape, st), DTYPE_BYTES[st.adapter_dtype]))]
+          if st.init == "symmetric" else []),
         Row(f"optimizer state ({st.optimizer}) on device, of the {shard}s", opt_device),
         *([Row("optimizer state, paged (managed memory)", opt_paged, "paged", "nvml")] if opt_paged else []),
         Row(f"cuBLAS workspaces ({n_workspaces} x {items.CUBLAS_WORKSPACE_BYTES // MiB} MiB)",
