@@ -229,6 +229,21 @@ def test_fsdp_rows_of_the_peak():
     assert p.peak_allocated_bytes == sum(r.bytes for r in p.rows if r.counter == "allocated")
 
 
+def test_a_large_vocabulary_peaks_at_the_start_of_the_forward():
+    """Llama-3.1-8B (128,256 tokens) at seq 256: the root all-gathered and its flat all-gather output, waiting for
+    layer 0's copy-out, outweigh the short sequence's backward."""
+    shape = resolve_model("llama-3.1-8b")
+    st = Settings(seq_len=256, batch_size=8, gpus=2)
+    p = plan(shape, st)
+    assert p.peak_phase == "forward: the root's and layer 0's all-gathers"
+    root = fsdp.root_params(shape, st.check(shape))
+    table_bytes = 2 * shape.vocab * shape.hidden * 2  # embeddings and head, bf16; the vocabulary splits evenly
+    assert row(p, "FSDP: the root's embeddings") == fsdp.unsharded_bytes(root, 2) >= table_bytes
+    assert row(p, "FSDP: the root's all-gather output") == fsdp.all_gather_output_bytes(root, 2) >= table_bytes
+    assert row(p, "FSDP: layer 0's all-gather output") > 0 and row(p, "embedding output") == 4 * 256 * 4096 * 2
+    assert not any(r.name.startswith(("checkpointed", "backward transient")) for r in p.rows)
+
+
 def test_first_layer_holds_the_sharded_gradients_and_a_reduce_scatter_input():
     shape = resolve_model("llama-2-7b")
     st = Settings(seq_len=512, batch_size=4, gpus=2, targets="all-linear", optimizer="adamw_torch")

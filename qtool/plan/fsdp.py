@@ -19,7 +19,8 @@ sequences. Read from torch 2.13's ``torch/distributed/fsdp/_fully_shard/``:
   the end of backward. In backward a layer's pre-backward hook waits for its own all-gather, then prefetches the
   previous layer's (``_backward_prefetch``): while a layer runs its backward, its unsharded parameters and the next
   one's flat all-gather output exist together. The forward holds the same two (the next group frees the previous
-  all-gather output after its copy-out: ``all_gather_state``) with fewer activations, so it is never the peak.
+  all-gather output after its copy-out: ``all_gather_state``) with fewer activations, except at its start, where the
+  root's flat all-gather output waits for layer 0's copy-out (:func:`forward_phases`).
 * **Reduce-scatter** (foreach_reduce): the group's unsharded gradients are copied into one padded fp32 input (then
   freed), and the rank's shard is written into one flat output per group that becomes the sharded ``.grad`` views
   (kept until ``zero_grad``). The input is kept until the next group's reduce-scatter
@@ -43,6 +44,7 @@ from qtool.plan import resident as items
 from qtool.plan.resident import DTYPE_BYTES, alloc, frozen_bytes_per_param, nf4_tensor_parts, norm_parts
 from qtool.plan.rows import Row
 from qtool.plan.settings import layer_linears
+from qtool.plan.transient import widths
 from qtool.units import MiB
 
 if TYPE_CHECKING:
@@ -224,6 +226,22 @@ def phase_rows(shape: Shape, st: Settings) -> dict[str, tuple[list[Row], list[Ro
     return {name: ([] if name == "optimizer step" else [whole], working.get(name, [])) for name in phases}
 
 
+def forward_phases(shape: Shape, st: Settings) -> dict[str, tuple[list[Row], list[Row]]]:
+    """The forward's one FSDP moment that can be the peak, at its start, when few activations exist yet: the root
+    all-gathered, its flat all-gather output (freed only after layer 0's copy-out: ``all_gather_state``) and layer
+    0's flat all-gather output; beside them the embedding output. With a large vocabulary and a short sequence this
+    outweighs the backward."""
+    n = st.gpus
+    layer, root = layer_params(shape, st), root_params(shape, st)
+    tokens = st.per_gpu_batch * st.seq_len
+    return {"forward: the root's and layer 0's all-gathers": (
+        [Row("FSDP: the root's embeddings, head and final norm, all-gathered", unsharded_bytes(root, n)),
+         Row("embedding output (layer 0's input)", alloc(tokens * shape.hidden * widths(st)[0]))],
+        [Row("FSDP: the root's all-gather output (one flat buffer, freed after layer 0's copy-out)",
+             all_gather_output_bytes(root, n)),
+         Row("FSDP: layer 0's all-gather output (one flat buffer)", all_gather_output_bytes(layer, n))])}
+
+
 def counts_that_split(batch_size: int, counts: tuple[int, ...] = GPU_COUNTS) -> list[int]:
     """The GPU counts among ``counts`` that split a global batch evenly (each rank needs batch / N sequences)."""
     return [n for n in counts if batch_size % n == 0]
@@ -238,8 +256,9 @@ def notes(shape: Shape, st: Settings) -> list[str]:
         f"of {n}); --batch-size {st.batch_size} is the global batch, {st.per_gpu_batch} sequence(s) per GPU; the rows "
         "are rank 0's, whose shards are the largest",
         "FSDP2 keeps the root's embeddings, head and final norm unsharded from the forward to the end of backward "
-        "(reshard_after_forward is False for the root) and, while a layer runs its backward, its unsharded parameters "
-        "beside the previous layer's prefetched all-gather output",
+        "(reshard_after_forward is False for the root), and its flat all-gather output too until layer 0's "
+        "all-gather is copied out; while a layer runs its backward, its unsharded parameters sit beside the "
+        "previous layer's prefetched all-gather output",
         f"--gpus {n}: CUDA graphs and the flat parameter buffer are off under FSDP (qtool train runs eager); the "
         "optimizer is planned on each rank's local shards (bitsandbytes' optimizers do not know DTensor)",
         f"NCCL buffers: {NCCL_SOURCE}",

@@ -152,6 +152,7 @@ def _per_gpu_plan(shape: Shape, st: Settings) -> Plan:
     phases = _phases(shape, replace(st, batch_size=st.per_gpu_batch), fsdp.sharded_grads_bytes(shape, st), local, local)
     extra = fsdp.phase_rows(shape, st)
     phases = {name: (kept + extra[name][0], working + extra[name][1]) for name, (kept, working) in phases.items()}
+    phases.update(fsdp.forward_phases(shape, st))
     persistent = fsdp.persistent_rows(shape, st, f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})")
     packed, meta, _ = items.quantised_weights(shape, st)
     emb, head = items.embedding_bytes(shape, st)
