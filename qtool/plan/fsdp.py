@@ -103,8 +103,9 @@ def layer_params(shape: Shape, st: Settings) -> list[Param]:
     params = []
     for lin in layer_linears(shape):
         parts = nf4_tensor_parts(lin.n_in * lin.n_out, st.block_size, st.double_quant, code_tables=False)
-        widths = (1, 1, 4) if st.double_quant else (1, 4)  # packed, absmax (8-bit codes or fp32), nested absmax
-        params += [Param(b // w, b, 1, "nf4") for b, w in zip(parts, widths)]  # as bytes: numel counts bytes
+        # packed, absmax (8-bit codes or fp32), nested absmax; gathered as bytes, so numel counts bytes
+        element_widths = (1, 1, 4) if st.double_quant else (1, 4)
+        params += [Param(b // w, b, 1, "nf4") for b, w in zip(parts, element_widths)]
         params += [Param(lin.n_out, lin.n_out, cb, "norm")] if lin.bias else []
         if lin.name in ranks:
             r = ranks[lin.name]
@@ -187,7 +188,8 @@ def persistent_rows(shape: Shape, st: Settings, adapters: str) -> list[Row]:
         Row(f"embeddings ({frozen}), {shard}", table),
         *([] if shape.tied_embeddings else [Row(f"lm_head ({frozen}), {shard}", table)]),
         Row(f"norms and biases ({frozen}), {shard}; rotary tables whole",
-            n_layers * sharded_bytes(layer, n, "norm") + sharded_bytes(root, n, "norm") + items.buffer_bytes(shape, st)),
+            n_layers * sharded_bytes(layer, n, "norm") + sharded_bytes(root, n, "norm")
+            + items.buffer_bytes(shape, st)),
         Row(f"{adapters}, {shard}", n_layers * sharded_bytes(layer, n, "lora")),
         *([Row("LoRA initial factors, frozen (symmetric init; buffers, which FSDP does not shard)",
                items.tensors_alloc(items.lora_tensors(shape, st), DTYPE_BYTES[st.adapter_dtype]))]
