@@ -118,7 +118,8 @@ def child(row, dry_run: bool, snapshot_dir: str | None) -> dict:
         if snapshot_dir:
             import pickle
 
-            name = f"{model_name}-s{seq}-r{rank}-{optimizer}-{'exp' if EXPANDABLE in os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '') else 'def'}.pickle"
+            alloc = "exp" if EXPANDABLE in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") else "def"
+            name = f"{model_name}-s{seq}-r{rank}-{optimizer}-{alloc}.pickle"
             Path(snapshot_dir, name).write_bytes(pickle.dumps(snap))
     return out
 

@@ -819,7 +819,8 @@ def _held_out(record: dict) -> bool:
 def test_replays_recorded_measurements():
     """Every recorded peak allocated is planned within 5%, peak reserved and NVML-used within RESERVED_NVML_BOUND
     (KNOWN_MISSES: their own bound). Needs >= 12 records per profile of SPANNED_PROFILES spanning 0.1B-65B shapes,
-    seq 512-8192, rank 8-64, qkvo and all-linear, GC on and off. A record of an out-of-memory run must be planned not to fit its GPU.
+    seq 512-8192, rank 8-64, qkvo and all-linear, GC on and off. A record of an out-of-memory run must be planned
+    not to fit its GPU.
     Measured peaks are compared as a fresh process would see them: less what earlier runs in the bench's process
     left allocated (carried_allocated_bytes) or reserved (carried_reserved_bytes: the allocator replay of the process
     less that of a fresh one) and, for NVML, the paged optimizer state they leaked (and with it the paged memory's
@@ -834,7 +835,8 @@ def test_replays_recorded_measurements():
             gpu = r.get("gpu", "").removeprefix("NVIDIA ")
             if gpu in GPUS and fits(p, GPUS[gpu] * 2**20):
                 bad.append(f"{r['id']} (OOM, planned to fit)")
-            rows.append((r["id"], r["profile"], "", "OOM", f"{p.peak_nvml_bytes / 2**30:.2f}", "", "", "", p.peak_phase))
+            rows.append((r["id"], r["profile"], "", "OOM", f"{p.peak_nvml_bytes / 2**30:.2f}", "", "", "",
+                         p.peak_phase))
             continue
         carried, carried_reserved = carried_allocated_bytes(r, p), carried_reserved_bytes(r, p, earlier)
         leaked = m.get("paged_bytes_leaked_by_earlier_runs", 0)

@@ -65,8 +65,9 @@ class CachingAllocator:
         if i < len(free):
             block = free.pop(i)[3]
         else:
+            rounded = -(-size // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES
             block = self._new_segment(pool, SMALL_BUFFER_BYTES if small else LARGE_BUFFER_BYTES
-                                      if size < MIN_LARGE_ALLOC_BYTES else -(-size // ROUND_LARGE_BYTES) * ROUND_LARGE_BYTES)
+                                      if size < MIN_LARGE_ALLOC_BYTES else rounded)
         remaining = block.size - size
         if remaining >= ALLOC_ROUND_BYTES if small else remaining > SMALL_ALLOC_BYTES:
             rest = _Block(block.segment, block.offset + size, remaining, prev=block, next=block.next)
