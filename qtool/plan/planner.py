@@ -13,8 +13,6 @@ off the records.
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 from qtool.arch import Shape, shape_from_config

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 from qtool.plan.allocator import CachingAllocator
 from qtool.plan.resident import DTYPE_BYTES, flat_buffers, frozen_bytes_per_param, nf4_tensor_parts
 from qtool.plan.settings import layer_linears
-from qtool.plan.trace import HFStep, QtoolStep, Stream
+from qtool.plan.trace import QtoolStep, Stream
+from qtool.plan.trace_hf import HFStep
 
 if TYPE_CHECKING:
     from qtool.arch import Shape
