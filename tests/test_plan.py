@@ -14,8 +14,11 @@ from qtool.plan import transient as acts
 from qtool.plan import resident as items
 from qtool.arch import known_shape, resolve_model, shape_for_params, shape_from_config
 from qtool.errors import UsageError
-from qtool.plan.planner import (BLOCKSIZES, GPUS, PROFILES, Settings, capacity_bytes, carried_allocated_bytes, fits,
-                                knob_limit, largest_fitting, plan, plan_for_record)
+from qtool.plan.planner import (BLOCKSIZES, GPUS, PROFILES, Settings, capacity_bytes, carried_allocated_bytes,
+                                carried_reserved_bytes, fits, knob_limit, largest_fitting, plan, plan_for_record,
+                                record_process)
+from qtool.plan.allocator import CachingAllocator
+from qtool.plan.process import replay
 
 from test_arch import tiny_config
 
@@ -105,6 +108,57 @@ def test_allocator_booking_follows_the_caching_allocator_rules():
     assert items.booked([12 * MiB + MiB // 2, MiB + MiB // 16]) == 14 * MiB  # ... which the next one takes whole
     assert items.booked([2 * MiB] * 9) == 18 * MiB  # nine from one 20 MiB segment
     assert items.booked([2 * MiB] * 10) == 20 * MiB  # the tenth takes the last 2 MiB block whole
+
+
+def test_allocator_replay_follows_the_caching_allocator_rules():
+    """qtool.plan.allocator against c10's CUDACachingAllocator rules: its allocated bytes are booked()'s, small
+    requests share 2 MiB segments, 1-10 MiB ones 20 MiB segments, larger ones get their own rounded to 2 MiB; a
+    cached block serves only its stream (or graph pool), the smallest that fits first; freed neighbours merge;
+    empty_cache returns wholly free segments only, so one live block keeps its segment's free space reserved."""
+    MiB = 2**20
+    for sizes in ([100_000], [21 * MiB + MiB // 2], [12 * MiB + MiB // 2], [12 * MiB + MiB // 2, MiB + MiB // 16],
+                  [2 * MiB] * 9, [2 * MiB] * 10):
+        a = CachingAllocator()
+        for n in sizes:
+            a.malloc(n)
+        assert a.allocated_bytes == items.booked(sizes)
+    a = CachingAllocator()
+    small, mid, big = a.malloc(1000), a.malloc(3 * MiB), a.malloc(33 * MiB)
+    assert a.reserved_bytes == (2 + 20 + 34) * MiB and a.allocated_bytes == 512 * 2 + 3 * MiB + 34 * MiB
+    a.free(big)
+    a.malloc(30 * MiB, "side")  # another stream: a segment of its own
+    assert a.reserved_bytes == (2 + 20 + 34 + 30) * MiB
+    reused = a.malloc(30 * MiB)  # its own stream: the cached 34 MiB block, split (4 MiB left)
+    assert a.reserved_bytes == (2 + 20 + 34 + 30) * MiB and reused.size == 30 * MiB
+    fits_best = [a.malloc(n) for n in (40 * MiB, 50 * MiB)]
+    a.free(fits_best[0]), a.free(fits_best[1])
+    assert a.malloc(35 * MiB).segment is fits_best[0].segment  # the smallest free block that holds it
+    a.free(reused)
+    a.empty_cache()  # the 34 and 50 MiB segments are wholly free and go; the 20 MiB one keeps its 17 MiB free
+    assert a.segment_bytes("default") == (2 + 20 + 40) * MiB
+    a.free(mid)
+    a.empty_cache()
+    assert a.segment_bytes("default") == 2 * MiB + 40 * MiB and a.segment_bytes("side") == 30 * MiB
+
+
+@pytest.mark.parametrize("profile", ["qtool", "hf", "hf-prepare"])
+@pytest.mark.parametrize("name,settings", [
+    ("llama-2-7b", {"seq_len": 2048}), ("llama-3-8b", {"seq_len": 8192, "targets": "all-linear", "rank": 8}),
+    ("qwen2.5-0.5b", {"seq_len": 4096, "grad_checkpointing": False, "rank": 32}),
+    ("llama-2-7b", {"seq_len": 512, "batch_size": 4, "targets": "all-linear"}), ("phi-3-mini", {"seq_len": 2048}),
+    ("llama-2-7b", {"seq_len": 2048, "flat_params": False}), ("llama-2-7b", {"seq_len": 2048,
+                                                                           "offload_activations": True})])
+def test_allocator_replay_reaches_the_planned_peak(profile, name, settings):
+    """The replayed step (qtool/plan/trace.py, tensor by tensor) and the transient formulas (qtool/plan/transient.py,
+    moment by moment) read the same code: their peaks allocated agree within 2.5% (Phi-3's fused products are traced
+    as the Llama ones)."""
+    if profile != "qtool" and {"flat_params", "offload_activations"} & set(settings):
+        pytest.skip("a qtool trainer setting")
+    shape = known_shape(name)
+    p = plan(shape, Settings(profile=profile, **settings))
+    replayed = replay(shape, p.settings).peak_allocated_bytes
+    assert abs(replayed - p.peak_allocated_bytes) / p.peak_allocated_bytes < 0.025, (replayed, p.peak_allocated_bytes)
+    assert p.peak_allocated_bytes < p.peak_reserved_bytes < 1.3 * p.peak_allocated_bytes
 
 
 def test_attention_kernel_is_the_one_sdpa_picks():
@@ -709,15 +763,15 @@ def _records() -> list[dict]:
     return [r for f in sorted((ROOT / "data" / "memory").glob("*.json")) for r in json.loads(f.read_text())]
 
 
-def _earlier_runs(records: list[dict]) -> list[int]:
-    """Per record, how many runs its process made before it: bench/gpu_worker.py runs every configuration of one
-    (profile, model) in one process, in the order the records are written."""
-    seen: dict[tuple, int] = {}
+def _earlier_runs(records: list[dict]) -> list[list[dict]]:
+    """Per record, the records of the runs before it in its process: bench/gpu_worker.py runs every configuration of
+    one (profile, model) in one process, in the order the records are written."""
+    seen: dict[tuple, list[dict]] = {}
     out = []
     for r in records:
-        key = (r.get("date"), r["profile"], r["model"].get("name"))
-        out.append(seen.get(key, 0))
-        seen[key] = out[-1] + 1
+        earlier = seen.setdefault((r.get("date"), r["profile"], r["model"].get("name")), [])
+        out.append(list(earlier))
+        earlier.append(r)
     return out
 
 
@@ -727,51 +781,77 @@ def test_recorded_after_load_is_the_planned_resident_bytes():
     load does not make). Every later qtool run starts with the cuBLAS workspaces its predecessors left on top: 5
     after the first (its warm-up stream and CUDA-graph capture stream, each in the forward and the autograd thread,
     and the evaluation's on the default stream), then 2 more per run (each run's new warm-up stream). hf runs carry
-    their predecessor's autograd graph instead, which their first step frees (see carried_allocated_bytes)."""
+    their predecessor's autograd graph instead, which their first step frees (see carried_allocated_bytes). The
+    allocator replay (qtool/plan/process.py) starts every run with the measured bytes, within 1 MiB but for hf's
+    carried graph (planned as the earlier run's LoRA factors and two hidden states: within 60 MiB)."""
     records = [r for r in _records() if not r.get("error")]
     for r, earlier in zip(records, _earlier_runs(records)):
         p, m = plan_for_record(r), r["measured"]
         carried = m["after_load_allocated_bytes"] - p.after_load_allocated_bytes
-        if earlier == 0:
+        if not earlier:
             assert abs(carried) <= 2**20, (r["id"], carried)
         elif r["profile"] == "qtool":
-            assert abs(carried - (2 * earlier + 3) * items.CUBLAS_WORKSPACE_BYTES) <= 2**20, (r["id"], carried)
+            assert abs(carried - (2 * len(earlier) + 3) * items.CUBLAS_WORKSPACE_BYTES) <= 2**20, (r["id"], carried)
             assert carried_allocated_bytes(r, p) == carried - 2 * items.CUBLAS_WORKSPACE_BYTES
+        replayed = replay(p.shape, p.settings, record_process(r, earlier)).after_load_allocated_bytes
+        slack = 60 * 2**20 if earlier and r["profile"] == "hf" else 2**20
+        assert abs(replayed - m["after_load_allocated_bytes"]) <= slack, (r["id"], replayed)
 
 
 # Profiles whose records must span the sizes below; the records of the others (hf-prepare) replay within 5% as well.
 SPANNED_PROFILES = ("qtool", "hf")
 
 
+# The records the reserved and NVML models were not shaped on (data/memory/README.md, "Reserved and NVML"): two
+# whole models and the largest shape. Nothing in the reserved model is fitted (the allocator replay follows the
+# code); the NVML constants (CUDA_CONTEXT_BYTES, PAGED_OVERHEAD_BYTES) were read off the other records only.
+HELD_OUT = ("llama-3-8b", "mistral-7b", "llama-1-65b-s1024")
+RESERVED_NVML_BOUND = 0.05
+# The one record outside the bound, and its bound: qtool's all-linear checkpointed runs are all replayed short (-3% to
+# -8%), the longest most; an allocator snapshot of that run would show the allocation the trace lacks
+KNOWN_MISSES = {"qtool-llama-3-8b-s8192-b1-r8-all-linear-gc": 0.08}
+
+
+def _held_out(record: dict) -> bool:
+    return any(name in record["id"] for name in HELD_OUT)
+
+
 def test_replays_recorded_measurements():
-    """Every recorded peak allocated is planned within 5%; reserved and NVML errors are reported. Needs >= 12
-    records per profile of SPANNED_PROFILES spanning 0.1B-65B shapes, seq 512-8192, rank 8-64, qkvo and
-    all-linear, GC on and off.
-    A record of an out-of-memory run must be planned not to fit its GPU. Measured peaks are compared as a fresh
-    process would see them: less what earlier runs in the bench's process left allocated (carried_allocated_bytes)
-    and, for NVML, the paged optimizer state they leaked."""
+    """Every recorded peak allocated is planned within 5%, peak reserved and NVML-used within RESERVED_NVML_BOUND
+    (KNOWN_MISSES: their own bound). Needs >= 12 records per profile of SPANNED_PROFILES spanning 0.1B-65B shapes,
+    seq 512-8192, rank 8-64, qkvo and all-linear, GC on and off. A record of an out-of-memory run must be planned
+    not to fit its GPU.
+    Measured peaks are compared as a fresh process would see them: less what earlier runs in the bench's process
+    left allocated (carried_allocated_bytes) or reserved (carried_reserved_bytes: the allocator replay of the process
+    less that of a fresh one) and, for NVML, the paged optimizer state they leaked (and with it the paged memory's
+    extra, PAGED_OVERHEAD_BYTES, in a run without paged state of its own). Records are planned as the bench ran them
+    (plan_for_record: the trainer of their date, random weights)."""
     records = _records()
     measured_ok = [r for r in records if not r.get("error")]
-    rows, bad = [], []
-    for r in records:
+    rows, bad, missed = [], [], []
+    for r, earlier in zip(records, _earlier_runs(records)):
         p, m = plan_for_record(r), r["measured"]
         if r.get("error"):
             gpu = r.get("gpu", "").removeprefix("NVIDIA ")
             if gpu in GPUS and fits(p, GPUS[gpu] * 2**20):
                 bad.append(f"{r['id']} (OOM, planned to fit)")
-            rows.append((r["id"], r["profile"], "OOM", f"{p.peak_nvml_bytes / 2**30:.2f}", "", "", "", p.peak_phase))
+            rows.append((r["id"], r["profile"], "", "OOM", f"{p.peak_nvml_bytes / 2**30:.2f}", "", "", "",
+                         p.peak_phase))
             continue
-        carried = carried_allocated_bytes(r, p)
-        nvml = m.get("nvml_used_bytes")
-        nvml = nvml - m.get("paged_bytes_leaked_by_earlier_runs", 0) - carried if nvml else None
+        carried, carried_reserved = carried_allocated_bytes(r, p), carried_reserved_bytes(r, p, earlier)
+        leaked = m.get("paged_bytes_leaked_by_earlier_runs", 0)
+        paged_extra = items.PAGED_OVERHEAD_BYTES if leaked and not m.get("paged_state_bytes") else 0
+        nvml = m["nvml_used_bytes"] - leaked - paged_extra - carried_reserved
         allocated = m["peak_allocated_bytes"] - carried
-        err = [(getattr(p, k) - v) / v if v else None for k, v in (("peak_allocated_bytes", allocated),
-               ("peak_reserved_bytes", m["peak_reserved_bytes"] - carried), ("peak_nvml_bytes", nvml))]
-        rows.append((r["id"], r["profile"], f"{allocated / 2**30:.2f}", f"{p.peak_allocated_bytes / 2**30:.2f}",
-                     *(f"{e:+.1%}" if e is not None else "-" for e in err), p.peak_phase))
+        err = [(getattr(p, k) - v) / v for k, v in (("peak_allocated_bytes", allocated),
+               ("peak_reserved_bytes", m["peak_reserved_bytes"] - carried_reserved), ("peak_nvml_bytes", nvml))]
+        rows.append((r["id"], r["profile"], "held out" if _held_out(r) else "fit", f"{allocated / 2**30:.2f}",
+                     f"{p.peak_allocated_bytes / 2**30:.2f}", *(f"{e:+.1%}" for e in err), p.peak_phase))
         if abs(err[0]) > 0.05 or p.n_trainable != r["trainable_params"]:
             bad.append(r["id"])
-    print("\n" + tabulate(rows, headers=("record", "profile", "measured GiB*", "plan GiB", "alloc err",
+        if max(abs(err[1]), abs(err[2])) > KNOWN_MISSES.get(r["id"], RESERVED_NVML_BOUND):
+            missed.append(f"{r['id']} (reserved {err[1]:+.1%}, NVML {err[2]:+.1%})")
+    print("\n" + tabulate(rows, headers=("record", "profile", "set", "measured GiB*", "plan GiB", "alloc err",
                                          "reserved err", "NVML err", "peak phase"), disable_numparse=True)
           + "\n* peak allocated less what earlier runs in the bench's process left (carried_allocated_bytes)")
     assert {r["profile"] for r in records} <= set(PROFILES)
@@ -785,4 +865,6 @@ def test_replays_recorded_measurements():
         assert min(ranks) <= 8 and max(ranks) >= 64, f"{profile}: ranks do not span 8-64"
         assert {"qkvo", "all-linear"} <= {r["settings"]["targets"] for r in mine}, f"{profile}: targets"
         assert {True, False} <= {r["settings"]["grad_checkpointing"] for r in mine}, f"{profile}: GC on and off"
+        assert any(_held_out(r) for r in mine) and not all(_held_out(r) for r in mine), profile
     assert not bad, f"planned peak allocated off by > 5% (or trainable count differs): {bad}"
+    assert not missed, f"planned peak reserved or NVML off by more than the bound: {missed}"

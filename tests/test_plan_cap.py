@@ -74,7 +74,8 @@ def test_the_reserved_difference_is_the_optimizer_state_that_paging_moves_out(mo
     unpaged, paged = cap.check_cap(shape, st, 1)
     device_bytes, managed_bytes = _state_bytes_moved(shape, st.check(shape))
     assert unpaged.peak_phase == paged.peak_phase
-    assert unpaged.peak_reserved_bytes - paged.peak_reserved_bytes == device_bytes
+    # the allocator replay's slack (scaled by allocated bytes) moves by less than 1 MiB: the moments are whole segments
+    assert abs(unpaged.peak_reserved_bytes - paged.peak_reserved_bytes - device_bytes) < MiB
     assert unpaged.peak_allocated_bytes - paged.peak_allocated_bytes == device_bytes
     assert unpaged.device_optimizer_bytes - paged.device_optimizer_bytes == device_bytes
     assert paged.paged_bytes == managed_bytes
@@ -116,9 +117,9 @@ def test_cli_prints_the_verdicts_and_that_paged_state_is_outside_the_cap():
     assert "OOM expected" in line["adamw_32bit"] and "fits under the cap" in line["paged_adamw_32bit"]
     assert "outside the allocator cap" in out
     assert line["adamw_32bit"].rstrip().endswith("no") and line["paged_adamw_32bit"].rstrip().endswith("yes")
-    cache = CliRunner().invoke(main, ["plan", *BENCH_ARGS, "--allocator-cap", "7GiB", "--optimizer", "adamw"])
+    cache = CliRunner().invoke(main, ["plan", *BENCH_ARGS, "--allocator-cap", "6.7GiB", "--optimizer", "adamw"])
     row = next(r for r in cache.stdout.splitlines() if r.startswith("adamw_32bit"))
-    assert "OOM expected" in row and row.rstrip().endswith("yes")  # 6.62 GiB of live tensors, 8.11 reserved
+    assert "OOM expected" in row and row.rstrip().endswith("yes")  # 6.65 GiB of live tensors, 6.77 reserved
 
 
 def test_cli_json_carries_the_cap_checks():

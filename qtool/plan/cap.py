@@ -27,8 +27,9 @@ from qtool.units import parse_size
 
 VERDICTS = ("fits", "oom")
 # separating_cap: the two plans' reserved peaks must differ by at least this fraction of the paged one, so that the
-# cap midway between them stands clear of the planner's reserved error (-17%..+12% over the H200 records; -19% in
-# bench/paged_oom.py's first H200 run, 2026-12-04)
+# cap midway between them stands clear of the planner's reserved error (-8%..+2% over the H200 records with the
+# allocator replay, -17%..+12% with the fitted slack before it; -19% in bench/paged_oom.py's first H200 run,
+# 2026-12-04, on a work-in-progress trainer: see data/memory/README.md, "Reserved and NVML")
 MIN_SEPARATION = 0.3
 # each optimizer beside the one that keeps the same state, paged or not
 COUNTERPARTS = {"adamw_32bit": "paged_adamw_32bit", "paged_adamw_32bit": "adamw_32bit",

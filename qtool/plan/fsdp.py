@@ -52,6 +52,11 @@ if TYPE_CHECKING:
     from qtool.plan.settings import Settings
 
 GPU_COUNTS = (1, 2, 4, 8)  # what --fit-gpus tries: the GPUs of one host
+# The caching allocator's slack (reserved - allocated) of an eager FSDP step is not replayed (qtool/plan/process.py
+# models the one-GPU trainers): estimated as the working bytes of the peak phase, the rule the one-GPU plan used
+# until 2026-12-04 (within 12% of the qtool records then). Unvalidated: no multi-GPU record exists.
+SLACK_FRACTION = 1.0
+SLACK_ROW = "allocator slack (estimate under FSDP: the peak phase's working bytes; unvalidated)"
 # NCCL's device memory per process for one communicator (FSDP2's all-gathers and reduce-scatters share the default
 # process group, so one). Source: NVIDIA/nccl issue #964 (2023-08): PyTorch process groups on 4x A100 with NVLink,
 # each after a 4 MB all-reduce, grew nvidia-smi's used memory by 544 MB for a group of 2 GPUs and 688 MB for 3 or

@@ -13,14 +13,14 @@ off the records.
 """
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from typing import Callable
 
 from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
 from qtool.plan import fsdp, methods, notes, offload
 from qtool.plan import resident as items
+from qtool.plan.process import RECORDED_TRAINER, TRAINER, Process, replay
 from qtool.plan import transient as acts
 from qtool.plan import vocab
 from qtool.plan.rows import Row
@@ -62,8 +62,11 @@ class Plan:
         return out
 
 
-def plan(shape: Shape, settings: Settings) -> Plan:
-    """The memory plan of one training step of ``settings`` on ``shape``. Raises UsageError on bad input."""
+def plan(shape: Shape, settings: Settings, process: Process = Process(), allocator_replay: bool = True) -> Plan:
+    """The memory plan of one training step of ``settings`` on ``shape``, in a process that does what ``process``
+    says besides (by default: ``qtool train`` or a transformers script, fresh, the model loaded from a checkpoint).
+    ``allocator_replay=False`` leaves out the allocator's slack (reserved = allocated): a fit search's cheap probe.
+    Raises UsageError on bad input."""
     st = settings.check(shape)
     if st.gpus > 1:
         return _per_gpu_plan(shape, st)
@@ -82,7 +85,8 @@ def plan(shape: Shape, settings: Settings) -> Plan:
     lora = items.tensors_alloc(buffers, param_bytes)
     opt_device, opt_paged = items.optimizer_state_bytes(buffers, st.optimizer, param_bytes)
     frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
-    n_workspaces = items.cublas_workspaces(st)
+    # qtool's held-out pass before training (trainers after 2026-11-29) makes a fifth workspace, the default stream's
+    n_workspaces = items.cublas_workspaces(st) + (items.fused(st) and process.trainer != RECORDED_TRAINER)
     if st.grad_accum > 1:
         grads = [Row(f"{what} gradients, accumulated over {st.grad_accum} micro-batches", lora)]
     elif items.gradients_persist(st):
@@ -110,9 +114,9 @@ def plan(shape: Shape, settings: Settings) -> Plan:
                n_workspaces * items.CUBLAS_WORKSPACE_BYTES)] if n_workspaces else []),
         *grads,
     ]
-    # the warm-up steps of a CUDA-graph run cache their working blocks among the gradients they allocate
     return _assemble(shape, st, persistent, _phases(shape, st, lora, numels, buffers),
-                     pinned=lora if items.graphed(st) else 0,
+                     lambda allocated, working: _overhead_rows(shape, st, process, opt_paged > 0, allocator_replay,
+                                                               allocated),
                      after_load_allocated_bytes=quant_alloc + emb + head + norms + lora + rounding,
                      fp16_weights_bytes=items.fp16_bytes(n_params), nf4_weights_bytes=packed + meta,
                      weights_4bit_total_bytes=packed + meta + emb + head + norms,
@@ -120,20 +124,15 @@ def plan(shape: Shape, settings: Settings) -> Plan:
 
 
 def _assemble(shape: Shape, st: Settings, persistent: list[Row], phases: dict[str, tuple[list[Row], list[Row]]],
-              pinned: int, **totals) -> Plan:
-    """The plan from its persistent rows and candidate phases: the peak phase is the one with the most bytes; the
-    allocator's slack and the CUDA context on top. ``pinned``: bytes that count as working for the slack."""
+              overhead_rows: Callable[[int, int], list[Row]], **totals) -> Plan:
+    """The plan from its persistent rows and candidate phases: the peak phase is the one with the most bytes; on CUDA
+    ``overhead_rows(peak allocated, working bytes of the peak phase)`` (the allocator's slack, the CUDA context) on
+    top."""
     phase = max(phases, key=lambda k: sum(r.bytes for r in phases[k][0] + phases[k][1]))
     kept, working = phases[phase]
     transient = kept + working
     allocated = sum(r.bytes for r in persistent + transient if r.counter == "allocated")
-    overheads = []
-    if st.device == "cuda":
-        slack = items.RESERVED_SLACK_BYTES[st.stack] + int(items.RESERVED_SLACK_FRACTION[st.stack]
-                                                             * (sum(r.bytes for r in working) + pinned))
-        overheads = [Row("allocator slack (reserved - allocated)", slack, counter="reserved"),
-                     Row("CUDA context, kernels and driver reservation", items.CUDA_CONTEXT_BYTES[st.stack],
-                         counter="nvml")]
+    overheads = overhead_rows(allocated, sum(r.bytes for r in working)) if st.device == "cuda" else []
     rows = tuple(persistent + transient + overheads)
     return Plan(
         shape=shape, settings=st, rows=rows, peak_phase=phase,
@@ -145,7 +144,8 @@ def _assemble(shape: Shape, st: Settings, persistent: list[Row], phases: dict[st
 def _per_gpu_plan(shape: Shape, st: Settings) -> Plan:
     """``--gpus N > 1``: one rank's plan under FSDP2 (:mod:`qtool.plan.fsdp`): its shards of the parameters, gradients
     and optimizer state; the one-GPU activation phases at the per-GPU batch, each with FSDP's unsharded parameters and
-    communication buffers of that moment."""
+    communication buffers of that moment. The allocator's slack is not replayed under FSDP: it is estimated as the
+    working bytes of the peak phase (:data:`qtool.plan.fsdp.SLACK_FRACTION`), unvalidated."""
     numels = items.lora_tensors(shape, st)
     local = fsdp.local_trainable_numels(shape, st)
     # the eager step frees its gradients (zero_grad(set_to_none=True)): the phases hold the sharded ones
@@ -156,12 +156,51 @@ def _per_gpu_plan(shape: Shape, st: Settings) -> Plan:
     persistent = fsdp.persistent_rows(shape, st, f"LoRA adapters ({sum(numels):,} params, {st.adapter_dtype})")
     packed, meta, _ = items.quantised_weights(shape, st)
     emb, head = items.embedding_bytes(shape, st)
-    return _assemble(shape, st, persistent, phases, pinned=0,
+    paged = any(r.where == "paged" for r in persistent)
+    return _assemble(shape, st, persistent, phases,
+                     lambda allocated, working: [Row(fsdp.SLACK_ROW, int(fsdp.SLACK_FRACTION * working),
+                                                     counter="reserved")]
+                     + _overhead_rows(shape, st, Process(), paged, False, allocated),
                      after_load_allocated_bytes=fsdp.after_load_bytes(shape, st),
                      fp16_weights_bytes=items.fp16_bytes(shape.declared_params or shape.n_params()),
                      nf4_weights_bytes=packed + meta,
                      weights_4bit_total_bytes=packed + meta + emb + head + items.norm_and_bias_bytes(shape, st),
                      n_trainable=sum(numels), notes=tuple(notes.plan_notes(shape, st) + fsdp.notes(shape, st)))
+
+
+def _overhead_rows(shape: Shape, st: Settings, process: Process, paged: bool, replayed: bool,
+                   allocated: int) -> list[Row]:
+    """What reserved and NVML add to the live tensors. The allocator's slack is replayed (qtool/plan/process.py):
+    the free space of segments that tensors made before the step keep (qtool: after torch.cuda.graph's
+    empty_cache, beside the weights, gradients, optimizer state and cuBLAS workspaces; hf: beside the loaded model),
+    and the rest of the cached segments at the peak beyond the live bytes. The replay runs at
+    :func:`replayed_seq_len` and its slack is scaled by allocated bytes, so that the plan grows with the sequence
+    between replayed lengths (a fit search then replays a few lengths, not each one it probes)."""
+    rows = []
+    if replayed:
+        run = replay(shape, replace(st, seq_len=replayed_seq_len(st.seq_len)), process)
+        scale = allocated / run.peak_allocated_bytes
+        slack = max(0, run.peak_reserved_bytes - run.peak_allocated_bytes)
+        kept = min(slack, run.resident_slack_bytes)
+        where = "weights, gradients, optimizer state, cuBLAS workspaces" if st.stack == "qtool" else "the loaded model"
+        step = "the CUDA graph's private pool" if items.fused(st) else "the step's cached segments"
+        rows += [Row(f"allocator: free space in segments kept by tensors made before the step ({where})",
+                     round(kept * scale), counter="reserved"),
+                 Row(f"allocator: {step} beyond the live tensors at the peak", round((slack - kept) * scale),
+                     counter="reserved")]
+    rows += [Row("CUDA context, kernels and driver reservation", items.CUDA_CONTEXT_BYTES[st.stack], counter="nvml"),
+             Row("paged (managed) memory's unexplained extra in NVML", items.PAGED_OVERHEAD_BYTES if paged else 0,
+                 where="paged", counter="nvml")]
+    return [row for row in rows if row.bytes]
+
+
+def replayed_seq_len(seq_len: int) -> int:
+    """The sequence length whose allocator replay stands for ``seq_len``: the largest of 2^k, 2^k·9/8, ..., 2^k·15/8
+    not above it (every power of two and most round lengths are their own)."""
+    if seq_len < 16:
+        return seq_len
+    top = 1 << (seq_len.bit_length() - 1)
+    return top + (seq_len - top) // (top // 8) * (top // 8)
 
 
 def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int],
@@ -251,8 +290,6 @@ def _phases(shape: Shape, st: Settings, lora_bytes: int, numels: list[int],
     }
 
 
-# --- fitting ---------------------------------------------------------------------------------------------------
-
 def capacity_bytes(text: str) -> tuple[str, int]:
     """(label, bytes) for a size or a GPU name from GPUS (case and punctuation ignored). Sizes say their unit:
     '24GB' is 24 * 10**9 bytes, '24GiB' (or '24Gi') 24 * 2**30 bytes; a bare number is bytes."""
@@ -329,27 +366,71 @@ def largest_fitting(shape: Shape, settings: Settings, capacity: int, knob: str =
     return replace(fit, value=None if fit.value is None else fit.value * step, limit=limit // step * step, step=step)
 
 
-def _plans_along(shape: Shape, st: Settings, knob: str, step: int = 1) -> Callable[[int], Plan]:
-    """value -> the plan with ``knob`` set to ``value x step``, memoised: a fit table searches the same values for
-    every GPU."""
-    @functools.cache
-    def at(value: int) -> Plan:
-        return plan(shape, replace(st, **{knob: value * step}, alpha=None if knob == "rank" else st.alpha))
+class _Along:
+    """Plans along one knob, others fixed, memoised (a fit table searches the same values for every GPU). ``at(v)``
+    is the plan; ``fits_roughly(v, capacity)`` judges it without replaying the allocator (``allocator_replay=False``)
+    but with the slack, as a fraction of allocated, of the nearest value replayed so far: a search probes ~30 values
+    and replays only those near its answer. Values count in units of ``step`` (the plan's knob is value x step)."""
 
-    return at
+    def __init__(self, shape: Shape, st: Settings, knob: str, step: int = 1):
+        self.shape, self.st, self.knob, self.step = shape, st, knob, step
+        self.exact: dict[int, Plan] = {}
+        self.rough: dict[int, Plan] = {}
+
+    def _settings(self, value: int) -> Settings:
+        return replace(self.st, **{self.knob: value * self.step}, alpha=None if self.knob == "rank" else self.st.alpha)
+
+    def __call__(self, value: int) -> Plan:
+        if value not in self.exact:
+            self.exact[value] = plan(self.shape, self._settings(value))
+        return self.exact[value]
+
+    def fits_roughly(self, value: int, capacity: int) -> bool:
+        if value not in self.rough:
+            self.rough[value] = plan(self.shape, self._settings(value), allocator_replay=False)
+        self(max(1, getattr(self.st, self.knob) // self.step))  # the asked value's plan: the first slack known
+        nearest = self.exact[min(self.exact, key=lambda v: abs(v - value))]
+        slack = (nearest.peak_reserved_bytes - nearest.peak_allocated_bytes) / nearest.peak_allocated_bytes
+        rough = self.rough[value]
+        return rough.peak_nvml_bytes + slack * rough.peak_allocated_bytes <= capacity
 
 
-def _search(at: Callable[[int], Plan], capacity: int, knob: str, limit: int, why: str) -> Fit:
+def _plans_along(shape: Shape, st: Settings, knob: str, step: int = 1) -> _Along:
+    return _Along(shape, st, knob, step)
+
+
+def _search(at: _Along, capacity: int, knob: str, limit: int, why: str) -> Fit:
+    """The largest value that fits: exponential then binary search on rough judgements (:class:`_Along`), then
+    exact plans from there: down while the value does not fit, up while the next one does."""
     if not fits(at(1), capacity):
         return Fit(knob, capacity, None, None, limit=limit, limit_reason=why)
     lo = 1
-    while lo < limit and fits(at(min(2 * lo, limit)), capacity):
+    while lo < limit and at.fits_roughly(min(2 * lo, limit), capacity):
         lo = min(2 * lo, limit)
-    hi = min(2 * lo, limit + 1)  # the first value known not to fit (or one past the limit)
+    hi = min(2 * lo, limit + 1)  # the first value judged not to fit (or one past the limit)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if at.fits_roughly(mid, capacity) else (lo, mid)
+    lo, hi = _exact_boundary(at, capacity, lo, limit)
+    return Fit(knob, capacity, lo, at(lo), limited=lo == limit, limit=limit, limit_reason=why)
+
+
+def _exact_boundary(at: _Along, capacity: int, guess: int, limit: int) -> tuple[int, int]:
+    """(lo, hi): lo fits exactly, hi = lo + 1 does not (or is past ``limit``), galloping from ``guess``."""
+    if fits(at(guess), capacity):
+        lo, step = guess, 1
+        while lo < limit and fits(at(min(lo + step, limit)), capacity):
+            lo, step = min(lo + step, limit), 2 * step
+        hi = min(lo + step, limit + 1)
+    else:
+        hi, step = guess, 1
+        while hi - step > 1 and not fits(at(hi - step), capacity):
+            hi, step = hi - step, 2 * step
+        lo = max(1, hi - step)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(at(mid), capacity) else (lo, mid)
-    return Fit(knob, capacity, lo, at(lo), limited=lo == limit, limit=limit, limit_reason=why)
+    return lo, hi
 
 
 def fit_table(shape: Shape, settings: Settings, gpus: tuple[str, ...] = FIT_TABLE_GPUS) -> list[dict]:
@@ -418,11 +499,32 @@ def carried_allocated_bytes(record: dict, p: Plan) -> int:
     return max(0, carried - 2 * items.CUBLAS_WORKSPACE_BYTES)
 
 
+def record_process(record: dict, earlier: list[dict] = ()) -> Process:
+    """How bench/gpu_worker.py ran ``record``'s configuration: random weights built on the GPU, the trainer of the
+    record's date (:data:`qtool.plan.process.RECORDED_TRAINER` for the records of 2026-11-29), after the
+    configurations of ``earlier`` (the records before it from the same process, in order)."""
+    trainer = RECORDED_TRAINER if record.get("date", "") <= RECORDED_TRAINER else TRAINER
+    return Process(trainer, random_weights=True, earlier=tuple(settings_from_record(r) for r in earlier))
+
+
 def plan_for_record(record: dict) -> Plan:
-    """Plan the model and settings of one measurement record (its ``model`` holds config.json fields)."""
+    """Plan the model and settings of one measurement record (its ``model`` holds config.json fields) as the bench
+    ran it in a fresh process (:func:`record_process`)."""
     model = record["model"]
     shape = shape_from_config({"model_type": "llama", **model}, name=model.get("name", record.get("id", "record")))
-    return plan(shape, settings_from_record(record))
+    return plan(shape, settings_from_record(record), record_process(record))
+
+
+def carried_reserved_bytes(record: dict, p: Plan, earlier: list[dict]) -> int:
+    """Reserved bytes that a recorded peak holds because of the runs before it in its process, which a fresh
+    process would not: the replay of the process (:func:`record_process` with ``earlier``) less that of a fresh
+    one. qtool: the earlier runs' cuBLAS workspaces and the segments they keep (on streams no later run allocates
+    on); hf: the previous run's graph, which the worker's ``loss`` holds into the first step, and the segments
+    the cache kept for it."""
+    if not earlier:
+        return 0
+    return (replay(p.shape, p.settings, record_process(record, earlier)).peak_reserved_bytes
+            - replay(p.shape, p.settings, record_process(record)).peak_reserved_bytes)
 
 
 # --- methods side by side ----------------------------------------------------------------------------------------

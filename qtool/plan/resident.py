@@ -33,24 +33,22 @@ if TYPE_CHECKING:
 # the earlier runs' streams), and the first runs' peaks leave exactly 4 x 32 MiB unexplained without them.
 CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # CUDA context, loaded kernels and the driver's own reservation on the device: everything NVML counts that the
-# caching allocator does not reserve, paged optimizer state aside (NVML "used" is device-wide). Record: median of
-# nvml_used - peak_reserved - paged_state - paged_leaked, per profile (hf 1366 MiB; qtool 112 MiB more: its Triton
-# kernels and the instantiated CUDA graph). At after-load, before any kernel ran, nvml - allocated is 1235 MiB.
+# caching allocator does not reserve, paged optimizer state aside (NVML "used" is device-wide). Record: nvml_used -
+# peak_reserved of the runs without paged state, the same in first and later runs of a process (qtool 9 records:
+# 1474-1488 MiB, 7 of them 1476 +- 2; hf 9 records: 1366-1368 MiB). Before any kernel has run (after-load) NVML
+# exceeds the replayed reserved bytes by 1234 MiB in every first run: the kernels a step loads add 132 MiB (hf:
+# cuBLAS, bitsandbytes) and 242 MiB (qtool: also its Triton kernels and the instantiated CUDA graph).
 # These dicts are keyed by Settings.stack: hf-prepare runs the hf stack (the same kernels, another recipe).
-CUDA_CONTEXT_BYTES = {"qtool": 1478 * MiB, "hf": 1366 * MiB}
-# Caching-allocator slack, peak reserved - peak allocated: a fixed part plus a fraction of the working bytes of the
-# peak phase (its transient less the tensors saved for backward: what churns through the cache). qtool also counts
-# its LoRA gradients there: the two eager warm-up steps before the CUDA graph capture leave their working blocks
-# cached among the gradients (and optimizer state) they allocate, which keeps those segments from the empty_cache()
-# before capture, while the capture reserves a private pool for the same working set. Record: least squares of the
-# relative error of peak_reserved over each profile's records, rounded (qtool 0 + 1.0x: within 12%; hf 64 MiB +
-# 0.25x: within 17%).
-RESERVED_SLACK_BYTES = {"qtool": 0, "hf": 64 * MiB}
-RESERVED_SLACK_FRACTION = {"qtool": 1.0, "hf": 0.25}
+CUDA_CONTEXT_BYTES = {"qtool": 1476 * MiB, "hf": 1366 * MiB}
+# What NVML shows beyond the paged buffers themselves once a process has any (bitsandbytes' cudaMallocManaged
+# state, this run's or an earlier run's): unexplained, 0-112 MiB, not in proportion to the paged bytes or buffers.
+# Record: the median over the fitted records with paged state (qtool 30, 66, 82 MiB; hf 0, 62, 62 MiB; the held-out
+# llama-3-8b, mistral-7b and llama-1-65b s1024 runs show 44-112).
+PAGED_OVERHEAD_BYTES = 64 * MiB
 # Residency granularity of bitsandbytes' paged (cudaMallocManaged) optimizer buffers on the GPU: the UVM driver backs
 # them with 64 KiB pages. Record: the hf llama-1-65b s512 run (1280 paged buffers of 512 KiB) shows the same
-# nvml - reserved - paged as the runs without paged state; the other paged runs show 30-110 MiB more, not in
-# proportion to their buffer count (unmodelled).
+# nvml - reserved - paged as the runs without paged state; the other paged runs show 30-112 MiB more, not in
+# proportion to their buffer count (PAGED_OVERHEAD_BYTES).
 PAGED_GRANULARITY_BYTES = 64 * 2**10
 # torch's memory-efficient SDPA kernel refuses grouped-query inputs (sdp_utils.cpp check_batch_size_and_num_heads_dense
 # <false>), so fp32 GQA attention without a mask (the hf profile: transformers passes enable_gqa) falls back to the
@@ -246,7 +244,8 @@ def cublas_workspaces(st: Settings) -> int:
     hf: the default stream, in the forward and in autograd's thread. qtool: the side stream of the two eager warm-up
     steps and the CUDA graph's capture stream, each in both threads (qtool/train.py; torch.cuda.graph captures on its
     own stream); eager qtool under FSDP: the default stream in both threads (FSDP's own streams only copy and
-    communicate). None on the CPU."""
+    communicate). Since the held-out pass runs before training (after 2026-11-29) qtool also has the default
+    stream's, which the planner adds (it knows the trainer: :class:`qtool.plan.process.Process`). None on the CPU."""
     if st.device != "cuda":
         return 0
     return 4 if st.stack == "qtool" and graphed(st) else 2
