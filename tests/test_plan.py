@@ -868,3 +868,20 @@ def test_replays_recorded_measurements():
         assert any(_held_out(r) for r in mine) and not all(_held_out(r) for r in mine), profile
     assert not bad, f"planned peak allocated off by > 5% (or trainable count differs): {bad}"
     assert not missed, f"planned peak reserved or NVML off by more than the bound: {missed}"
+
+
+def test_todays_trainer_records_replay_within_5_percent():
+    """Records the allocator replay was not built on: the trainer of 2026-12-04 (flat parameter buffer, 64 MiB loss
+    chunks, the held-out pass's workspace) and transformers + PEFT in both recipes, measured beside Unsloth on the
+    H200 (bench/device/unsloth_h200.sh, bench/results/unsloth_h200_2026-12-04.json). Peak allocated, reserved and
+    NVML-used within 5% of each record, later runs of a process planned as the bench ran them."""
+    records = [r for r in json.loads((ROOT / "bench/results/unsloth_h200_2026-12-04.json").read_text())
+               if r["profile"] in PROFILES and not r.get("error")]
+    assert {r["profile"] for r in records} == {"qtool", "hf", "hf-prepare"} and len(records) == 9
+    for r, earlier in zip(records, _earlier_runs(records)):
+        p = plan_for_record(r)
+        p = plan(p.shape, p.settings, process=record_process(r, earlier))
+        m = r["measured"]
+        for planned, key in ((p.peak_allocated_bytes, "peak_allocated_bytes"),
+                             (p.peak_reserved_bytes, "peak_reserved_bytes"), (p.peak_nvml_bytes, "nvml_used_bytes")):
+            assert abs(planned - m[key]) / m[key] < 0.05, (r["id"], key, planned, m[key])
