@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import click
 
@@ -75,6 +76,12 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
               help="Also measure the held-out loss every this many steps (0: before and after only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the init, the data order and dropout.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+@click.option("--nproc", default=1, show_default=True, type=int,
+              help="Data-parallel processes on this machine, started through torchrun (on CUDA one GPU each, gloo "
+                   "on the CPU): FSDP2 shards the NF4 weights, the adapter and its optimizer state over them, each "
+                   "reads only its shard; --batch-size stays the global batch, split evenly, so the run trains what "
+                   "one process would. Under `torchrun --nproc-per-node N -m qtool train ...` leave it out. Not yet "
+                   "with --method adalora/prefix or --offload-activations; CUDA graphs are off.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, export, **kw):
@@ -93,6 +100,8 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
       qtool train ./smollm2-nf4 --data shakespeare.txt --method prefix --prefix-len 64 --out ./prefix
       qtool train ./smollm2-nf4 --data shakespeare.txt --method adapter --adapter-size 32 --out ./houlsby
       qtool train ./phi-3-mini-nf4 --data text.txt --targets qkvo,mlp  # qkv_proj, o_proj, gate_up_proj, down_proj
+      qtool train ./smollm2-nf4 --data shakespeare.txt --nproc 2 --batch-size 4 --out ./adapter  # 2 processes
+      torchrun --nproc-per-node 8 -m qtool train ./llama2-70b-nf4 --data text.txt --batch-size 8 --out ./adapter
     """
     from click.core import ParameterSource
 
@@ -107,11 +116,24 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
     fields = {"rslora": "use_rslora"}
     given = {fields.get(name, name) for name in ctx.params
              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    from qtool.train.distributed import launch, torchrun_world_size
+
+    world = torchrun_world_size()
+    if world > 1 and "nproc" in given:
+        raise UsageError(f"--nproc {kw['nproc']}: this process is already one of {world} that torchrun started",
+                         hint="leave --nproc out under torchrun (or run qtool train --nproc N without torchrun)")
+    if world > 1:
+        kw["nproc"] = world
     st = TrainSettings(use_rslora=rslora, max_grad_norm=max_grad_norm or None, **kw)
     check_inputs(model_dir, data, out, st, overwrite=overwrite, given=given)  # flags and paths first: no torch yet
+    if st.nproc > 1 and world == 1:  # start the processes: each runs this command without --nproc
+        ctx.exit(launch(st.nproc, ["train", *command_line(ctx, leave_out=("nproc",))]))
     from qtool.cli import progress_bar
     from qtool.train.recipe import run
 
+    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for all
+        run(model_dir, data, out, st, overwrite=overwrite, given=given)
+        return
     bars = {}
 
     def progress(step, loss, seconds):
@@ -168,6 +190,28 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
         click.echo(f"wrote {exported['adapter']}: plain LoRA, {len(exported['ranks'])} modules, ranks "
                    f"{min(exported['ranks'].values())}-{max(exported['ranks'].values())}, "
                    f"{len(exported['dropped'])} module(s) at rank 0 dropped")
+
+
+def command_line(ctx: click.Context, leave_out=()) -> list[str]:
+    """The arguments and the options given on the command line of ``ctx``'s command, as a list that parses back to
+    the same values (what ``--nproc`` passes to each process torchrun starts)."""
+    from click.core import ParameterSource
+
+    args, options = [], []
+    for param in ctx.command.params:
+        name, value = param.name, ctx.params.get(param.name)
+        if name in leave_out or ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif param.is_flag:
+            if value == param.flag_value or value is True:
+                options.append(param.opts[0])
+            elif param.secondary_opts:
+                options.append(param.secondary_opts[0])
+        else:
+            options += [param.opts[0], str(value)]
+    return args + options
 
 
 def _check_export(export, method, out) -> None:
