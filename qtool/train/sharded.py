@@ -122,13 +122,15 @@ def _frozen_parameters(model: nn.Module, origin: dict[int, str]):
 
 def _shard(model: nn.Module, mesh) -> None:
     """One FSDP group per decoder layer, then the root group (what remains: embedding, final norm, head and their
-    adapters). Layers are freed after their forward and gathered again for their backward (FSDP2's default); the
-    root stays gathered from the forward to the end of the backward (FSDP2 never reshards the root after forward)."""
+    adapters). Every group is freed after its forward and gathered again for its backward — the root too, which
+    FSDP2 would otherwise keep gathered after a forward: after an evaluation (a forward with no backward) the root's
+    attributes would then stay the gathered full tensors, and an optimizer made from ``model.parameters()`` at that
+    point would hold those instead of the shards that receive the gradients (the head's LoRA never trained)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    fully_shard(model, mesh=mesh, reshard_after_forward=True)
     register_fsdp_forward_method(model, "loss")  # the recipe calls model.loss, not forward
 
 
