@@ -105,8 +105,8 @@ def _frozen_parameters(model: nn.Module, origin: dict[int, str]):
     made: dict[int, nn.Parameter] = {}
     base = {}
     for mod_name, module in model.named_modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if module is model and name in constants:
+        for name, buf in list(module._buffers.items()):  # named_buffers() would skip a second name of one tensor
+            if buf is None or (module is model and name in constants):
                 continue
             full = f"{mod_name}.{name}" if mod_name else name
             if id(buf) not in made:
@@ -116,6 +116,8 @@ def _frozen_parameters(model: nn.Module, origin: dict[int, str]):
                     base[full] = origin[id(buf)]
             del module._buffers[name]
             module.register_parameter(name, made[id(buf)])
+    left = [n for n, _ in model.named_buffers(remove_duplicate=False) if n not in constants]
+    assert not left, f"buffers left unsharded: {left}"
     initial = {name: p.detach() for name, p in model.named_parameters() if not p.is_meta}
     return base, initial
 
