@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import click
 
@@ -116,7 +115,7 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
     fields = {"rslora": "use_rslora"}
     given = {fields.get(name, name) for name in ctx.params
              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
-    from qtool.train.distributed import launch, torchrun_world_size
+    from qtool.train.distributed import is_main_process, launch, torchrun_world_size
 
     world = torchrun_world_size()
     if world > 1 and "nproc" in given:
@@ -125,13 +124,14 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
     if world > 1:
         kw["nproc"] = world
     st = TrainSettings(use_rslora=rslora, max_grad_norm=max_grad_norm or None, **kw)
-    check_inputs(model_dir, data, out, st, overwrite=overwrite, given=given)  # flags and paths first: no torch yet
+    # flags and paths first: no torch yet (under torchrun only rank 0 checks --out, the one that writes it)
+    check_inputs(model_dir, data, out if is_main_process() else None, st, overwrite=overwrite, given=given)
     if st.nproc > 1 and world == 1:  # start the processes: each runs this command without --nproc
         ctx.exit(launch(st.nproc, ["train", *command_line(ctx, leave_out=("nproc",))]))
     from qtool.cli import progress_bar
     from qtool.train.recipe import run
 
-    if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports for all
+    if not is_main_process():  # rank 0 reports for all
         run(model_dir, data, out, st, overwrite=overwrite, given=given)
         return
     bars = {}

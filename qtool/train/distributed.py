@@ -88,6 +88,13 @@ def torchrun_world_size(environ=None) -> int:
     return int(environ.get("WORLD_SIZE", "1"))
 
 
+def is_main_process(environ=None) -> bool:
+    """Rank 0 by torchrun's ``RANK`` (True when not under torchrun): the process that checks and writes ``--out``
+    (the others would race it, e.g. all restoring a folder a killed run left)."""
+    environ = os.environ if environ is None else environ
+    return int(environ.get("RANK", "0")) == 0
+
+
 @contextlib.contextmanager
 def join(device: torch.device):
     """``(ranks, device)`` for this process: under torchrun with ``WORLD_SIZE > 1`` a process group is made from its

@@ -135,6 +135,11 @@ class ConvertedFolder:
         """Drop the pages of ``key`` read so far from this process's resident memory."""
         self.index[key].release(key)
 
+    def close(self) -> None:
+        """Unmap the files (tensors read from them must have been copied: views would dangle)."""
+        for f in {id(f): f for f in self.index.values()}.values():
+            f.close()
+
     def check_all_used(self) -> None:
         """InputError naming the tensors the model has no place for (nothing is dropped silently)."""
         shape = self.shape

@@ -273,8 +273,10 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
     format for LoRA and prefix, qtool's for Houlsby adapters). ``given``: as :func:`check_inputs`. Under torchrun
     (``st.nproc`` = its WORLD_SIZE) every rank calls this: the model is sharded with FSDP2
     (:mod:`qtool.train.sharded`), and rank 0 alone reports progress and writes the adapter."""
-    shape = check_inputs(model_dir, data, out, st, overwrite=overwrite, given=given)
-    from qtool.train.distributed import join, torchrun_world_size
+    from qtool.train.distributed import is_main_process, join, torchrun_world_size
+
+    # under torchrun only rank 0 checks --out (and restores what a killed run left): it alone writes there
+    shape = check_inputs(model_dir, data, out if is_main_process() else None, st, overwrite=overwrite, given=given)
 
     if st.nproc != torchrun_world_size():
         raise UsageError(f"--nproc {st.nproc}: this process is one of {torchrun_world_size()}",

@@ -53,18 +53,19 @@ def load_sharded_decoder(folder, spec: AdapterSpec | None, ranks: Ranks, *, devi
 
     rss_before = _resident_bytes()
     tensors = ConvertedFolder(folder)
-    origin: dict[int, str] = {}  # id(meta tensor) -> the checkpoint key it stands for
+    # id(meta tensor) -> (the tensor, kept alive so that its id stays its own; the checkpoint key it stands for)
+    origin: dict[int, tuple[torch.Tensor, str]] = {}
 
     def quantized(key, shape_):
         qw = tensors.quantized(key, meta=True)
-        origin.update({id(qw.packed): key, id(qw.absmax): f"{key}.absmax"})
-        if qw.nested_absmax is not None:
-            origin[id(qw.nested_absmax)] = f"{key}.nested_absmax"
+        for t, name in ((qw.packed, key), (qw.absmax, f"{key}.absmax"), (qw.nested_absmax, f"{key}.nested_absmax")):
+            if t is not None:
+                origin[id(t)] = (t, name)
         return qw
 
     def dense(key, shape_):
         t = tensors.dense(key, meta_dtype=compute_dtype)  # in the compute dtype already: build_decoder keeps it
-        origin[id(t)] = key
+        origin[id(t)] = (t, key)
         return t
 
     model = build_decoder(tensors.shape, quantized, dense, device="meta", compute_dtype=compute_dtype)
@@ -90,13 +91,14 @@ def load_sharded_decoder(folder, spec: AdapterSpec | None, ranks: Ranks, *, devi
                 local.view(-1).copy_(initial_values.pop(name).reshape(-1)[start:stop])
         for name, constant in model.shape_constants(device).items():
             setattr(model, name, constant)
+    tensors.close()  # everything was copied out of the mapped files
     assert not initial_values, sorted(initial_values)
     report = shard_report(model, ranks)
     report["resident_growth_bytes"] = _resident_bytes() - rss_before  # RSS: the process's view, allocator included
     return model, set(base), report
 
 
-def _frozen_parameters(model: nn.Module, origin: dict[int, str]):
+def _frozen_parameters(model: nn.Module, origin: dict[int, tuple[torch.Tensor, str]]):
     """Turn every buffer except the shape constants into a frozen parameter (FSDP2 shards parameters only), the same
     ``nn.Parameter`` under every name that shares one tensor (a tied head is the embedding). Returns ``(base,
     initial)``: parameter name -> checkpoint key for the base, and name -> full CPU tensor for what is already real
@@ -113,7 +115,7 @@ def _frozen_parameters(model: nn.Module, origin: dict[int, str]):
                 made[id(buf)] = nn.Parameter(buf, requires_grad=False)
                 if buf.is_meta:
                     assert id(buf) in origin, f"{full} is on the meta device but not read from the checkpoint"
-                    base[full] = origin[id(buf)]
+                    base[full] = origin[id(buf)][1]
             del module._buffers[name]
             module.register_parameter(name, made[id(buf)])
     left = [n for n, _ in model.named_buffers(remove_duplicate=False) if n not in constants]
