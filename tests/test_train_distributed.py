@@ -157,7 +157,7 @@ def test_nproc_flags_are_checked_before_any_process_starts(tiny_nf4, text, flags
 def test_nproc_under_torchrun_is_refused(tiny_nf4, text):
     r = CliRunner(env={"WORLD_SIZE": "2"}).invoke(main, ["train", str(tiny_nf4), "--data", str(text), "--nproc", "2"])
     assert r.exit_code == 2 and "already one of 2 that torchrun started" in r.output, r.output
-    with pytest.raises(UsageError, match="this process is one of 1"):  # the library: --nproc without torchrun
+    with pytest.raises(UsageError, match=r"settings for 2 process\(es\) \(nproc\) in a run of 1"):  # the library: --nproc without torchrun
         run(tiny_nf4, text, None, TrainSettings(nproc=2, batch_size=2))
 
 

@@ -169,13 +169,19 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
                f"{result.losses[0]:.4f} / {result.losses[-1]:.4f} (one batch each)")
     if len(result.eval_curve) > 2:
         click.echo("held-out loss by step: " + ", ".join(f"{step}: {loss:.4f}" for step, loss in result.eval_curve))
+    if result.distributed:  # sharded: the planner models one GPU holding everything, so no plan table
+        d = result.distributed
+        click.echo(f"{d['world_size']} processes ({d['backend']}, FSDP2): parameter shards " + ", ".join(
+            f"rank {r['rank']} {r['param_bytes'] / 2**20:,.1f} MiB" for r in d["ranks"])
+            + f" of {d['ranks'][0]['model_param_bytes'] / 2**20:,.1f} MiB")
     from tabulate import tabulate
 
     rows = [[r["name"], f"{r['planned_bytes'] / 2**30:.2f}",
              "-" if r["measured_bytes"] is None else f"{r['measured_bytes'] / 2**30:.2f}",
              "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f}%"] for r in result.plan_comparison]
-    click.echo(tabulate(rows, headers=["GPU memory", "plan GiB", "measured GiB", "plan error"], tablefmt="simple"))
-    if result.device == "cpu":
+    if rows:
+        click.echo(tabulate(rows, headers=["GPU memory", "plan GiB", "measured GiB", "plan error"], tablefmt="simple"))
+    if result.device == "cpu" and rows:
         click.echo("(measured on a CUDA device only; the plan is for one GPU with these settings)")
     if result.adalora:
         from qtool.cli.adapter import budget_lines

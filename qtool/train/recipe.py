@@ -277,11 +277,10 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
 
     # under torchrun only rank 0 checks --out (and restores what a killed run left): it alone writes there
     shape = check_inputs(model_dir, data, out if is_main_process() else None, st, overwrite=overwrite, given=given)
-
     if st.nproc != torchrun_world_size():
-        raise UsageError(f"--nproc {st.nproc}: this process is one of {torchrun_world_size()}",
-                         hint="qtool train --nproc N starts the N processes itself (through torchrun); under "
-                              "torchrun leave --nproc out")
+        raise UsageError(f"settings for {st.nproc} process(es) (nproc) in a run of {torchrun_world_size()} (torchrun's "
+                         "WORLD_SIZE)", hint="set TrainSettings.nproc to WORLD_SIZE under torchrun; qtool train "
+                                             "--nproc N starts torchrun itself")
     with join(resolve_device(st.device)) as (ranks, device):
         if not ranks.is_main:
             progress = eval_progress = None
