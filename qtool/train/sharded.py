@@ -27,6 +27,13 @@ Loading keeps no full base tensor in any process: the model is built on the meta
 single-process run makes them (same generator, same order: small, and dropped once sharded); the groups are formed;
 then each rank materialises its shards and fills them — base rows straight from the memory-mapped files (only that
 byte range is touched, then released), adapter rows from the full initial values.
+
+What runs differently from one process: CUDA graphs are off (FSDP2 all-gathers and frees each group's storage around
+its forward and backward, and reduce-scatters between layers: none of it is in one replayable graph), so is the flat
+parameter buffer that exists for them (:mod:`qtool.train.flat`); activation offloading and bitsandbytes' optimizers
+are refused (untested with FSDP's hooks and DTensor shards; torch AdamW updates the shards). The fused kernels (NF4
+dequantisation, RMSNorm, RoPE, SwiGLU) run as usual on the gathered tensors. Tested on the CPU with gloo (2-3
+processes: tests/test_train_distributed.py); the CUDA path (NCCL, one GPU per process) is the same code, untested.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ import os
 import torch
 from torch import nn
 
+from qtool.adapters.attach import attach_adapters
 from qtool.adapters.spec import AdapterSpec
 from qtool.train.distributed import Ranks
 from qtool.train.load import ConvertedFolder, build_decoder
@@ -48,10 +56,10 @@ def load_sharded_decoder(folder, spec: AdapterSpec | None, ranks: Ranks, *, devi
     exist); this rank holds only its shards. Returns ``(model, base_names, report)``: ``base_names`` the parameter
     names read from the checkpoint (the rest is the adapter, :func:`gather_adapter`), ``report`` this rank's bytes
     (:func:`shard_report`) and its resident-memory growth while loading."""
+    import torch._dynamo  # noqa: F401 (FSDP2's hooks import it on first use: ~25 MB of modules, not data)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard  # noqa: F401 (imported before the memory baseline)
 
-    rss_before = _resident_bytes()
+    rss_before = _resident_bytes()  # the modules loading needs are imported: the growth is the model's
     tensors = ConvertedFolder(folder)
     # id(meta tensor) -> (the tensor, kept alive so that its id stays its own; the checkpoint key it stands for)
     origin: dict[int, tuple[torch.Tensor, str]] = {}
@@ -71,8 +79,6 @@ def load_sharded_decoder(folder, spec: AdapterSpec | None, ranks: Ranks, *, devi
     model = build_decoder(tensors.shape, quantized, dense, device="meta", compute_dtype=compute_dtype)
     tensors.check_all_used()
     if spec is not None:
-        from qtool.adapters.attach import attach_adapters
-
         attach_adapters(model, spec, seed=seed, adapter_dtype=adapter_dtype, initial=initial, device="cpu")
     base, initial_values = _frozen_parameters(model, origin)
     mesh = init_device_mesh(device.type, (ranks.world_size,))
