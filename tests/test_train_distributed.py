@@ -128,8 +128,9 @@ def test_two_processes_train_what_one_does(tiny_nf4, text, tmp_path):
 def test_smollm2_over_two_processes_with_adamw_and_the_symmetric_init(smollm2_nf4_cpu, shakespeare_path, tmp_path):
     """The real fixture (tied embedding and head), the default optimizer (torch AdamW on the DTensor shards) and the
     symmetric init, whose frozen offsets are sharded like the factors and gathered back for the rank-2r PEFT export.
-    Adam divides each gradient by its own running magnitude, which enlarges the rounding of near-zero gradients: the
-    adapter agrees to ~1e-4 of its largest value, the losses to fp32 rounding. No process holds the whole model: each
+    Adam divides each gradient by its own running magnitude (plus eps = 1e-8), which enlarges the rounding of
+    near-zero gradients up to ~lr · rounding / eps per element: the adapter agrees to 6.4e-5 of its largest value
+    (bound 1e-3), the losses to fp32 rounding. No process holds the whole model: each
     rank's resident memory grows by its half and a few MB while loading (measured: 96 and 92 MB for shards of 88 MB of
     the 176 MB model; one process loading it all grows by ~188 MB)."""
     flags = ["--steps", "2", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-3", "--targets", "q_proj,v_proj",
@@ -141,7 +142,7 @@ def test_smollm2_over_two_processes_with_adamw_and_the_symmetric_init(smollm2_nf
     assert two["optimizer"] == one["optimizer"] == "adamw_torch"
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-5)
     assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
-    _assert_same_adapter(tmp_path / "one", tmp_path / "two", rel=5e-4)
+    _assert_same_adapter(tmp_path / "one", tmp_path / "two", rel=1e-3)
     _assert_halves(two)
     ranks = two["distributed"]["ranks"]
     print("resident growth while loading, MB:", [r["resident_growth_bytes"] / 1e6 for r in ranks],
