@@ -56,7 +56,8 @@ def test_no_import_cycles():
 
 @pytest.mark.parametrize("module", ["qtool.arch", "qtool.adapters.spec", "qtool.plan.planner", "qtool.train.settings",
                                     "qtool.format.adapter_meta", "qtool.format.atomic", "qtool.cli.train",
-                                    "qtool.cli.plan", "qtool.plan.methods", "qtool.merge.refusal"])
+                                    "qtool.cli.plan", "qtool.plan.methods", "qtool.merge.refusal",
+                                    "qtool.train.distributed"])
 def test_torch_free_modules(module):
     code = f"import sys, {module}; print(sorted(m for m in ('torch', 'numpy', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout

@@ -18,7 +18,8 @@ _TRAINER_INITS = {"zero": zero_init, "symmetric": symmetric_init}
 
 
 def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: torch.dtype = torch.float32,
-                    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> dict[str, torch.nn.Module]:
+                    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+                    device: torch.device | str | None = None) -> dict[str, torch.nn.Module]:
     """Wrap every Linear of ``model`` (a :class:`qtool.train.model.Decoder`) that ``spec`` targets in a
     :class:`LoRALinear`; returns ``{module path: module}``. Factors are drawn module by module in forward order
     from one generator seeded with ``seed`` (``zero``, ``symmetric``), or taken from ``initial`` (module path ->
@@ -27,8 +28,11 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
     initial rank instead, P and Q drawn from the same generator. Houlsby adapters and a prefix are added as the
     module docstrings of :mod:`qtool.adapters.houlsby` and :mod:`qtool.adapters.prefix` say (paths
     ``model.layers.{i}.attn_adapter`` / ``mlp_adapter``, and ``prefix``). ``embed_tokens``/``lm_head`` targets get
-    their LoRA after the layers' (:func:`_attach_vocab`), drawn from the same generator."""
+    their LoRA after the layers' (:func:`_attach_vocab`), drawn from the same generator. ``device``: where the
+    adapters' tensors are made (default: beside the weights they adapt; :mod:`qtool.train.sharded` makes them on the
+    CPU beside a base on the meta device, then shards them)."""
     shape = model.shape
+    device = model.embed.device if device is None else torch.device(device)
     spec.checked(shape)
     ranks = spec.module_ranks(shape)
     detach_adapters(model)  # a fresh set: any earlier adapter is dropped
@@ -39,7 +43,7 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
             continue
         base, rank = holder[name], ranks[name]
         if spec.method == "adalora":  # Q, λ = 0, P (see qtool.adapters.adalora)
-            q, e, p = adalora_init(base.out_features, base.in_features, rank, gen, adapter_dtype, base.device)
+            q, e, p = adalora_init(base.out_features, base.in_features, rank, gen, adapter_dtype, device)
             holder[name] = attached[path] = AdaLoRALinear(base, q, e, p, alpha=spec.alpha, dropout=spec.dropout,
                                                           scale=adalora_scale(spec.alpha, rank))
             continue
@@ -48,7 +52,7 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
                 raise InputError(f"--init {spec.init}: no initial factors for {path}",
                                  hint="the folder must come from `qtool convert SRC OUT --lora-init "
                                       f"{spec.init}` with the same --rank and --targets")
-            a, b = (t.to(device=base.device, dtype=adapter_dtype) for t in initial[path])
+            a, b = (t.to(device=device, dtype=adapter_dtype) for t in initial[path])
             offset = None
             if a.shape != (rank, base.in_features) or b.shape != (base.out_features, rank):
                 raise InputError(f"--init {spec.init}: the initial factors of {path} have rank {a.shape[0]}, "
@@ -56,19 +60,19 @@ def attach_adapters(model, spec: AdapterSpec, *, seed: int = 0, adapter_dtype: t
                                  hint="train with the rank the folder was converted with")
         else:
             a, b, offset = _TRAINER_INITS[spec.init](base.out_features, base.in_features, rank, gen, adapter_dtype,
-                                                     base.device)
+                                                     device)
         holder[name] = attached[path] = LoRALinear(base, a, b, alpha=spec.alpha_of(name), dropout=spec.dropout,
                                                    use_rslora=spec.use_rslora, offset=offset)
-    attached.update(_attach_vocab(model, spec, gen, adapter_dtype))
-    attached.update(_attach_own_modules(model, spec, gen, adapter_dtype))
+    attached.update(_attach_vocab(model, spec, gen, adapter_dtype, device))
+    attached.update(_attach_own_modules(model, spec, gen, adapter_dtype, device))
     model.uses_rng = spec.dropout > 0
     return attached
 
 
-def _attach_vocab(model, spec: AdapterSpec, gen: torch.Generator, dtype: torch.dtype) -> dict:
+def _attach_vocab(model, spec: AdapterSpec, gen: torch.Generator, dtype: torch.dtype, device: torch.device) -> dict:
     """LoRA on the embedding (A = 0, B ~ N(0, 1)) and on the head (A Kaiming-uniform, B = 0), PEFT's starts, in that
     order; on a tied model with both targeted the head shares the embedding's factors (:mod:`qtool.adapters.vocab`)."""
-    shape, device = model.shape, model.embed.device
+    shape = model.shape
     ranks, attached = spec.vocab_ranks(shape), {}
     if "embed_tokens" in ranks:
         model.embed_adapter = attached[VOCAB_PATHS["embed_tokens"]] = LoRAEmbedding.initial(
@@ -96,10 +100,11 @@ def detach_adapters(model) -> None:
     model.uses_rng = False
 
 
-def _attach_own_modules(model, spec: AdapterSpec, gen: torch.Generator, dtype: torch.dtype) -> dict:
+def _attach_own_modules(model, spec: AdapterSpec, gen: torch.Generator, dtype: torch.dtype,
+                        device: torch.device) -> dict:
     """The methods with modules of their own: two Houlsby adapters per layer (attention block, then MLP block,
     layer by layer, drawn from ``gen`` in that order), or the model's prefix."""
-    shape, device, attached = model.shape, model.embed.device, {}
+    shape, attached = model.shape, {}
     if spec.method == "adapter":
         for i, layer in enumerate(model.layers):
             for block in ("attn", "mlp"):

@@ -75,6 +75,12 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
               help="Also measure the held-out loss every this many steps (0: before and after only).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the init, the data order and dropout.")
 @click.option("--device", default="auto", show_default=True, help="auto (CUDA if present), cpu, cuda, cuda:1, ...")
+@click.option("--nproc", default=1, show_default=True, type=int,
+              help="Data-parallel processes on this machine, started through torchrun (on CUDA one GPU each, gloo "
+                   "on the CPU): FSDP2 shards the NF4 weights, the adapter and its optimizer state over them, each "
+                   "reads only its shard; --batch-size stays the global batch, split evenly, so the run trains what "
+                   "one process would. Under `torchrun --nproc-per-node N -m qtool train ...` leave it out. Not yet "
+                   "with --method adalora/prefix or --offload-activations; CUDA graphs are off.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, export, **kw):
@@ -93,6 +99,8 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
       qtool train ./smollm2-nf4 --data shakespeare.txt --method prefix --prefix-len 64 --out ./prefix
       qtool train ./smollm2-nf4 --data shakespeare.txt --method adapter --adapter-size 32 --out ./houlsby
       qtool train ./phi-3-mini-nf4 --data text.txt --targets qkvo,mlp  # qkv_proj, o_proj, gate_up_proj, down_proj
+      qtool train ./smollm2-nf4 --data shakespeare.txt --nproc 2 --batch-size 4 --out ./adapter  # 2 processes
+      torchrun --nproc-per-node 8 -m qtool train ./llama2-70b-nf4 --data text.txt --batch-size 8 --out ./adapter
     """
     from click.core import ParameterSource
 
@@ -107,11 +115,25 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
     fields = {"rslora": "use_rslora"}
     given = {fields.get(name, name) for name in ctx.params
              if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    from qtool.train.distributed import is_main_process, launch, torchrun_world_size
+
+    world = torchrun_world_size()
+    if world > 1 and "nproc" in given:
+        raise UsageError(f"--nproc {kw['nproc']}: this process is already one of {world} that torchrun started",
+                         hint="leave --nproc out under torchrun (or run qtool train --nproc N without torchrun)")
+    if world > 1:
+        kw["nproc"] = world
     st = TrainSettings(use_rslora=rslora, max_grad_norm=max_grad_norm or None, **kw)
-    check_inputs(model_dir, data, out, st, overwrite=overwrite, given=given)  # flags and paths first: no torch yet
+    # flags and paths first: no torch yet (under torchrun only rank 0 checks --out, the one that writes it)
+    check_inputs(model_dir, data, out if is_main_process() else None, st, overwrite=overwrite, given=given)
+    if st.nproc > 1 and world == 1:  # start the processes: each runs this command without --nproc
+        ctx.exit(launch(st.nproc, ["train", *command_line(ctx, leave_out=("nproc",))]))
     from qtool.cli import progress_bar
     from qtool.train.recipe import run
 
+    if not is_main_process():  # rank 0 reports for all
+        run(model_dir, data, out, st, overwrite=overwrite, given=given)
+        return
     bars = {}
 
     def progress(step, loss, seconds):
@@ -147,13 +169,19 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
                f"{result.losses[0]:.4f} / {result.losses[-1]:.4f} (one batch each)")
     if len(result.eval_curve) > 2:
         click.echo("held-out loss by step: " + ", ".join(f"{step}: {loss:.4f}" for step, loss in result.eval_curve))
+    if result.distributed:  # sharded: the planner models one GPU holding everything, so no plan table
+        d = result.distributed
+        click.echo(f"{d['world_size']} processes ({d['backend']}, FSDP2): parameter shards " + ", ".join(
+            f"rank {r['rank']} {r['param_bytes'] / 2**20:,.1f} MiB" for r in d["ranks"])
+            + f" of {d['ranks'][0]['model_param_bytes'] / 2**20:,.1f} MiB")
     from tabulate import tabulate
 
     rows = [[r["name"], f"{r['planned_bytes'] / 2**30:.2f}",
              "-" if r["measured_bytes"] is None else f"{r['measured_bytes'] / 2**30:.2f}",
              "-" if r["error_pct"] is None else f"{r['error_pct']:+.1f}%"] for r in result.plan_comparison]
-    click.echo(tabulate(rows, headers=["GPU memory", "plan GiB", "measured GiB", "plan error"], tablefmt="simple"))
-    if result.device == "cpu":
+    if rows:
+        click.echo(tabulate(rows, headers=["GPU memory", "plan GiB", "measured GiB", "plan error"], tablefmt="simple"))
+    if result.device == "cpu" and rows:
         click.echo("(measured on a CUDA device only; the plan is for one GPU with these settings)")
     if result.adalora:
         from qtool.cli.adapter import budget_lines
@@ -168,6 +196,28 @@ def train_cmd(model_dir, data, out, as_json, overwrite, rslora, max_grad_norm, e
         click.echo(f"wrote {exported['adapter']}: plain LoRA, {len(exported['ranks'])} modules, ranks "
                    f"{min(exported['ranks'].values())}-{max(exported['ranks'].values())}, "
                    f"{len(exported['dropped'])} module(s) at rank 0 dropped")
+
+
+def command_line(ctx: click.Context, leave_out=()) -> list[str]:
+    """The arguments and the options given on the command line of ``ctx``'s command, as a list that parses back to
+    the same values (what ``--nproc`` passes to each process torchrun starts)."""
+    from click.core import ParameterSource
+
+    args, options = [], []
+    for param in ctx.command.params:
+        name, value = param.name, ctx.params.get(param.name)
+        if name in leave_out or ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            continue
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif param.is_flag:
+            if value == param.flag_value or value is True:
+                options.append(param.opts[0])
+            elif param.secondary_opts:
+                options.append(param.secondary_opts[0])
+        else:
+            options += [param.opts[0], str(value)]
+    return args + options
 
 
 def _check_export(export, method, out) -> None:

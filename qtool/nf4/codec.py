@@ -376,13 +376,35 @@ def absmax_fp32(qw: QuantizedWeight) -> torch.Tensor:
         from qtool.nf4 import _cpu as k
 
         out = np.empty(qw.absmax.numel(), np.float32)
-        k.absmax_fp32(qw.absmax.reshape(-1).contiguous().numpy(), qw.nested_absmax.contiguous().numpy(), _DYNAMIC,
+        k.absmax_fp32(_borrow(qw.absmax.reshape(-1).contiguous()), _borrow(qw.nested_absmax.contiguous()), _DYNAMIC,
                       qw.offset, NESTED_BLOCKSIZE, out)
         return torch.from_numpy(out)
     code = torch.from_numpy(_DYNAMIC).to(qw.absmax.device)
     scale = qw.nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: qw.absmax.numel()]
     out = code[qw.absmax.long()] * scale
     return out + torch.tensor(qw.offset, dtype=torch.float32, device=out.device)
+
+
+class _Borrowed:
+    """Exposes a contiguous CPU tensor's memory to numpy (``__array_interface__``) and keeps the tensor alive as the
+    array's ``base``."""
+
+    _TYPESTR = {torch.uint8: "|u1", torch.float32: "<f4"}
+
+    def __init__(self, t: torch.Tensor):
+        assert t.is_contiguous() and t.device.type == "cpu" and t.dtype in self._TYPESTR, (t.dtype, t.device)
+        self.tensor = t
+        self.__array_interface__ = {"data": (t.data_ptr(), True), "shape": (t.numel(),),
+                                    "typestr": self._TYPESTR[t.dtype], "version": 3}
+
+
+def _borrow(t: torch.Tensor) -> np.ndarray:
+    """A read-only flat numpy view of a contiguous CPU tensor, for a kernel's input. Not ``t.numpy()``: that marks the
+    tensor's storage non-resizable for good (``t.untyped_storage().resizable()`` is False afterwards), and FSDP2 frees
+    an all-gathered parameter by resizing its storage to 0 (torch/distributed/fsdp/_fully_shard/_fsdp_param.py,
+    ``free_storage``): a sharded NF4 layer dequantised through ``.numpy()`` fails at the end of its first forward
+    with "Trying to resize storage that is not resizable" (qtool.train.sharded)."""
+    return np.asarray(_Borrowed(t))
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -399,7 +421,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype | None = None) -> torch.T
         from qtool.nf4 import _cpu as k
 
         out_np = np.empty(n, np.float32)
-        k.dequantize_blocks(qw.packed.reshape(-1).numpy(), absmax.contiguous().numpy(), code.numpy(),
+        k.dequantize_blocks(_borrow(qw.packed.reshape(-1).contiguous()), _borrow(absmax.contiguous()), code.numpy(),
                             qw.blocksize, n, out_np)
         out = torch.from_numpy(out_np)
     return out.view(qw.shape).to(dtype or qw.dtype)

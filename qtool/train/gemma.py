@@ -119,16 +119,15 @@ class GemmaLayer(nn.Module):
 class GemmaDecoder(Decoder):
     """Scaled embeddings, Gemma layers, the final (1 + w) norm and the tied, soft-capped head."""
 
-    def __init__(self, shape: Shape, layers: list[GemmaLayer], embed: torch.Tensor, norm: torch.Tensor,
-                 lm_head: torch.Tensor | None, compute_dtype: torch.dtype):
-        super().__init__(shape, layers, embed, norm, lm_head, compute_dtype)
-        device = embed.device
-        self.inv_freq = inv_freq(shape.head_dim, shape.rope_params).to(device)
+    def shape_constants(self, device) -> dict[str, torch.Tensor | None]:
+        """Gemma's RoPE inverse frequencies (global, and the sliding layers' own on Gemma 3) and its embedding
+        scale (see :meth:`Decoder.shape_constants`)."""
+        shape = self.shape
         local = inv_freq(shape.head_dim, dict(shape.rope_local)).to(device) if shape.rope_local else None
-        self.register_buffer("inv_freq_local", local, persistent=False)
         # transformers multiplies by sqrt(hidden) cast to the embedding's dtype (Gemma2TextScaledWordEmbedding)
-        self.register_buffer("embed_scale", torch.tensor(shape.hidden ** 0.5).to(device=device, dtype=embed.dtype),
-                             persistent=False)
+        scale = torch.tensor(shape.hidden ** 0.5).to(device=device, dtype=self.compute_dtype)
+        return {"inv_freq": inv_freq(shape.head_dim, shape.rope_params).to(device), "inv_freq_local": local,
+                "embed_scale": scale}
 
     def rope_tables(self, start: int, n: int, dtype: torch.dtype, device, local: bool = False):
         """cos and sin ``(n, head_dim)``, fp32 then cast; ``local``: the sliding layers' own RoPE (Gemma 3)."""

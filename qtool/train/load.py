@@ -82,48 +82,83 @@ def build_decoder(shape: Shape, quantized, dense, *, device="cpu", compute_dtype
     return model
 
 
+class ConvertedFolder:
+    """The tensors of a converted folder by key (validated safetensors headers, memory-mapped on first use), and
+    which of them the model has used: every tensor must be (:meth:`check_all_used`)."""
+
+    def __init__(self, folder):
+        from qtool.format.safetensors import read_header
+
+        self.folder = Path(folder)
+        self.shape = read_shape(self.folder)
+        files = [read_header(p) for p in sorted(self.folder.glob("*.safetensors"))]
+        self.index = {k: f for f in files for k in f.tensors}
+        if not layout.quantized_keys(self.index):
+            raise InputError(f"{self.folder} is not a 4-bit checkpoint (no bitsandbytes NF4 weights)",
+                             hint=f"convert it first: qtool convert {self.folder} {self.folder}-nf4")
+        self.used: set[str] = set()
+
+    def _get(self, name: str, meta: bool = False) -> torch.Tensor:
+        if name not in self.index:
+            raise KeyError(name)
+        self.used.add(name)
+        info = self.index[name].tensors[name]
+        if meta and not name.endswith(layout.BLOB_SUFFIX):  # the JSON blob is read: it holds shape and offset
+            return torch.empty(info.shape, dtype=info.dtype, device="meta")
+        return self.index[name].tensor(name)
+
+    def quantized(self, key: str, shape_=None, *, meta: bool = False) -> QuantizedWeight:
+        """The NF4 weight ``key`` (its packed bytes, block constants and quant state), checked; ``meta``: its
+        tensors on the meta device (shapes and dtypes only; nothing but the small quant-state blob is read)."""
+        if key not in self.index:
+            raise InputError(f"{self.folder}: tensor {key!r} is missing")
+        qw = layout.read_weight(key, lambda name: self._get(name, meta), where=str(self.folder))
+        self.used.update(k for k in self.index if k.startswith(key + ".") and layout.is_aux_key(k))
+        return qw
+
+    def dense(self, key: str, shape_=None, *, meta_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The 16-bit tensor ``key`` (a zero-copy view of the file); ``meta_dtype``: an empty meta tensor of its
+        shape in that dtype instead."""
+        try:
+            if meta_dtype is not None:
+                return self._get(key, meta=True).to(meta_dtype)
+            return self._get(key)
+        except KeyError:
+            raise InputError(f"{self.folder}: tensor {key!r} is missing") from None
+
+    def elements(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements ``start:stop`` of tensor ``key`` flattened: a zero-copy view of the memory-mapped file, so only
+        the pages of that range are ever read (a rank's shard, :mod:`qtool.train.sharded`)."""
+        return self.index[key].tensor(key).reshape(-1)[start:stop]
+
+    def release(self, key: str) -> None:
+        """Drop the pages of ``key`` read so far from this process's resident memory."""
+        self.index[key].release(key)
+
+    def close(self) -> None:
+        """Unmap the files (tensors read from them must have been copied: views would dangle)."""
+        for f in {id(f): f for f in self.index.values()}.values():
+            f.close()
+
+    def check_all_used(self) -> None:
+        """InputError naming the tensors the model has no place for (nothing is dropped silently)."""
+        shape = self.shape
+        unused = sorted(k for k in self.index if k not in self.used and not k.endswith(_IGNORED_SUFFIXES)
+                        and not (shape.tied_embeddings and k == "lm_head.weight"))
+        if unused:
+            raise InputError(f"{self.folder}: {len(unused)} tensor(s) the {shape.model_type} model has no place for, "
+                             f"e.g. {', '.join(unused[:3])}",
+                             hint="qtool train would silently ignore them; check config.json (e.g. attention_bias, "
+                                  "mlp_bias) or train with transformers + PEFT, which load this folder as it is")
+
+
 def load_decoder(folder, spec: AdapterSpec | None = None, **kwargs) -> Decoder:
     """The decoder of a folder written by ``qtool convert`` (or any bitsandbytes-4bit NF4 checkpoint of a supported
     architecture); keyword arguments as :func:`build_decoder`. Every tensor of the checkpoint must be used: one the
     model has no place for is an error naming it (nothing is dropped silently)."""
-    from qtool.format.safetensors import read_header
-
-    folder = Path(folder)
-    shape = read_shape(folder)
-    files = [read_header(p) for p in sorted(folder.glob("*.safetensors"))]
-    index = {k: f for f in files for k in f.tensors}
-    if not layout.quantized_keys(index):
-        raise InputError(f"{folder} is not a 4-bit checkpoint (no bitsandbytes NF4 weights)",
-                         hint=f"convert it first: qtool convert {folder} {folder}-nf4")
-    used: set[str] = set()
-
-    def get(name):
-        if name not in index:
-            raise KeyError(name)
-        used.add(name)
-        return index[name].tensor(name)
-
-    def quantized(key, shape_):
-        if key not in index:
-            raise InputError(f"{folder}: tensor {key!r} is missing")
-        qw = layout.read_weight(key, get, where=str(folder))
-        used.update(k for k in index if k.startswith(key + ".") and layout.is_aux_key(k))
-        return qw
-
-    def dense(key, shape_):
-        try:
-            return get(key)
-        except KeyError:
-            raise InputError(f"{folder}: tensor {key!r} is missing") from None
-
-    model = build_decoder(shape, quantized, dense, spec=spec, **kwargs)
-    unused = sorted(k for k in index if k not in used and not k.endswith(_IGNORED_SUFFIXES)
-                    and not (shape.tied_embeddings and k == "lm_head.weight"))
-    if unused:
-        raise InputError(f"{folder}: {len(unused)} tensor(s) the {shape.model_type} model has no place for, e.g. "
-                         f"{', '.join(unused[:3])}",
-                         hint="qtool train would silently ignore them; check config.json (e.g. attention_bias, "
-                              "mlp_bias) or train with transformers + PEFT, which load this folder as it is")
+    tensors = ConvertedFolder(folder)
+    model = build_decoder(tensors.shape, tensors.quantized, tensors.dense, spec=spec, **kwargs)
+    tensors.check_all_used()
     return model
 
 

@@ -138,13 +138,20 @@ class Decoder(nn.Module):
         self.register_buffer("embed", embed, persistent=False)
         self.register_buffer("norm", norm, persistent=False)
         self.register_buffer("lm_head", embed if lm_head is None else lm_head, persistent=False)
-        self.register_buffer("inv_freq", rope_inv_freq(shape).to(embed.device), persistent=False)
+        for name, constant in self.shape_constants(embed.device).items():
+            self.register_buffer(name, constant, persistent=False)
         self.grad_checkpointing = False
         self.offload = None  # ActivationOffload (qtool.train.offload): checkpointed inputs in host memory
         self.uses_rng = False  # dropout in a layer: the recomputation must replay the same random masks
         self.prefix = None  # prefix tuning (qtool.adapters.prefix.PrefixTuning): keys/values before every attention
         self.embed_adapter = None  # LoRA on the input embedding (qtool.adapters.vocab.LoRAEmbedding)
         self.head_adapter = None  # LoRA on the output head (qtool.adapters.vocab.LoRAHead)
+
+    def shape_constants(self, device) -> dict[str, torch.Tensor | None]:
+        """The buffers computed from the shape rather than read from the checkpoint (RoPE's inverse frequencies),
+        on ``device``: registered here, and computed again when a model built on the meta device is materialised
+        (:mod:`qtool.train.sharded`)."""
+        return {"inv_freq": rope_inv_freq(self.shape).to(device)}
 
     def linears(self) -> dict[str, tuple[nn.ModuleDict, str]]:
         """``{transformers module path: (the ModuleDict holding it, its key)}`` for every Linear of every layer."""

@@ -14,6 +14,7 @@ import torch
 
 from qtool.adapters.spec import CONVERTER_INITS, UNTARGETED_METHODS
 from qtool.errors import QtoolError, UsageError
+from qtool.train.distributed import SINGLE, Ranks
 from qtool.train.flat import flatten_parameters
 from qtool.train.measure import MemoryMonitor, compare_with_plan, plan_settings
 from qtool.train.offload import ActivationOffload
@@ -40,6 +41,7 @@ class TrainResult:
     settings: dict = field(default_factory=dict)
     adalora: dict = field(default_factory=dict)  # AdaLoRA: RankAllocator.report() (+ the budget summary after run())
     eval_curve: list[list] = field(default_factory=list)  # [step, held-out loss] from step 0 to the last (--eval-every)
+    distributed: dict = field(default_factory=dict)  # several processes: world size, backend, each rank's shard bytes
 
     @property
     def tokens_per_second(self) -> float:
@@ -61,10 +63,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(params, name: str, device: torch.device, lr: float, weight_decay: float):
-    """bitsandbytes' (paged) AdamW on CUDA; torch AdamW on the CPU (bitsandbytes' optimizers need CUDA)."""
+def make_optimizer(params, name: str, device: torch.device, lr: float, weight_decay: float, sharded: bool = False):
+    """bitsandbytes' (paged) AdamW on CUDA; torch AdamW on the CPU (bitsandbytes' optimizers need CUDA) and on FSDP's
+    shards (``sharded``: DTensor parameters, which torch's optimizers update shard by shard)."""
     if name == "auto":
-        name = "paged_adamw_32bit" if device.type == "cuda" else "adamw_torch"
+        name = "paged_adamw_32bit" if device.type == "cuda" and not sharded else "adamw_torch"
     if name == "sgd":
         return name, torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw_torch" or (device.type != "cuda" and name.startswith(("adamw", "paged"))):
@@ -108,14 +111,15 @@ class _GraphedMicroStep:
 
 
 def evaluate(model, rows: torch.Tensor, batch_size: int, device: torch.device,
-             progress: Callable[[int, int], None] | None = None) -> float:
-    """Mean loss over ``rows`` (held-out blocks), in eval mode and without gradients."""
+             progress: Callable[[int, int], None] | None = None, ranks: Ranks = SINGLE) -> float:
+    """Mean loss over ``rows`` (held-out blocks), in eval mode and without gradients; each batch's rows shared among
+    the ``ranks`` (:meth:`Ranks.batch_mean`)."""
     training = model.training
     model.eval()
     losses = []
     with torch.no_grad():
         for i in range(0, len(rows), batch_size):
-            losses.append(float(model.loss(rows[i:i + batch_size].to(device))))
+            losses.append(float(ranks.batch_mean(model.loss, rows[i:i + batch_size].to(device))))
             if progress:
                 progress(min(i + batch_size, len(rows)), len(rows))
     model.train(training)
@@ -124,30 +128,33 @@ def evaluate(model, rows: torch.Tensor, batch_size: int, device: torch.device,
 
 def train(model, blocks, st: TrainSettings, *, device: torch.device,
           progress: Callable[[int, float, float], None] | None = None,
-          eval_progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
+          eval_progress: Callable[[str, int, int], None] | None = None, ranks: Ranks = SINGLE) -> TrainResult:
     """Train the adapter factors of ``model`` (a :class:`qtool.train.model.Decoder` already on ``device``) on
     ``blocks``; the held-out loss is measured before the first step and after the last (``eval_progress(phase,
-    done, total)`` reports it, phase "before"/"after")."""
+    done, total)`` reports it, phase "before"/"after"). With several ``ranks`` the model is sharded
+    (:mod:`qtool.train.sharded`): each rank runs its slice of every global batch, FSDP averages the gradients, and
+    the losses reported are the means over the ranks (:mod:`qtool.train.distributed`)."""
     # --- setup
     def held_out(phase: str) -> float:
         return evaluate(model, blocks.eval, st.batch_size, device,
-                        (lambda d, n: eval_progress(phase, d, n)) if eval_progress else None)
+                        (lambda d, n: eval_progress(phase, d, n)) if eval_progress else None, ranks)
 
     eval_before = held_out("before")
-    torch.manual_seed(st.seed)
+    torch.manual_seed(st.seed + ranks.rank)  # dropout: each rank its own masks (init and data order use st.seed)
     model.train()
     model.grad_checkpointing = st.grad_checkpointing
     # the checkpointed inputs in pinned host memory: its buffers appear in the first (eager) step, before any capture
     model.offload = ActivationOffload() if st.offload_activations else None
     params = [p for p in model.parameters() if p.requires_grad]
-    use_graph = st.cuda_graphs and device.type == "cuda" and st.dropout == 0
+    # not under FSDP: its all-gathers and reduce-scatters run between the layers, outside what one graph replays
+    use_graph = st.cuda_graphs and device.type == "cuda" and st.dropout == 0 and ranks.world_size == 1
     # the CUDA-graph path keeps gradients allocated anyway: parameters and gradients in one buffer each, so the
     # optimizer runs one kernel instead of one per tensor (qtool/train/flat.py); zeroed in place from now on
     flat = use_graph
     opt_params = flatten_parameters(params) if flat else params
     if flat:  # give the factors' old blocks back: cached, they would stay reserved beside the flat buffer
         torch.cuda.empty_cache()
-    opt_name, opt = make_optimizer(opt_params, st.optimizer, device, st.lr, st.weight_decay)
+    opt_name, opt = make_optimizer(opt_params, st.optimizer, device, st.lr, st.weight_decay, ranks.world_size > 1)
     monitor = MemoryMonitor(device)
     monitor.sample("after_load")
     allocator = regulariser = None
@@ -170,10 +177,13 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
                 order, cursor = torch.randperm(len(blocks.train), generator=gen), 0
             rows.append(order[cursor])
             cursor += 1
-        return blocks.train[torch.stack(rows)].to(device, non_blocking=True)
+        # every rank draws the same global batch and keeps its own slice of the rows
+        return ranks.rows(blocks.train[torch.stack(rows)]).to(device, non_blocking=True)
 
     # --- loop
     graph, graph_note = None, "off"
+    if st.cuda_graphs and device.type == "cuda" and ranks.world_size > 1:
+        graph_note = "off: not with FSDP (several processes)"
     # the warm-up before the capture runs forward and backward on a side stream, as CUDA-graph capture wants
     side, main = (torch.cuda.Stream(device), torch.cuda.current_stream(device)) if use_graph else (None, None)
     for step in range(st.steps):
@@ -228,7 +238,7 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
             allocator.allocate(step)
         # free gradient memory now instead of overwriting it next step; a graph needs its gradients to stay put
         opt.zero_grad(set_to_none=not flat)
-        total = float(total)  # synchronises: the step is complete
+        total = float(ranks.mean(total))  # synchronises: the step is complete (on every rank)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         step_seconds.append(time.perf_counter() - t0)
@@ -260,8 +270,25 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
         progress: Callable[[int, float, float], None] | None = None,
         eval_progress: Callable[[str, int, int], None] | None = None, given=()) -> TrainResult:
     """The whole job of ``qtool train``: validate, load, pack the data, train, write the adapter atomically (PEFT's
-    format for LoRA and prefix, qtool's for Houlsby adapters). ``given``: as :func:`check_inputs`."""
-    shape = check_inputs(model_dir, data, out, st, overwrite=overwrite, given=given)
+    format for LoRA and prefix, qtool's for Houlsby adapters). ``given``: as :func:`check_inputs`. Under torchrun
+    (``st.nproc`` = its WORLD_SIZE) every rank calls this: the model is sharded with FSDP2
+    (:mod:`qtool.train.sharded`), and rank 0 alone reports progress and writes the adapter."""
+    from qtool.train.distributed import is_main_process, join, torchrun_world_size
+
+    # under torchrun only rank 0 checks --out (and restores what a killed run left): it alone writes there
+    shape = check_inputs(model_dir, data, out if is_main_process() else None, st, overwrite=overwrite, given=given)
+    if st.nproc != torchrun_world_size():
+        raise UsageError(f"settings for {st.nproc} process(es) (nproc) in a run of {torchrun_world_size()} (torchrun's "
+                         "WORLD_SIZE)", hint="set TrainSettings.nproc to WORLD_SIZE under torchrun; qtool train "
+                                             "--nproc N starts torchrun itself")
+    with join(resolve_device(st.device)) as (ranks, device):
+        if not ranks.is_main:
+            progress = eval_progress = None
+        return _run(model_dir, data, out, st, shape, ranks, device, overwrite, progress, eval_progress)
+
+
+def _run(model_dir, data, out, st: TrainSettings, shape, ranks: Ranks, device, overwrite, progress,
+         eval_progress) -> TrainResult:
     from transformers import AutoTokenizer
 
     from qtool.format import peft_adapter as adapter_io
@@ -269,23 +296,35 @@ def run(model_dir, data, out, st: TrainSettings, *, overwrite: bool = False,
     from qtool.train.load import compute_dtype_for, load_decoder
 
     model_dir = Path(model_dir)
-    device = resolve_device(st.device)
     compute_dtype, why = compute_dtype_for(st.compute_dtype, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     blocks = pack(data, tokenizer, st.seq_len, st.eval_fraction, st.eval_blocks)
     initial = None
     if st.init in CONVERTER_INITS:
         initial = {m: (f.a, f.b) for m, f in adapter_io.load_adapter(model_dir / adapter_io.INIT_ADAPTER_DIR).modules.items()}
-    model = load_decoder(model_dir, st.spec, device=device, compute_dtype=compute_dtype, seed=st.seed, initial=initial)
+    load_args = dict(compute_dtype=compute_dtype, seed=st.seed, initial=initial)
+    if ranks.world_size > 1:  # each rank reads and keeps only its shards
+        from qtool.train.sharded import gather_adapter, load_sharded_decoder
+
+        model, base_names, shard = load_sharded_decoder(model_dir, st.spec, ranks, device=device, **load_args)
+    else:
+        model = load_decoder(model_dir, st.spec, device=device, **load_args)
     if st.method == "prefix" and not st.prefix_projection:
         init_prefix_from_text(model, blocks, st.prefix_len)
     try:
-        result = train(model, blocks, st, device=device, progress=progress, eval_progress=eval_progress)
+        result = train(model, blocks, st, device=device, progress=progress, eval_progress=eval_progress, ranks=ranks)
     except torch.cuda.OutOfMemoryError as exc:
         del model
         raise oom_error(shape, st, torch.cuda.get_device_properties(device).total_memory, model_dir) from exc
     result.compute_dtype = f"{str(compute_dtype).removeprefix('torch.')} ({why})"
-    result.plan_comparison = compare_with_plan(shape, st, result.memory, result.peaks)
+    if ranks.world_size > 1:
+        # the planner models one GPU holding the whole model: no comparison for a sharded run
+        result.distributed = {"world_size": ranks.world_size, "backend": ranks.backend, "ranks": ranks.gather(shard)}
+        gather_adapter(model, base_names, ranks)  # collective: the full adapter on rank 0
+        if not ranks.is_main:
+            return result
+    else:
+        result.plan_comparison = compare_with_plan(shape, st, result.memory, result.peaks)
     if st.method == "adalora":
         from qtool.adapters.budget import summarise
 

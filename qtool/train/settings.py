@@ -59,6 +59,7 @@ class TrainSettings:
     prefix_len: int = 20  # prefix: key/value vectors per layer
     prefix_projection: int = 0  # hidden width of the prefix's reparameterisation MLP while training; 0: none
     eval_every: int = 0  # also measure the held-out loss every this many steps (0: before and after only)
+    nproc: int = 1  # processes the run is spread over (FSDP2, qtool.train.sharded): --nproc, or torchrun's WORLD_SIZE
 
     @property
     def spec(self) -> AdapterSpec:
@@ -105,7 +106,33 @@ class TrainSettings:
         if self.method != "adalora":
             p += [f"--{k.replace('_', '-')} is an AdaLoRA setting; add --method adalora (or leave it out)"
                   for k in ADALORA_FIELDS if getattr(self, k) is not None]
-        return p + self.spec.problems()
+        return p + self._sharding_problems() + self.spec.problems()
+
+    def _sharding_problems(self) -> list[str]:
+        """What a run over several processes (FSDP2, qtool.train.sharded) cannot do yet, and why."""
+        n = self.nproc
+        if n < 1:
+            return [f"--nproc must be at least 1 (got {n})"]
+        if n == 1:
+            return []
+        p = []
+        if self.batch_size % n:
+            p.append(f"--batch-size {self.batch_size} with --nproc {n}: --batch-size is the global micro-batch, split "
+                     f"evenly over the processes; give a multiple of {n} (e.g. --batch-size {n * -(-self.batch_size // n)})")
+        if self.method == "adalora":
+            p.append(f"--method adalora with --nproc {n}: its rank allocator ranks every module's importance scores "
+                     "together and masks them in place, which sharded factors do not support yet; train it in one "
+                     "process")
+        if self.method == "prefix":
+            p.append(f"--method prefix with --nproc {n}: its start from the text's keys/values runs the layers outside "
+                     "the sharded model's forward, not supported yet; use --method lora or adapter, or one process")
+        if self.offload_activations:
+            p.append(f"--offload-activations with --nproc {n}: not with FSDP yet (its pinned host copies are made "
+                     "per process, untested with FSDP's hooks); leave one of them out")
+        if self.optimizer not in ("auto", "adamw_torch", "sgd"):
+            p.append(f"--optimizer {self.optimizer} with --nproc {n}: bitsandbytes' optimizers are untested on FSDP's "
+                     "DTensor shards; use --optimizer adamw_torch (the default with --nproc)")
+        return p
 
 
 def decoder_shape(config: dict, where: str = "config.json"):
