@@ -291,7 +291,9 @@ def hf_stack(path: Path, targets: str, rank: int, gc: bool, recipe: str = "hf"):
         model.gradient_checkpointing_disable()
     elif recipe == "hf":
         model.gradient_checkpointing_enable()
-    names = list(Settings(targets=targets).module_ranks(resolve_model(str(path))))
+    # the Linears of the layers, and embed_tokens / lm_head when asked (module_ranks names the layers' only)
+    names = list(Settings(targets=targets).module_ranks(resolve_model(str(path)))) + \
+        [t for t in targets.split(",") if t in ("embed_tokens", "lm_head")]
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=names, lora_dropout=0.0))
     model.train()
     return model
@@ -596,17 +598,8 @@ def test_qtool_vocab_adapters_match_allocation_trace(one_thread, targets, rank, 
 def test_hf_vocab_adapters_match_allocation_trace(one_thread, tiny_checkpoint, targets):
     """PEFT's LoRA on lm_head (a Linear on the fp32 head) and embed_tokens on the hf stack, on the CPU."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    warnings.filterwarnings("ignore")
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, quantization_config=quant, dtype=torch.bfloat16,
-                                                 device_map="cpu", attn_implementation="sdpa")
-    model = prepare_model_for_kbit_training(model)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=targets.split(",")))
-    model.train()
+    model = hf_stack(tiny_checkpoint, targets, 16, gc=True)
     shape = resolve_model(str(tiny_checkpoint))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     ids = torch.randint(0, shape.vocab, (1, 384))
