@@ -22,6 +22,9 @@ bench/train_bench.py; usable alone:
 
     python bench/gpu_worker.py qtool llama-2-7b '[{"seq_len": 512, "rank": 16, "targets": "qkvo", "gc": true}]'
 
+QTOOL_PROFILE=1 prints a torch.profiler summary of one eager forward+backward after each qtool/hf row (stderr);
+QTOOL_PROFILE=replay profiles the last two steps of each qtool row (CUDA-graph replays on the GPU) and adds the
+GPU time per kernel kind, the idle time and the ideal time at the dense bf16 peak to the record (``kernel_profile``).
 QTOOL_BENCH_DEVICE=cpu makes a slow dry run of the code paths (no measurements); QTOOL_BENCH_LAYERS=N cuts the
 shape to N decoder layers for it. A qtool configuration with ``"offload": true`` trains with
 ``--offload-activations`` (needs ``"gc": true``). A configuration with ``"method": "adalora"`` (qtool only) trains
@@ -41,7 +44,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench.flops import TARGETS, achieved_tflops, step_flops  # noqa: E402
+from bench.flops import PEAK_BF16_TFLOPS, TARGETS, achieved_tflops, step_flops  # noqa: E402
 from bench.random_folder import bench_shape, hf_config_dict  # noqa: E402,F401 (hf_config_dict: tests import it here)
 from qtool.train.measure import MemoryMonitor  # noqa: E402
 
@@ -119,12 +122,17 @@ def run_qtool(shape, configs, steps, warmup):
                            **({"method": "adalora", "init_rank": c["rank"], **ada} if ada else {}))
         monitor = MemoryMonitor(device)
         after_load = monitor.sample("after_load")
+        profiler = ReplayProfiler(steps) if os.environ.get("QTOOL_PROFILE") == "replay" else None
         try:
-            res = train(model, blocks, st, device=device)
+            res = train(model, blocks, st, device=device, progress=profiler.progress if profiler else None)
             err = None
         except torch.cuda.OutOfMemoryError as exc:
             res, err = None, f"OOM: {str(exc)[:200]}"
         rec = record("qtool", shape, c, after_load, res, err, leaked, build_s)
+        if profiler and res is not None:
+            rec["kernel_profile"] = profiler.summary(step_flops(shape, c["seq_len"], c.get("batch_size", 1), c["rank"],
+                                                         c["targets"], c["gc"]), res.step_seconds[-2:])
+            print(format_profile(rec["id"], rec["kernel_profile"]), file=sys.stderr)
         if c.get("offload"):  # planned as it ran (data/memory/README.md: settings hold Settings fields)
             rec["settings"]["offload_activations"] = True
         if res is not None:
@@ -136,7 +144,7 @@ def run_qtool(shape, configs, steps, warmup):
                 rec["measured"]["adalora"] = {k: res.adalora[k] for k in ("init_budget", "target_budget",
                                                                           "final_budget", "mask_steps", "budgets")}
         print(json.dumps(rec), flush=True)
-        if os.environ.get("QTOOL_PROFILE") and res is not None:
+        if os.environ.get("QTOOL_PROFILE") == "1" and res is not None:
             profile_step(lambda: model.loss(blocks.train[:st.batch_size].to(device)).backward(), f"qtool-{shape.name}")
         detach_adapters(model)
 
@@ -152,12 +160,13 @@ def record(profile, shape, c, after_load, res, err, leaked, build_s, step_second
                 **({"init": c["init"]} if "init" in c else {})}
     if profile == "qtool":
         from qtool.train.loss import LOSS_CHUNK_MIB
+        from qtool.train.recipe import REVISION
 
         settings["loss_chunk_mib"] = LOSS_CHUNK_MIB
         settings["flat_params"] = DEVICE == "cuda"  # qtool/train/flat.py: the CUDA-graph path
     if c.get("method") == "adalora":  # the planner's Settings fields (qtool.plan.settings)
         settings.update(method="adalora", target_rank=c.get("target_rank", 8))
-    rec = {"id": f"{profile}-{shape.name}-s{c['seq_len']}-b{settings['batch_size']}-r{c['rank']}-{c['targets']}-"
+    rec = {**({"trainer": REVISION} if profile == "qtool" else {}), "id": f"{profile}-{shape.name}-s{c['seq_len']}-b{settings['batch_size']}-r{c['rank']}-{c['targets']}-"
                  f"{'gc' if c['gc'] else 'nogc'}" + (f"-{c['init']}" if c.get("init", "zero") != "zero" else "")
                  + ("-adalora" if c.get("method") == "adalora" else "") + ("-offload" if c.get("offload") else ""),
            "date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "versions": versions(),
@@ -438,6 +447,74 @@ def unsloth_report(unsloth, model) -> dict:
            "max_seq_length": getattr(model, "max_seq_length", None)}
     print(f"### unsloth: {json.dumps(out)}", file=sys.stderr)
     return out
+
+
+KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name); the first match wins
+    ("memcpy", ("memcpy", "memset")),
+    ("gemm", ("gemm", "nvjet", "cutlass", "sm90_xmma", "cublas")),
+    ("attention", ("fmha", "flash", "attention", "cudnn")),
+    ("dequant", ("dequant",)),
+    ("fused norm/rope/swiglu", ("_rms_", "_rope", "_swiglu")),
+    ("optimizer", ("optimizer", "adam")),
+    ("loss (softmax, nll)", ("softmax", "nll", "logsumexp", "cross_entropy")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    k = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(s in k for s in keys)), "elementwise/other")
+
+
+class ReplayProfiler:
+    """torch.profiler over the last two steps of :func:`qtool.train.recipe.train` — CUDA-graph replays on the
+    graph path — advanced by train's ``progress`` callback; :meth:`summary` gives GPU time per step by kernel kind
+    (kernels inside a replayed graph are traced one by one) beside the step's wall time and its ideal time at the
+    GPU's dense bf16 peak."""
+
+    def __init__(self, steps: int):
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        self.events = None
+        self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                            schedule=schedule(wait=max(steps - 3, 0), warmup=1, active=2, repeat=1),
+                            on_trace_ready=self._ready)
+        self.prof.start()
+
+    def _ready(self, prof):
+        self.events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    def progress(self, step, loss, seconds):
+        self.prof.step()
+
+    def summary(self, flops: dict, step_seconds: list) -> dict:
+        self.prof.stop()
+        n = 2
+        kinds = {}
+        for e in self.events or []:
+            kind = kernel_kind(e.key)
+            launches, ms = kinds.get(kind, (0, 0.0))
+            kinds[kind] = (launches + e.count, ms + e.self_device_time_total / 1e3)
+        wall_ms = 1e3 * sum(step_seconds) / len(step_seconds)
+        per_step = {k: {"ms": round(ms / n, 3), "launches": c // n} for k, (c, ms) in kinds.items()}
+        compute_ms = sum(v["ms"] for k, v in per_step.items() if k != "memcpy")
+        gemm_ms = per_step.get("gemm", {}).get("ms", 0.0)
+        peak = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
+        gemm_flops = flops["linear"] + flops["head"] + flops["lora"]
+        return {"steps_profiled": n, "wall_ms": round(wall_ms, 3), "kernels_ms": per_step,
+                "compute_kernels_ms": round(compute_ms, 3),
+                "idle_ms": round(max(wall_ms - compute_ms, 0.0), 3),
+                "gemm_tflops": round(gemm_flops / (gemm_ms / 1e3) / 1e12, 1) if gemm_ms else None,
+                "ideal_ms_at_peak": round(flops["total"] / (peak * 1e12) * 1e3, 3) if peak else None,
+                "peak_tflops": peak}
+
+
+def format_profile(tag: str, p: dict) -> str:
+    lines = [f"### replay profile {tag}: wall {p['wall_ms']:.1f} ms/step, compute kernels {p['compute_kernels_ms']:.1f} ms, "
+             f"idle {p['idle_ms']:.1f} ms, ideal at {p['peak_tflops']} TFLOP/s {p['ideal_ms_at_peak']} ms, "
+             f"GEMMs at {p['gemm_tflops']} TFLOP/s"]
+    for kind, v in sorted(p["kernels_ms"].items(), key=lambda kv: -kv[1]["ms"]):
+        lines.append(f"  {v['ms']:9.2f} ms  {v['launches']:6d}x  [{kind}]")
+    return "\n".join(lines)
 
 
 def profile_step(fn, tag):

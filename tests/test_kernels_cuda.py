@@ -102,7 +102,8 @@ def test_warm_up_update_waits_for_the_side_stream_backward(monkeypatch):
     from qtool.train.settings import decoder_shape
 
     monkeypatch.setattr(recipe, "make_optimizer",
-                        lambda params, name, device, lr, wd: ("legacy-stream sgd", _LegacyStreamSGD(params, lr=lr)))
+                        lambda params, name, device, lr, wd, *rest: ("legacy-stream sgd",
+                                                                 _LegacyStreamSGD(params, lr=lr)))
     cfg = decoder_shape({"model_type": "llama", "hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 2,
                          "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512})
     pattern = torch.arange(64).repeat(40, 1) % 13

@@ -20,7 +20,7 @@ from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
 from qtool.plan import fsdp, methods, notes, offload
 from qtool.plan import resident as items
-from qtool.plan.process import RECORDED_TRAINER, TRAINER, Process, replay
+from qtool.plan.process import EVAL_FIRST_TRAINER, RECORDED_TRAINER, TRAINER, Process, replay
 from qtool.plan import transient as acts
 from qtool.plan import vocab
 from qtool.plan.rows import Row
@@ -85,8 +85,7 @@ def plan(shape: Shape, settings: Settings, process: Process = Process(), allocat
     lora = items.tensors_alloc(buffers, param_bytes)
     opt_device, opt_paged = items.optimizer_state_bytes(buffers, st.optimizer, param_bytes)
     frozen = "fp32" if items.frozen_bytes_per_param(st) == 4 else st.compute_dtype
-    # qtool's held-out pass before training (trainers after 2026-11-29) makes a fifth workspace, the default stream's
-    n_workspaces = items.cublas_workspaces(st) + (items.fused(st) and process.trainer != RECORDED_TRAINER)
+    n_workspaces = items.cublas_workspaces(st, process.trainer)
     if st.grad_accum > 1:
         grads = [Row(f"{what} gradients, accumulated over {st.grad_accum} micro-batches", lora)]
     elif items.gradients_persist(st):
@@ -503,7 +502,8 @@ def record_process(record: dict, earlier: list[dict] = ()) -> Process:
     """How bench/gpu_worker.py ran ``record``'s configuration: random weights built on the GPU, the trainer of the
     record's date (:data:`qtool.plan.process.RECORDED_TRAINER` for the records of 2026-11-29), after the
     configurations of ``earlier`` (the records before it from the same process, in order)."""
-    trainer = RECORDED_TRAINER if record.get("date", "") <= RECORDED_TRAINER else TRAINER
+    trainer = record.get("trainer") or (RECORDED_TRAINER if record.get("date", "") <= RECORDED_TRAINER
+                                        else EVAL_FIRST_TRAINER)
     return Process(trainer, random_weights=True, earlier=tuple(settings_from_record(r) for r in earlier))
 
 

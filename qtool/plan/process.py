@@ -36,7 +36,10 @@ if TYPE_CHECKING:
     from qtool.arch import Shape
     from qtool.plan.settings import Settings
 
-TRAINER = "2026-12-04"  # qtool/train/recipe.py as planned: held-out pass first; warm-up optimizer on the default stream
+TRAINER = "2026-12-04b"  # qtool/train/recipe.py REVISION: the capture on the warm-up's stream, whose two cuBLAS
+#                          workspaces it reuses; the held-out pass's workspace given back before the warm-up
+EVAL_FIRST_TRAINER = "2026-12-04"  # held-out pass first; warm-up optimizer on the default stream; capture stream own
+TRAINERS = (TRAINER, EVAL_FIRST_TRAINER, "2026-11-29")
 RECORDED_TRAINER = "2026-11-29"  # the trainer of data/memory/h200-2026-11-29.json: no pass before training, the
 #                                  warm-up's clipping and optimizer step on the side stream, an NF4 bias added after
 #                                  the product (a separate tensor)
@@ -162,9 +165,14 @@ def _qtool_runs(allocator: CachingAllocator, default: Stream, shape: Shape, runs
         step.attach(default)
         after = allocator.allocated_bytes, allocator.reserved_bytes
         side = Stream(allocator, ("side", k), workspaces=default.workspaces)
-        graph = Stream(allocator, "capture", pool=("graph", k), workspaces=default.workspaces)
+        shared = trainer == TRAINER  # captured on the warm-up's stream: the same (stream, thread) workspaces
+        graph = Stream(allocator, ("side", k) if shared else "capture", pool=("graph", k),
+                       workspaces=default.workspaces)
         if not recorded:
             step.evaluate(default)
+        if shared:  # torch._C._cuda_clearCublasWorkspaces() before the warm-up: the held-out pass's goes back
+            for key in [key for key in default.workspaces if key[0] == "default"]:
+                default.drop(default.workspaces.pop(key))
         if flat_buffers(st):
             step.flatten(default)
         for i in range(QTOOL_WARMUP_STEPS):

@@ -239,16 +239,18 @@ def _rounding(shape: Shape, code_tables: bool, block_size: int, double_quant: bo
     return booked(sizes) - sum(alloc(n) for n in sizes)
 
 
-def cublas_workspaces(st: Settings) -> int:
+def cublas_workspaces(st: Settings, trainer: str = "2026-12-04b") -> int:
     """cuBLAS workspaces the step creates: one per (thread, stream) that runs a matmul (see CUBLAS_WORKSPACE_BYTES).
-    hf: the default stream, in the forward and in autograd's thread. qtool: the side stream of the two eager warm-up
-    steps and the CUDA graph's capture stream, each in both threads (qtool/train.py; torch.cuda.graph captures on its
-    own stream); eager qtool under FSDP: the default stream in both threads (FSDP's own streams only copy and
-    communicate). Since the held-out pass runs before training (after 2026-11-29) qtool also has the default
-    stream's, which the planner adds (it knows the trainer: :class:`qtool.plan.process.Process`). None on the CPU."""
+    hf: the default stream, in the forward and in autograd's thread. qtool's CUDA-graph trainer (``trainer``, a
+    :data:`qtool.plan.process.TRAINERS` revision): the side stream of the eager warm-up in both threads, which the
+    capture reuses since 2026-12-04b; before, the capture's own stream added two more, and the held-out pass's
+    default-stream workspace (from 2026-12-04 on, given back before training since 2026-12-04b) a fifth. Eager qtool
+    under FSDP: the default stream in both threads (FSDP's own streams only copy and communicate). None on the CPU."""
     if st.device != "cuda":
         return 0
-    return 4 if st.stack == "qtool" and graphed(st) else 2
+    if st.stack != "qtool" or not graphed(st):
+        return 2
+    return {"2026-11-29": 4, "2026-12-04": 5}.get(trainer, 2)
 
 
 # --- LoRA, gradients, optimizer ----------------------------------------------------------------------------------

@@ -82,6 +82,11 @@ def make_optimizer(params, name: str, device: torch.device, lr: float, weight_de
     return name, cls(params, lr=lr, weight_decay=weight_decay)
 
 
+# What qtool.plan.process replays as this trainer (bench records carry it): "2026-12-04b" captures the CUDA graph on
+# the warm-up's stream and gives the held-out pass's cuBLAS workspace back before training.
+REVISION = "2026-12-04b"
+
+
 class _GraphedMicroStep:
     """One micro-batch's forward and backward captured once as a CUDA graph, then replayed per micro-batch.
 
@@ -93,13 +98,15 @@ class _GraphedMicroStep:
     """
 
     def __init__(self, model, batch_shape, device, grad_accum: int,
-                 regulariser: Callable[[], torch.Tensor] | None = None):
+                 regulariser: Callable[[], torch.Tensor] | None = None, stream: torch.cuda.Stream | None = None):
         for p in model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
         self.ids = torch.zeros(batch_shape, dtype=torch.int64, device=device)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records, does not run
+        # captured on the warm-up's stream: cuBLAS keeps a 32 MiB workspace per (thread, stream), and the warm-up's
+        # two (forward, autograd) serve the capture too instead of two more on a stream of its own
+        with torch.cuda.graph(self.graph, stream=stream):  # records, does not run
             self.loss = model.loss(self.ids) / grad_accum
             # AdaLoRA's regulariser reads only the parameters, which the allocator changes in place: capturable
             (self.loss + regulariser() / grad_accum if regulariser else self.loss).backward()
@@ -180,6 +187,11 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
         # every rank draws the same global batch and keeps its own slice of the rows
         return ranks.rows(blocks.train[torch.stack(rows)]).to(device, non_blocking=True)
 
+    if use_graph:
+        # the held-out pass ran on the default stream, which runs no product from now on: give its cuBLAS workspace
+        # back before the warm-up's own appear (nothing is captured yet, so no graph holds it)
+        torch.cuda.synchronize(device)
+        getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)()
     # --- loop
     graph, graph_note = None, "off"
     if st.cuda_graphs and device.type == "cuda" and ranks.world_size > 1:
@@ -193,7 +205,8 @@ def train(model, blocks, st: TrainSettings, *, device: torch.device,
         if use_graph and graph is None and step >= min(st.measure_after, st.steps - 1) and step >= 1:
             try:
                 main.wait_stream(side)
-                graph = _GraphedMicroStep(model, (st.batch_size, st.seq_len), device, st.grad_accum, regulariser)
+                graph = _GraphedMicroStep(model, (st.batch_size, st.seq_len), device, st.grad_accum, regulariser,
+                                          stream=side)
                 graph_note = "on"
             except RuntimeError as exc:  # a kernel that cannot be captured: keep training eagerly
                 use_graph, graph_note = False, f"capture failed, ran eagerly: {str(exc).splitlines()[0][:160]}"
