@@ -175,7 +175,7 @@ def test_every_option_has_help():
 
 def test_fixed_value_options_list_their_values_and_take_aliases():
     text = " ".join(run("-h").stdout.split())
-    for flag, values in [("--profile", "qtool|hf|hf-prepare"), ("--attention", "sdpa|flash|eager"),
+    for flag, values in [("--profile", "qtool|hf|hf-prepare|unsloth"), ("--attention", "sdpa|flash|eager"),
                          ("--loss", "chunked|full"),
                          ("--compute-dtype", "bfloat16|float16|float32"),
                          ("--adapter-dtype", "bfloat16|float16|float32"),

@@ -219,7 +219,8 @@ def _list_models(as_json: bool) -> str:
 @click.option("--profile", type=_SettingChoice(PROFILES), default="qtool", show_default=True,
               help="Whose training step: qtool (qtool train); hf (transformers + PEFT + bitsandbytes as Trainer "
               "and SFTTrainer run it: non-reentrant checkpointing); hf-prepare (the same stack in a loop right after "
-              "prepare_model_for_kbit_training: reentrant checkpointing).")
+              "prepare_model_for_kbit_training: reentrant checkpointing); unsloth (Unsloth 2026.10.9's FastLanguageModel, "
+              "LoRA on q,k,v,o, its offloaded \"unsloth\" checkpointing and fused loss; Llama, bf16, one GPU).")
 @click.option("--method", type=click.Choice(METHODS), default="lora", show_default=True,
               help="What is trained: lora, adalora (P, λ, Q at --init-rank, the peak: pruning masks, frees nothing; "
                    "and their importance EMAs), adapter (Houlsby) or prefix (prefix tuning).")

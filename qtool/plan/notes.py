@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 def plan_notes(shape: Shape, st: Settings) -> list[str]:
     """The notes a plan prints under its table: what the profile runs, limits the settings touch, kernels chosen."""
     notes = [shape.note] if shape.note else []
+    if st.profile == "unsloth":
+        notes.append(f"profile unsloth: {RECIPES['unsloth']}; each decoder layer also runs torch.compile'd, whose "
+                     "partitioner may save less than the eager tensors planned")
     if st.is_hf:
         notes.append(f"profile {st.profile}: {RECIPES[st.profile]}"
                      + ("; without checkpointing (gradient_checkpointing_disable()) it is the hf step"

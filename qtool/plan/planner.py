@@ -18,7 +18,7 @@ from typing import Callable
 
 from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
-from qtool.plan import fsdp, methods, notes, offload
+from qtool.plan import fsdp, methods, notes, offload, unsloth
 from qtool.plan import resident as items
 from qtool.plan.process import EVAL_FIRST_TRAINER, RECORDED_TRAINER, TRAINER, Process, replay
 from qtool.plan import transient as acts
@@ -70,6 +70,8 @@ def plan(shape: Shape, settings: Settings, process: Process = Process(), allocat
     st = settings.check(shape)
     if st.gpus > 1:
         return _per_gpu_plan(shape, st)
+    if st.profile == "unsloth":
+        return _unsloth_plan(shape, st)
     n_params = shape.declared_params or shape.n_params()
     packed, meta, quant_alloc = items.quantised_weights(shape, st)
     emb, head = items.embedding_bytes(shape, st)
@@ -165,6 +167,22 @@ def _per_gpu_plan(shape: Shape, st: Settings) -> Plan:
                      nf4_weights_bytes=packed + meta,
                      weights_4bit_total_bytes=packed + meta + emb + head + items.norm_and_bias_bytes(shape, st),
                      n_trainable=sum(numels), notes=tuple(notes.plan_notes(shape, st) + fsdp.notes(shape, st)))
+
+
+def _unsloth_plan(shape: Shape, st: Settings) -> Plan:
+    """``--profile unsloth`` (:mod:`qtool.plan.unsloth`): its persistent rows and phases, its own overheads."""
+    numels = items.lora_tensors(shape, st)
+    persistent = unsloth.persistent_rows(shape, st, numels)
+    packed, meta, _ = items.quantised_weights(shape, st)
+    emb, head = items.embedding_bytes(shape, st)
+    return _assemble(shape, st, persistent, unsloth.phases(shape, st, numels),
+                     lambda allocated, working: unsloth.overhead_rows(
+                         allocated - sum(r.bytes for r in persistent if r.counter == "allocated")),
+                     after_load_allocated_bytes=unsloth.after_load_bytes(persistent),
+                     fp16_weights_bytes=items.fp16_bytes(shape.declared_params or shape.n_params()),
+                     nf4_weights_bytes=packed + meta,
+                     weights_4bit_total_bytes=packed + meta + emb + head + items.norm_and_bias_bytes(shape, st),
+                     n_trainable=sum(numels), notes=tuple(notes.plan_notes(shape, st)))
 
 
 def _overhead_rows(shape: Shape, st: Settings, process: Process, paged: bool, replayed: bool,

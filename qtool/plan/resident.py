@@ -39,7 +39,8 @@ CUBLAS_WORKSPACE_BYTES = 32 * MiB
 # exceeds the replayed reserved bytes by 1234 MiB in every first run: the kernels a step loads add 132 MiB (hf:
 # cuBLAS, bitsandbytes) and 242 MiB (qtool: also its Triton kernels and the instantiated CUDA graph).
 # These dicts are keyed by Settings.stack: hf-prepare runs the hf stack (the same kernels, another recipe).
-CUDA_CONTEXT_BYTES = {"qtool": 1476 * MiB, "hf": 1366 * MiB}
+# unsloth (bench/results/unsloth_h200_2026-12-04.json, its three records): 1451.9 MiB each, Triton and Inductor kernels.
+CUDA_CONTEXT_BYTES = {"qtool": 1476 * MiB, "hf": 1366 * MiB, "unsloth": 1452 * MiB}
 # What NVML shows beyond the paged buffers themselves once a process has any (bitsandbytes' cudaMallocManaged
 # state, this run's or an earlier run's): unexplained, 0-112 MiB, not in proportion to the paged bytes or buffers.
 # Record: the median over the fitted records with paged state (qtool 30, 66, 82 MiB; hf 0, 62, 62 MiB; the held-out
@@ -166,7 +167,7 @@ def quantised_weights(shape: Shape, st: Settings) -> tuple[int, int, int]:
         packed += p * shape.n_layers
         meta += m * shape.n_layers
         allocated += shape.n_layers * nf4_tensor_alloc(lin.n_in * lin.n_out, st.block_size, st.double_quant,
-                                                       code_tables=st.is_hf)
+                                                       code_tables=st.is_hf or st.profile == "unsloth")
     return packed, meta, allocated
 
 

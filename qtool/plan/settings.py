@@ -21,6 +21,9 @@ RECIPES = {
     "hf-prepare": "transformers + PEFT + bitsandbytes in a loop right after prepare_model_for_kbit_training(model) "
                   "and get_peft_model (or a Trainer that leaves gradient_checkpointing unset): its checkpointing is "
                   "reentrant, so each layer's backward reruns the whole layer, output included",
+    "unsloth": "Unsloth 2026.10.9 (unsloth_zoo 2026.10.9) in a plain loop: FastLanguageModel on a pre-quantised NF4 "
+               "folder, get_peft_model(use_gradient_checkpointing=\"unsloth\"): layer inputs offloaded to pinned host "
+               "memory, fused LoRA and RMSNorm/RoPE kernels, fused chunked cross-entropy (qtool.plan.unsloth)",
 }
 PROFILES = tuple(RECIPES)
 HF_PROFILES = ("hf", "hf-prepare")  # transformers + PEFT + bitsandbytes: one stack, two recipes
@@ -142,7 +145,12 @@ class Settings:
                             "--grad-checkpointing (drop --no-grad-checkpointing or --offload-activations)")
         if st.offload_activations and st.profile != "qtool":
             problems.append("--offload-activations is planned for --profile qtool (qtool train "
-                            "--offload-activations); the hf profile plans transformers' checkpointing as people run it")
+                            f"--offload-activations); the {st.profile} profile plans its own checkpointing as people "
+                            "run it")
+        if st.profile == "unsloth" and not shape_problems(shape):
+            from qtool.plan.unsloth import problems as unsloth_problems
+
+            problems += unsloth_problems(shape, st)
         if st.init not in INITS:
             problems.append(f"--init {st.init!r} is not one of {', '.join(INITS)}")
         if st.method not in METHODS:
@@ -191,6 +199,9 @@ def gpus_problems(st: Settings, shape: Shape, flag: str | None = None) -> list[s
                         f"(each rank trains batch-size / {n} sequences): give a multiple of {n}")
     if st.is_hf:
         problems.append(f"{flag} with --profile {st.profile}: {HF_FSDP_REASON}; plan --profile qtool, or --gpus 1")
+    if st.profile == "unsloth":
+        return problems  # its own refusal (qtool.plan.unsloth.problems) says why
+
     if st.device != "cuda":
         problems.append(f"{flag} plans FSDP over CUDA GPUs (NCCL); --device cpu is one process")
     if st.method != "lora":
