@@ -22,6 +22,8 @@ bench/train_bench.py; usable alone:
 
     python bench/gpu_worker.py qtool llama-2-7b '[{"seq_len": 512, "rank": 16, "targets": "qkvo", "gc": true}]'
 
+qtool rows run with the allocator's expandable segments, as qtool train sets it up (QTOOL_BENCH_EXPANDABLE=0: the
+default segments; a PYTORCH_CUDA_ALLOC_CONF decides instead, as it does for qtool train).
 QTOOL_PROFILE=1 prints a torch.profiler summary of one eager forward+backward after each qtool/hf row (stderr);
 QTOOL_PROFILE=replay profiles the last two steps of each qtool row (CUDA-graph replays on the GPU) and adds the
 GPU time per kernel kind, the idle time and the ideal time at the dense bf16 peak to the record (``kernel_profile``).
@@ -94,8 +96,12 @@ def run_qtool(shape, configs, steps, warmup):
     from qtool.train.settings import decoder_shape
     from qtool.train.recipe import TrainSettings, train
 
+    from qtool.train.allocator import set_up
+
     device = torch.device(DEVICE)
     cfg = decoder_shape(hf_config_dict(shape))
+    # as qtool train sets it up before loading (QTOOL_BENCH_EXPANDABLE=0: the allocator's default segments)
+    expandable = set_up(device, os.environ.get("QTOOL_BENCH_EXPANDABLE", "1") != "0")
     t0 = time.perf_counter()
     model = random_decoder(cfg, device)
     build_s = time.perf_counter() - t0
@@ -129,6 +135,7 @@ def run_qtool(shape, configs, steps, warmup):
         except torch.cuda.OutOfMemoryError as exc:
             res, err = None, f"OOM: {str(exc)[:200]}"
         rec = record("qtool", shape, c, after_load, res, err, leaked, build_s)
+        rec["settings"]["expandable_segments"] = expandable
         if profiler and res is not None:
             rec["kernel_profile"] = profiler.summary(step_flops(shape, c["seq_len"], c.get("batch_size", 1), c["rank"],
                                                          c["targets"], c["gc"]), res.step_seconds[-2:])
@@ -460,6 +467,9 @@ KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name); the first
 )
 
 
+WHOLE_GRAPH = "whole-graph record"
+
+
 def kernel_kind(name: str) -> str:
     k = name.lower()
     return next((kind for kind, keys in KERNEL_KINDS if any(s in k for s in keys)), "elementwise/other")
@@ -489,14 +499,18 @@ class ReplayProfiler:
     def summary(self, flops: dict, step_seconds: list) -> dict:
         self.prof.stop()
         n = 2
-        kinds = {}
-        for e in self.events or []:
-            kind = kernel_kind(e.key)
-            launches, ms = kinds.get(kind, (0, 0.0))
-            kinds[kind] = (launches + e.count, ms + e.self_device_time_total / 1e3)
         wall_ms = 1e3 * sum(step_seconds) / len(step_seconds)
+        kinds, top = {}, []
+        for e in self.events or []:
+            ms = e.self_device_time_total / 1e3
+            # a record as long as a quarter of the step is the replayed graph as a whole (CUPTI's graph-level
+            # trace), not one kernel: kept apart so that it is not counted twice
+            kind = WHOLE_GRAPH if ms / max(e.count, 1) > wall_ms / 4 else kernel_kind(e.key)
+            launches, total = kinds.get(kind, (0, 0.0))
+            kinds[kind] = (launches + e.count, total + ms)
+            top.append((ms / n, e.count // n, kind, e.key[:90]))
         per_step = {k: {"ms": round(ms / n, 3), "launches": c // n} for k, (c, ms) in kinds.items()}
-        compute_ms = sum(v["ms"] for k, v in per_step.items() if k != "memcpy")
+        compute_ms = sum(v["ms"] for k, v in per_step.items() if k not in ("memcpy", WHOLE_GRAPH))
         gemm_ms = per_step.get("gemm", {}).get("ms", 0.0)
         peak = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
         gemm_flops = flops["linear"] + flops["head"] + flops["lora"]
@@ -505,7 +519,9 @@ class ReplayProfiler:
                 "idle_ms": round(max(wall_ms - compute_ms, 0.0), 3),
                 "gemm_tflops": round(gemm_flops / (gemm_ms / 1e3) / 1e12, 1) if gemm_ms else None,
                 "ideal_ms_at_peak": round(flops["total"] / (peak * 1e12) * 1e3, 3) if peak else None,
-                "peak_tflops": peak}
+                "peak_tflops": peak,
+                "top_kernels": [{"ms": round(ms, 3), "launches": c, "kind": k, "name": name}
+                                for ms, c, k, name in sorted(top, reverse=True)[:15]]}
 
 
 def format_profile(tag: str, p: dict) -> str:
@@ -514,6 +530,8 @@ def format_profile(tag: str, p: dict) -> str:
              f"GEMMs at {p['gemm_tflops']} TFLOP/s"]
     for kind, v in sorted(p["kernels_ms"].items(), key=lambda kv: -kv[1]["ms"]):
         lines.append(f"  {v['ms']:9.2f} ms  {v['launches']:6d}x  [{kind}]")
+    for k in p["top_kernels"][:10]:
+        lines.append(f"  {k['ms']:9.2f} ms  {k['launches']:6d}x  {k['kind']:<24} {k['name'][:70]}")
     return "\n".join(lines)
 
 

@@ -81,6 +81,7 @@ def measure(job: dict) -> dict:
         torch.cuda.set_per_process_memory_fraction(fraction, device)  # before the first allocation
 
     from qtool.train.data import Blocks
+    from qtool.train.allocator import set_up
     from qtool.train.load import compute_dtype_for, random_decoder
     from qtool.train.measure import MemoryMonitor, compare_with_plan
     from qtool.train.recipe import train
@@ -112,6 +113,7 @@ def measure(job: dict) -> dict:
     try:
         torch.manual_seed(0)
         compute_dtype = compute_dtype_for("auto", device)[0]
+        out["expandable_segments"] = set_up(device, True)  # as qtool train sets the allocator up before loading
         model = random_decoder(shape, device, spec=st.spec, compute_dtype=compute_dtype)
         phase = "train"
         res = train(model, blocks, st, device=device, progress=progress)

@@ -54,7 +54,7 @@ SUITES = {
     "unsloth": {"llama-2-7b": [c(512, 16), c(2048, 16)], "llama-3-8b": [c(2048, 16)]},
 }
 SPEED_ROWS = [("llama-2-7b", 512), ("llama-2-7b", 2048), ("llama-3-8b", 2048), ("llama-1-65b", 512)]
-PROFILE_ORDER = ("qtool", "hf", "hf-prepare", "unsloth")
+PROFILE_ORDER = ("qtool", "qtool-offload", "hf", "hf-prepare", "unsloth")
 
 
 def run_worker(profile, model, configs, env, timeout):
@@ -152,13 +152,18 @@ def print_table(header, rows):
         print("  ".join(str(x).rjust(w) for x, w in zip(row, widths)))
 
 
+def label(r) -> str:
+    """A record's row name: its profile, "-offload" for qtool's --offload-activations."""
+    return r["profile"] + ("-offload" if r["settings"].get("offload_activations") else "")
+
+
 def speed_table(records):
     """The speed rows (rank 16, q,k,v,o, GC, batch 1), every profile measured: tokens/s (median step), achieved
     TFLOP/s (mean step, bench/flops.py) and its share of the GPU's dense bf16 peak, qtool's speed-up over the row,
     the three memory counters and, for Unsloth, the pinned host memory its checkpointing offloads to."""
     from bench.flops import peak_tflops
 
-    speed = {(r["model"]["name"], r["settings"]["seq_len"], r["profile"]): r for r in records
+    speed = {(r["model"]["name"], r["settings"]["seq_len"], label(r)): r for r in records
              if r["settings"]["rank"] == 16 and r["settings"]["targets"] == "qkvo" and r["settings"]["batch_size"] == 1
              and r["settings"]["grad_checkpointing"] and not r.get("error") and "tokens_per_second" in r["measured"]}
     profiles = [p for p in PROFILE_ORDER if any(k[2] == p for k in speed)]

@@ -68,6 +68,10 @@ from qtool.train.settings import COMPUTE_DTYPES, OPTIMIZERS
 @click.option("--offload-activations", is_flag=True,
               help="Keep the checkpointed layer inputs in pinned host memory instead of on the GPU (copied while "
                    "the next layer runs, fetched back for the backward); needs --grad-checkpointing.")
+@click.option("--expandable-segments/--no-expandable-segments", default=True, show_default=True,
+              help="Let PyTorch's CUDA allocator map its segments in pages as they grow "
+                   "(expandable_segments:True): less memory reserved beside the tensors, hence less NVML-used. A "
+                   "PYTORCH_CUDA_ALLOC_CONF in the environment decides instead.")
 @click.option("--rslora", is_flag=True, help="Scale the bypass by alpha/sqrt(rank) instead of alpha/rank.")
 @click.option("--eval-blocks", default=32, show_default=True, type=int,
               help="Held-out blocks for the loss before and after training (at most 5% of the data).")

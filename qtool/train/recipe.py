@@ -6,7 +6,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +14,7 @@ import torch
 
 from qtool.adapters.spec import CONVERTER_INITS, UNTARGETED_METHODS
 from qtool.errors import QtoolError, UsageError
+from qtool.train.allocator import set_up as allocator_set_up
 from qtool.train.distributed import SINGLE, Ranks
 from qtool.train.flat import flatten_parameters
 from qtool.train.measure import MemoryMonitor, compare_with_plan, plan_settings
@@ -316,6 +317,8 @@ def _run(model_dir, data, out, st: TrainSettings, shape, ranks: Ranks, device, o
     if st.init in CONVERTER_INITS:
         initial = {m: (f.a, f.b) for m, f in adapter_io.load_adapter(model_dir / adapter_io.INIT_ADAPTER_DIR).modules.items()}
     load_args = dict(compute_dtype=compute_dtype, seed=st.seed, initial=initial)
+    # before the weights' first allocation: the mode the run really has (a PYTORCH_CUDA_ALLOC_CONF decides)
+    st = replace(st, expandable_segments=allocator_set_up(device, st.expandable_segments))
     if ranks.world_size > 1:  # each rank reads and keeps only its shards
         from qtool.train.sharded import gather_adapter, load_sharded_decoder
 

@@ -40,6 +40,9 @@ class TrainSettings:
     grad_checkpointing: bool = True
     offload_activations: bool = False  # checkpointed layer inputs in pinned host memory (qtool.train.offload)
     cuda_graphs: bool = True  # replay each micro-batch's forward+backward as one CUDA graph (CUDA, no dropout)
+    # PyTorch's allocator maps its segments in pages as they grow (qtool.train.allocator); a PYTORCH_CUDA_ALLOC_CONF
+    # set by the user decides instead
+    expandable_segments: bool = True
     use_rslora: bool = False
     seed: int = 0
     eval_fraction: float = 0.05
