@@ -14,6 +14,14 @@ hf (bench/gpu_worker.py's transformers + PEFT + bitsandbytes): everything on the
 ``empty_cache`` between steps: the cache keeps the segments of every moment of the step, and peak reserved is what
 they add up to once the steps repeat.
 
+With ``Settings.expandable`` (``expandable_segments:True``: qtool train's default on CUDA, the others' off) the
+same process replays through the expandable allocator: the capture's ``empty_cache`` unmaps every whole free page,
+also inside segments that keep tensors, so the survivors' free space is partial pages only, and the graph's pool
+maps whole 20 MiB pages instead of segments of its own sizes. Peak reserved can then be the warm-up's pages before
+that ``empty_cache`` rather than the end of the capture (``sampled_reserved_bytes`` is the latter). NVML adds nothing
+per page: on the H200 probe (bench/results/reserved_probe_h200_2026-12-04.jsonl) ``nvml - memory_reserved`` at the
+sampled step ends is the same to the byte with and without expandable segments.
+
 :class:`Process` names what the training process does besides the step: the trainer's revision (the records of
 2026-11-29 were made before the held-out pass and with the warm-up's optimizer step on the side stream), how the
 weights got onto the GPU (bench/gpu_worker.py builds random ones through fp32 temporaries, then ``empty_cache``),
@@ -84,7 +92,8 @@ def traced_settings(st: Settings) -> Settings:
 def replay(shape: Shape, st: Settings, process: Process = Process()) -> Replay:
     """Replay ``process`` ending with ``st`` on ``shape`` (a GPU plan: ``st.device == "cuda"``)."""
     runs = [traced_settings(s) for s in (*process.earlier, st)]
-    allocator, workspaces = CachingAllocator(), {}
+    # PYTORCH_CUDA_ALLOC_CONF is read once per process: the planned configuration's setting holds for all its runs
+    allocator, workspaces = CachingAllocator(expandable=st.expandable), {}
     default = Stream(allocator, "default", workspaces=workspaces)
     if st.is_hf:
         _load_hf(default, shape, runs[0], process.random_weights)
