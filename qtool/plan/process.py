@@ -78,6 +78,9 @@ class Replay:
     resident_slack_bytes: int    # reserved - allocated when the measured steps begin: free space in kept segments
     after_load_allocated_bytes: int
     after_load_reserved_bytes: int
+    # qtool: reserved bytes per pool after the measured steps (a stream's, or ("graph", k) the CUDA graph's private
+    # pool), as torch.cuda.memory_snapshot() groups its segments
+    pool_bytes: tuple[tuple[object, int], ...] = ()
 
 
 def traced_settings(st: Settings) -> Settings:
@@ -201,8 +204,9 @@ def _qtool_runs(allocator: CachingAllocator, default: Stream, shape: Shape, runs
         for _ in range(4):  # steps 2-5: replays allocate nothing; clipping and the step on the default stream
             step.clip_and_step(default)
             samples.append(allocator.reserved_bytes)
+        pools = tuple((name, allocator.segment_bytes(name)) for name in ("default", ("side", k), ("graph", k)))
         result = Replay(allocator.peak_allocated_bytes, allocator.peak_reserved_bytes, max(samples), resident_slack,
-                        *after)
+                        *after, pool_bytes=pools)
         step.evaluate(default)  # the held-out pass after training (its cuBLAS workspace stays)
         step.detach(default)
         default.drop(static_ids)
