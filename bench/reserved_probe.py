@@ -45,15 +45,17 @@ EXPANDABLE = "expandable_segments:True"
 GiB = 2**30
 
 
-def planned(row) -> dict:
-    """qtool plan for the row as this probe runs it: a fresh process, random weights (torch-free)."""
+def planned(row, alloc: str = "default") -> dict:
+    """qtool plan for the row as this probe runs it: a fresh process, random weights, the allocator ``alloc``
+    (default | expandable) (torch-free)."""
     from qtool.arch import known_shape
     from qtool.plan.planner import Settings, plan
     from qtool.plan.process import Process
 
     model, seq, batch, rank, targets, optimizer = row
     p = plan(known_shape(model), Settings(seq_len=seq, batch_size=batch, rank=rank, targets=targets,
-                                          optimizer=optimizer), Process(random_weights=True))
+                                          optimizer=optimizer, expandable_segments=alloc == "expandable"),
+             Process(random_weights=True))
     return {"peak_allocated_bytes": p.peak_allocated_bytes, "peak_reserved_bytes": p.peak_reserved_bytes,
             "nvml_used_bytes": p.peak_nvml_bytes,
             "rows": {r.name: r.bytes for r in p.rows if r.counter in ("reserved", "nvml")}}
@@ -133,7 +135,7 @@ def run(index: int, alloc: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", str(index)] + (["--dry-run"] if args.dry_run else []) \
         + (["--snapshot", str(args.snapshot)] if args.snapshot else [])
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    rec = {"row": index, "config": ROWS[index], "alloc": alloc, "plan": planned(ROWS[index])}
+    rec = {"row": index, "config": ROWS[index], "alloc": alloc, "plan": planned(ROWS[index], alloc)}
     if done.returncode:
         rec["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][:300]
     else:
@@ -192,8 +194,8 @@ def main():
                 with args.out.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
     print("\n" + table(results))
-    print("plan: qtool plan for a fresh process with random weights (the expandable runs beside the same plan, which "
-          "models the default allocator); R/N err: plan vs measured peak")
+    print("plan: qtool plan for a fresh process with random weights, with the run's allocator "
+          "(--expandable-segments or not); R/N err: plan vs measured peak")
 
 
 if __name__ == "__main__":

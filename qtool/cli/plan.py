@@ -2,6 +2,8 @@
 planner itself is imported when the command runs, so that ``qtool -h`` does not pay for it."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import click
 
 from qtool.cli import CONTEXT_SETTINGS, table
@@ -112,7 +114,8 @@ def _render(p, gpus: list[dict], seq_limit: tuple[int, str], fit, fit_label: str
             f"{what} ({p.n_trainable:,} trainable); "
             f"seq {st.seq_len} x batch {batch}; checkpointing "
             f"{('on, inputs offloaded' if st.offload_activations else 'on') if st.grad_checkpointing else 'off'}; "
-            f"{st.optimizer}; {st.attention} attention; {st.loss} loss")
+            f"{st.optimizer}; {st.attention} attention; {st.loss} loss"
+            + ("; expandable segments" if st.expandable_segments and st.device == "cuda" else ""))
     rows = [(r.name, *_gb_gib(r.bytes), r.where, r.counter) for r in p.rows]
     lines = [head, "", table(rows, ("item", "GB", "GiB", "where", "counted from"), "lrrll"), ""]
     unquantised = p.weights_4bit_total_bytes - p.nf4_weights_bytes
@@ -263,6 +266,11 @@ def _list_models(as_json: bool) -> str:
 @click.option("--loss", type=_SettingChoice(LOSSES),
               help="chunked (fp32 logits a chunk at a time) or full (all fp32 logits).  "
               "[default: chunked for qtool; hf and hf-prepare are always full]")
+@click.option("--expandable-segments/--no-expandable-segments", default=None,
+              help="PyTorch's CUDA allocator with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one segment per "
+                   "stream and pool that grows in 2 MiB (small) or 20 MiB (large) pages, whose free pages "
+                   "torch.cuda.empty_cache() gives back. qtool train sets it on CUDA unless PYTORCH_CUDA_ALLOC_CONF is "
+                   "set.  [default: on for --profile qtool, off for the others and with --allocator-cap]")
 @click.option("--fit", "fit_to", help="A GPU name (\"RTX 4090\", H200) or a memory size: 24GB is 24 x 10^9 bytes, "
               "24GiB (or 24Gi) 24 x 2^30 bytes. With it, solve for the largest --solve value that fits.")
 @click.option("--solve", type=click.Choice(["seq-len", "batch-size", "rank"]),
@@ -330,6 +338,8 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
     cap_bytes = cap.parse_cap(allocator_cap) if allocator_cap else None  # a bad size fails before any planning
     shape = _shape(model_arg or model, params)
     settings = planner.Settings(double_quant=not no_double_quant, **options)
+    if allocator_cap and settings.expandable_segments is None:  # the allocator the cap verdicts were measured with
+        settings = replace(settings, expandable_segments=False)
     if compare_methods:
         if settings.method != "lora" or fit_to or allocator_cap or settings.gpus != 1 or fit_gpus:
             dropped = [flag for flag, given in (("--method", settings.method != "lora"), ("--fit", fit_to),

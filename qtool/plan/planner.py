@@ -496,6 +496,7 @@ def settings_from_record(record: dict) -> Settings:
     """The Settings of a measurement record (schema: data/memory/README.md)."""
     known = {f for f in Settings.__dataclass_fields__}
     given = {k: v for k, v in record["settings"].items() if k in known}
+    given.setdefault("expandable_segments", False)  # recorded since 2026-12-05; every run before had the default
     if record["profile"] == "qtool":  # fields recorded since 2026-12-04; before, the trainer ran as their defaults say
         given.setdefault("loss_chunk_mib", 256)  # 256 MiB of logits per loss chunk
         given.setdefault("flat_params", False)  # one optimizer tensor per LoRA factor

@@ -14,6 +14,14 @@ hf (bench/gpu_worker.py's transformers + PEFT + bitsandbytes): everything on the
 ``empty_cache`` between steps: the cache keeps the segments of every moment of the step, and peak reserved is what
 they add up to once the steps repeat.
 
+With ``Settings.expandable`` (``expandable_segments:True``: qtool train's default on CUDA, the others' off) the
+same process replays through the expandable allocator: the capture's ``empty_cache`` unmaps every whole free page,
+also inside segments that keep tensors, so the survivors' free space is partial pages only, and the graph's pool
+maps whole 20 MiB pages instead of segments of its own sizes. Peak reserved can then be the warm-up's pages before
+that ``empty_cache`` rather than the end of the capture (``sampled_reserved_bytes`` is the latter). NVML adds nothing
+per page: on the H200 probe (bench/results/reserved_probe_h200_2026-12-04.jsonl) ``nvml - memory_reserved`` at the
+sampled step ends is the same to the byte with and without expandable segments.
+
 :class:`Process` names what the training process does besides the step: the trainer's revision (the records of
 2026-11-29 were made before the held-out pass and with the warm-up's optimizer step on the side stream), how the
 weights got onto the GPU (bench/gpu_worker.py builds random ones through fp32 temporaries, then ``empty_cache``),
@@ -70,6 +78,9 @@ class Replay:
     resident_slack_bytes: int    # reserved - allocated when the measured steps begin: free space in kept segments
     after_load_allocated_bytes: int
     after_load_reserved_bytes: int
+    # qtool: reserved bytes per pool after the measured steps (a stream's, or ("graph", k) the CUDA graph's private
+    # pool), as torch.cuda.memory_snapshot() groups its segments
+    pool_bytes: tuple[tuple[object, int], ...] = ()
 
 
 def traced_settings(st: Settings) -> Settings:
@@ -84,7 +95,8 @@ def traced_settings(st: Settings) -> Settings:
 def replay(shape: Shape, st: Settings, process: Process = Process()) -> Replay:
     """Replay ``process`` ending with ``st`` on ``shape`` (a GPU plan: ``st.device == "cuda"``)."""
     runs = [traced_settings(s) for s in (*process.earlier, st)]
-    allocator, workspaces = CachingAllocator(), {}
+    # PYTORCH_CUDA_ALLOC_CONF is read once per process: the planned configuration's setting holds for all its runs
+    allocator, workspaces = CachingAllocator(expandable=st.expandable), {}
     default = Stream(allocator, "default", workspaces=workspaces)
     if st.is_hf:
         _load_hf(default, shape, runs[0], process.random_weights)
@@ -192,8 +204,9 @@ def _qtool_runs(allocator: CachingAllocator, default: Stream, shape: Shape, runs
         for _ in range(4):  # steps 2-5: replays allocate nothing; clipping and the step on the default stream
             step.clip_and_step(default)
             samples.append(allocator.reserved_bytes)
+        pools = tuple((name, allocator.segment_bytes(name)) for name in ("default", ("side", k), ("graph", k)))
         result = Replay(allocator.peak_allocated_bytes, allocator.peak_reserved_bytes, max(samples), resident_slack,
-                        *after)
+                        *after, pool_bytes=pools)
         step.evaluate(default)  # the held-out pass after training (its cuBLAS workspace stays)
         step.detach(default)
         default.drop(static_ids)

@@ -214,8 +214,9 @@ def resident_rounding_bytes(shape: Shape, st: Settings) -> int:
     segment is not split (see :func:`booked`). Tensors in load order: per layer each Linear's NF4 tensors and bias,
     then the layer's norms; embeddings, head and final norm; then the LoRA factors, A before B (qtool/train/load.py
     build_decoder and qtool/adapters/attach.py; PEFT's update_layer). 48 MiB for Llama-2-7B (3 x 32 packed MLP weights of 21.5 MiB
-    in 22 MiB segments). None on the CPU."""
-    if st.device != "cuda":
+    in 22 MiB segments). None on the CPU, nor with expandable segments (qtool.plan.allocator: every block is split
+    down to its 512-rounded size)."""
+    if st.device != "cuda" or st.expandable:
         return 0
     flat = flat_buffers(st)  # the factors loaded one by one were freed when they moved into the flat buffer
     return _rounding(shape, st.is_hf, st.block_size, st.double_quant, DTYPE_BYTES[st.compute_dtype],

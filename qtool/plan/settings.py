@@ -70,6 +70,8 @@ class Settings:
     device: str = "cuda"        # cuda | cpu: the CPU fallbacks (torch reference kernels, no CUDA graph, no cuBLAS)
     gpus: int = 1               # > 1: FSDP2 data parallelism, planned per GPU (qtool.plan.fsdp); batch_size is then
     #                             the global batch, each rank trains batch_size / gpus sequences
+    expandable_segments: bool | None = None  # PyTorch's allocator with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    #                             (qtool.plan.allocator); None: the profile's default (default_expandable_segments)
 
     init: str = "zero"          # the symmetric init keeps its initial factors, frozen, beside the trained ones
     method: str = "lora"        # lora | adalora | adapter | prefix (qtool.adapters.spec; the last two: profile qtool)
@@ -88,6 +90,13 @@ class Settings:
     def stack(self) -> str:
         """The software stack whose measured constants apply (qtool.plan.resident): qtool or hf."""
         return "hf" if self.is_hf else self.profile
+
+    @property
+    def expandable(self) -> bool:
+        """The allocator runs with expandable segments: the setting, or else the profile's default."""
+        if self.expandable_segments is None:
+            return default_expandable_segments(self.profile, self.device)
+        return self.expandable_segments
 
     @property
     def reentrant_checkpointing(self) -> bool:
@@ -151,6 +160,11 @@ class Settings:
             from qtool.plan.unsloth import problems as unsloth_problems
 
             problems += unsloth_problems(shape, st)
+        if st.expandable_segments and st.device != "cuda":
+            problems.append("--expandable-segments is a setting of PyTorch's CUDA allocator; --device cpu has none")
+        if st.expandable_segments and st.profile == "unsloth":
+            problems.append("--expandable-segments with --profile unsloth: its allocator slack is a fraction measured "
+                            "with the default allocator, not replayed; plan it without the flag")
         if st.init not in INITS:
             problems.append(f"--init {st.init!r} is not one of {', '.join(INITS)}")
         if st.method not in METHODS:
@@ -172,7 +186,15 @@ class Settings:
         problems += gpus_problems(st, shape)
         if problems:
             raise UsageError(problems)
-        return replace(st, loss=loss, alpha=st.alpha if st.alpha is not None else 2 * st.rank)
+        return replace(st, loss=loss, alpha=st.alpha if st.alpha is not None else 2 * st.rank,
+                       expandable_segments=st.expandable)
+
+
+def default_expandable_segments(profile: str, device: str) -> bool:
+    """Whether the planned process runs PyTorch's allocator with ``expandable_segments:True`` unless told: qtool
+    train sets it on CUDA (unless PYTORCH_CUDA_ALLOC_CONF is set); transformers, PEFT and Unsloth scripts leave the
+    default allocator. The CPU has no caching allocator."""
+    return profile == "qtool" and device == "cuda"
 
 
 # Why the hf profiles are single-GPU only: what transformers + PEFT + bitsandbytes does under FSDP is another memory

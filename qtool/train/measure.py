@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -98,12 +98,24 @@ def plan_settings(st, n_micro_tokens: int | None = None):
                     optimizer=optimizer, **adalora)
 
 
+def allocator_expandable(environ=None) -> bool:
+    """Whether PyTorch's CUDA allocator of this process runs with expandable segments: its configuration string
+    (PYTORCH_ALLOC_CONF, or the older PYTORCH_CUDA_ALLOC_CONF), comma-separated key:value pairs."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    conf = environ.get("PYTORCH_ALLOC_CONF") or environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
+    pairs = dict(item.split(":", 1) for item in conf.replace(" ", "").split(",") if ":" in item)
+    return pairs.get("expandable_segments", "").lower() == "true"
+
+
 def compare_with_plan(shape, st, memory: list[dict], peaks: dict) -> list[dict]:
     """Measured counters beside ``qtool plan`` for the same model shape and settings: rows of
     ``{"name", "planned_bytes", "measured_bytes", "error_pct"}`` (measured None on the CPU)."""
     from qtool.plan.planner import plan
 
-    p = plan(shape, plan_settings(st))
+    # planned with the allocator this process runs (its environment), whatever the profile's default
+    p = plan(shape, replace(plan_settings(st), expandable_segments=allocator_expandable()))
     after_load = next((m for m in memory if m["phase"] == "after_load"), {})
     rows = [("after load (allocated)", p.after_load_allocated_bytes, after_load.get("allocated_bytes") or None),
             ("peak allocated", p.peak_allocated_bytes, peaks.get("peak_allocated_bytes") or None),
