@@ -68,14 +68,19 @@ def _state_bytes_moved(shape, st: Settings) -> tuple[int, int]:
     ("llama-3.2-1b", 16, "all-linear", 512, False),   # A of k/v/q... (16 x 2048 = 32k) stay on the device
     ("llama-2-7b", 64, "qkvo", 2048, True),
 ])
-def test_the_reserved_difference_is_the_optimizer_state_that_paging_moves_out(model, rank, targets, seq, flat):
+@pytest.mark.parametrize("expandable", [False, True])
+def test_the_reserved_difference_is_the_optimizer_state_that_paging_moves_out(model, rank, targets, seq, flat,
+                                                                              expandable):
     shape = known_shape(model)
-    st = Settings(rank=rank, targets=targets, seq_len=seq, optimizer="paged_adamw_32bit", flat_params=flat)
+    st = Settings(rank=rank, targets=targets, seq_len=seq, optimizer="paged_adamw_32bit", flat_params=flat,
+                  expandable_segments=expandable)
     unpaged, paged = cap.check_cap(shape, st, 1)
     device_bytes, managed_bytes = _state_bytes_moved(shape, st.check(shape))
     assert unpaged.peak_phase == paged.peak_phase
-    # the allocator replay's slack (scaled by allocated bytes) moves by less than 1 MiB: the moments are whole segments
-    assert abs(unpaged.peak_reserved_bytes - paged.peak_reserved_bytes - device_bytes) < MiB
+    # the replay's reserved moves by the moments: within 1 MiB with the default allocator (they are whole
+    # segments), within one 20 MiB page with expandable segments (they share the pages around them)
+    tolerance = 20 * MiB if expandable else MiB
+    assert abs(unpaged.peak_reserved_bytes - paged.peak_reserved_bytes - device_bytes) < tolerance
     assert unpaged.peak_allocated_bytes - paged.peak_allocated_bytes == device_bytes
     assert unpaged.device_optimizer_bytes - paged.device_optimizer_bytes == device_bytes
     assert paged.paged_bytes == managed_bytes

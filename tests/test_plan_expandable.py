@@ -24,7 +24,8 @@ MiB = 2**20
 # Measured runs with expandable segments (and their default-allocator twins). Two schemas: bench/reserved_probe.py's
 # lines (config + alloc + peaks) and data/memory records (settings.expandable_segments + measured). Add a file here.
 RUNS = [
-    "bench/results/reserved_probe_h200_2026-12-04.jsonl",
+    "bench/results/reserved_probe_h200_2026-12-04.jsonl",  # rows 1, 2, 3: default and expandable
+    "bench/results/issue11_h200_2026-12-04b.jsonl",  # issue 11: qtool (expandable) and Unsloth rows
 ]
 
 
@@ -246,13 +247,16 @@ def test_cli_flag_and_json():
 
 
 def test_cap_and_fit_with_expandable_segments():
-    """The cap verdicts plan the default allocator unless told (they were measured with it); told, the reserved
-    difference between the unpaged and the paged plan is still the state that paging moves out, within one 20 MiB
-    page. The --fit search runs with the expandable replay, and finds a longer sequence than without."""
+    """The cap verdicts plan the profile's allocator (qtool on CUDA: expandable segments, as qtool train and
+    bench/paged_oom.py run) unless told; the reserved difference between the unpaged and the paged plan is still the
+    state that paging moves out, within one 20 MiB page. The --fit search runs with the expandable replay, and finds
+    a longer sequence than without."""
     shape = known_shape("llama-3.2-1b")
     st = Settings(rank=512, targets="all-linear", seq_len=128)
-    assert all(p.settings.expandable_segments is False for p in cap.plans(shape, st).values())
-    unpaged, paged = cap.check_cap(shape, replace(st, expandable_segments=True), 1)
+    assert all(p.settings.expandable_segments is True for p in cap.plans(shape, st).values())
+    assert all(p.settings.expandable_segments is False
+               for p in cap.plans(shape, replace(st, expandable_segments=False)).values())
+    unpaged, paged = cap.check_cap(shape, st, 1)
     moved = unpaged.device_optimizer_bytes
     assert abs(unpaged.peak_reserved_bytes - paged.peak_reserved_bytes - moved) < 20 * MiB
     from qtool.plan.planner import largest_fitting

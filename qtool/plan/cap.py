@@ -15,11 +15,12 @@ What the cap does not limit: bitsandbytes' paged optimizer buffers (>= 1e5 eleme
 still hold them (or the driver pages them to the host). ``adamw_32bit`` keeps the same two fp32 moments as ordinary
 device tensors, inside the cap.
 
-Which allocator: the default one unless ``expandable_segments`` is set (then as given), whatever the profile's
-default. bench/paged_oom.py measured the verdicts with the default allocator. With ``expandable_segments:True`` the
-allocator, before raising outside a capture, unmaps every whole free page of its segments (not only wholly free
-segments), and the cap check books a new mapping at ``get_allocation_size``'s rounding; neither is modelled or
-measured here, so a verdict for it compares the replayed peak reserved with the cap as above, unvalidated.
+Which allocator: the profile's (qtool on CUDA: expandable segments, as qtool train sets it up) unless
+``expandable_segments`` says otherwise. bench/paged_oom.py measured the verdicts both ways on the H200: with the
+default allocator (2026-12-04, bench/results/paged_oom_h200_2026-12-04.jsonl) and with expandable segments, as
+qtool train runs now (bench/results/paged_oom_h200_2026-12-04b.jsonl), each 2 of 2 as predicted. With expandable
+segments the allocator, before raising outside a capture, also unmaps every whole free page of its segments (not
+only wholly free segments); the verdict still compares the replayed peak reserved with the cap.
 """
 from __future__ import annotations
 
@@ -113,8 +114,6 @@ def optimizers_to_compare(optimizer: str) -> tuple[str, ...]:
 
 def plans(shape: Shape, settings: Settings) -> dict[str, Plan]:
     """optimizer -> plan, for ``settings.optimizer`` and its counterpart (:func:`optimizers_to_compare`)."""
-    if settings.expandable_segments is None:  # the allocator the verdicts were measured with (module docstring)
-        settings = replace(settings, expandable_segments=False)
     st = settings.check(shape)
     if st.device != "cuda":
         raise UsageError("an allocator cap is a CUDA setting (torch.cuda.set_per_process_memory_fraction)",

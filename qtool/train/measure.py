@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -90,23 +90,12 @@ def plan_settings(st, n_micro_tokens: int | None = None):
         method = {"method": st.method, **{f: getattr(st, f) for f, (m, _) in METHOD_FLAGS.items() if m == st.method}}
         return Settings(profile="qtool", seq_len=st.seq_len, batch_size=st.batch_size, grad_accum=st.grad_accum,
                         grad_checkpointing=st.grad_checkpointing, offload_activations=st.offload_activations,
-                        optimizer=optimizer, **method)
+                        optimizer=optimizer, expandable_segments=st.expandable_segments, **method)
     adalora = {"method": "adalora", "target_rank": st.spec.adalora.target_rank} if st.method == "adalora" else {}
     return Settings(profile="qtool", rank=st.spec.rank, alpha=st.alpha, targets=st.targets, init=st.init,
                     seq_len=st.seq_len, batch_size=st.batch_size, grad_accum=st.grad_accum,
                     grad_checkpointing=st.grad_checkpointing, offload_activations=st.offload_activations,
-                    optimizer=optimizer, **adalora)
-
-
-def allocator_expandable(environ=None) -> bool:
-    """Whether PyTorch's CUDA allocator of this process runs with expandable segments: its configuration string
-    (PYTORCH_ALLOC_CONF, or the older PYTORCH_CUDA_ALLOC_CONF), comma-separated key:value pairs."""
-    import os
-
-    environ = os.environ if environ is None else environ
-    conf = environ.get("PYTORCH_ALLOC_CONF") or environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
-    pairs = dict(item.split(":", 1) for item in conf.replace(" ", "").split(",") if ":" in item)
-    return pairs.get("expandable_segments", "").lower() == "true"
+                    optimizer=optimizer, expandable_segments=st.expandable_segments, **adalora)
 
 
 def compare_with_plan(shape, st, memory: list[dict], peaks: dict) -> list[dict]:
@@ -114,8 +103,7 @@ def compare_with_plan(shape, st, memory: list[dict], peaks: dict) -> list[dict]:
     ``{"name", "planned_bytes", "measured_bytes", "error_pct"}`` (measured None on the CPU)."""
     from qtool.plan.planner import plan
 
-    # planned with the allocator this process runs (its environment), whatever the profile's default
-    p = plan(shape, replace(plan_settings(st), expandable_segments=allocator_expandable()))
+    p = plan(shape, plan_settings(st))
     after_load = next((m for m in memory if m["phase"] == "after_load"), {})
     rows = [("after load (allocated)", p.after_load_allocated_bytes, after_load.get("allocated_bytes") or None),
             ("peak allocated", p.peak_allocated_bytes, peaks.get("peak_allocated_bytes") or None),
