@@ -157,7 +157,7 @@ class Settings:
                             f"--offload-activations); the {st.profile} profile plans its own checkpointing as people "
                             "run it")
         if st.profile == "unsloth" and not shape_problems(shape):
-            from qtool.plan.unsloth import problems as unsloth_problems
+            from qtool.plan.unsloth_rules import problems as unsloth_problems
 
             problems += unsloth_problems(shape, st)
         if st.expandable_segments and st.device != "cuda":
