@@ -235,7 +235,7 @@ def test_cli_flag_and_json():
     assert hf["settings"]["expandable_segments"] is False
     assert planned("--profile", "hf", "--expandable-segments")["settings"]["expandable_segments"] is True
     assert on["peak_reserved_bytes"] < off["peak_reserved_bytes"] and on["peak_nvml_bytes"] < off["peak_nvml_bytes"]
-    assert planned("--allocator-cap", "6GiB")["settings"]["expandable_segments"] is False
+    assert planned("--allocator-cap", "6GiB")["settings"]["expandable_segments"] is True  # the profile's, as measured
     text = CliRunner().invoke(main, ["plan", "llama-2-7b"]).output
     assert "expandable segments" in text.splitlines()[0]
     assert "expandable segments" not in CliRunner().invoke(main, ["plan", "llama-2-7b", "--no-expandable-segments"]

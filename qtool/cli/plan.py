@@ -270,7 +270,7 @@ def _list_models(as_json: bool) -> str:
               help="PyTorch's CUDA allocator with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True: one segment per "
                    "stream and pool that grows in 2 MiB (small) or 20 MiB (large) pages, whose free pages "
                    "torch.cuda.empty_cache() gives back. qtool train sets it on CUDA unless PYTORCH_CUDA_ALLOC_CONF is "
-                   "set.  [default: on for --profile qtool, off for the others and with --allocator-cap]")
+                   "set.  [default: on for --profile qtool, off for the others]")
 @click.option("--fit", "fit_to", help="A GPU name (\"RTX 4090\", H200) or a memory size: 24GB is 24 x 10^9 bytes, "
               "24GiB (or 24Gi) 24 x 2^30 bytes. With it, solve for the largest --solve value that fits.")
 @click.option("--solve", type=click.Choice(["seq-len", "batch-size", "rank"]),
@@ -338,8 +338,6 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
     cap_bytes = cap.parse_cap(allocator_cap) if allocator_cap else None  # a bad size fails before any planning
     shape = _shape(model_arg or model, params)
     settings = planner.Settings(double_quant=not no_double_quant, **options)
-    if allocator_cap and settings.expandable_segments is None:  # the allocator the cap verdicts were measured with
-        settings = replace(settings, expandable_segments=False)
     if compare_methods:
         if settings.method != "lora" or fit_to or allocator_cap or settings.gpus != 1 or fit_gpus:
             dropped = [flag for flag, given in (("--method", settings.method != "lora"), ("--fit", fit_to),
