@@ -18,6 +18,24 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _bnb_cpu_layers_compute_in_their_dtype():
+    """The reference models (transformers + PEFT + bitsandbytes) compute in the dtype the tests ask for, on any CPU.
+    bitsandbytes 0.50's ``Linear4bit``, on a CPU with AVX512-BF16 (``has_avx512bf16()``, read when the layer is made),
+    repacks an eval-mode layer's weight in place for a bf16 kernel: ``PeftModel.from_pretrained`` puts the model in
+    eval mode, and the fp32 comparisons with qtool then differ by ~3e-3 instead of ~1e-7 on such CPUs only. The
+    layers made during the tests take the plain path (dequantise, then the product in the compute dtype)."""
+    try:
+        from bitsandbytes.nn import modules as bnb_modules
+    except ImportError:  # the tests that need it say so themselves
+        yield
+        return
+    original = bnb_modules.has_avx512bf16
+    bnb_modules.has_avx512bf16 = lambda: False
+    yield
+    bnb_modules.has_avx512bf16 = original
+
+
 # ------------------------------------------------------------------------------------------------- real fixtures
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:

@@ -116,7 +116,10 @@ def test_two_processes_train_what_one_does(tiny_nf4, text, tmp_path):
     rank sums its half of the tokens' gradients, then the two halves are added (another order of the same sum). The
     head's LoRA lives in the root group (the embedding and head), the layers' in their own; gradient accumulation;
     the held-out blocks (5) split into batches of 4 (shared by the ranks) and 1 (run whole on both)."""
-    flags = ["--steps", "3", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2", "--lr", "0.2",
+    # fp32 on any CPU: "auto" picks bf16 where the CPU has bf16 matrix instructions, and bf16 rounding is not this
+    # test's subject
+    flags = ["--compute-dtype", "float32", "--steps", "3", "--seq-len", "32", "--batch-size", "4", "--grad-accum", "2",
+             "--lr", "0.2",
              "--optimizer", "sgd", "--max-grad-norm", "0", "--targets", "all-linear,lm_head", "--eval-blocks", "5"]
     one = _train_here(tiny_nf4, text, tmp_path / "one", flags)
     two = _train_in_processes(2, tiny_nf4, text, tmp_path / "two", flags)
@@ -142,8 +145,8 @@ def test_smollm2_over_two_processes_with_adamw_and_the_symmetric_init(smollm2_nf
     fp32 rounding. No process holds the whole model: each
     rank's resident memory grows by its half and a few MB while loading (measured: 96 and 92 MB for shards of 88 MB of
     the 176 MB model; one process loading it all grows by ~188 MB)."""
-    flags = ["--steps", "2", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-3", "--targets", "q_proj,v_proj",
-             "--init", "symmetric", "--eval-blocks", "2"]
+    flags = ["--compute-dtype", "float32", "--steps", "2", "--seq-len", "32", "--batch-size", "2", "--lr", "2e-3",
+             "--targets", "q_proj,v_proj", "--init", "symmetric", "--eval-blocks", "2"]  # fp32 on any CPU (above)
     text = tmp_path / "plays.txt"
     text.write_bytes(shakespeare_path.read_bytes()[:60_000])  # every process tokenises all of it: keep it short
     one = _train_here(smollm2_nf4_cpu, text, tmp_path / "one", flags)
