@@ -75,6 +75,25 @@ def test_gradients_equal_torch_checkpoint_bit_for_bit(case):
         assert torch.equal(off_grads[name], g), name
 
 
+@pytest.mark.parametrize("targets", ["qkvo", "all-linear"])
+def test_the_recomputation_skips_the_last_product(monkeypatch, targets):
+    """The backward back-propagates from the recomputed layer output without reading it, so down_proj's base product
+    (dequantisation and GEMM) is not redone: per layer the recomputation dequantises the 6 other weights only. Each
+    weight is dequantised once in the forward and, where its input needs a gradient, once in the backward."""
+    from qtool.adapters.nf4_linear import NF4Weight
+
+    calls = []
+    original = NF4Weight.dequantize
+    monkeypatch.setattr(NF4Weight, "dequantize", lambda self, dtype: calls.append(self) or original(self, dtype))
+    shape, ids = _shape(), torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    counts = {}
+    for mode in ("none", "offload"):
+        calls.clear()
+        _loss_and_grads(shape, AdapterSpec(targets, rank=4), mode, ids)
+        counts[mode] = len(calls)
+    assert counts["offload"] - counts["none"] == 6 * shape.n_layers, counts
+
+
 def test_dropout_masks_are_replayed():
     """Without the saved random state the recomputation draws other masks: the check above can fail."""
     shape, spec = CASES["lora-dropout"]

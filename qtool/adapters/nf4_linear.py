@@ -5,6 +5,8 @@ only the 4-bit copy stays resident). Adapters (:mod:`qtool.adapters.lora`) wrap 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,6 +37,22 @@ class NF4Weight(nn.Module):
         return f"shape={tuple(self.shape)}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}"
 
 
+_VALUES_UNUSED = [False]
+
+
+@contextlib.contextmanager
+def output_values_unused():
+    """Within it, the NF4 products build their autograd nodes but compute nothing: their outputs are uninitialised.
+    For a recomputation whose last product's output no backward reads (a checkpointed layer's ``x + down(z)``): the
+    backward of the product needs only ``grad @ W0``, so its dequantisation and GEMM in the forward are wasted work
+    (torch's own checkpoint skips them the same way, by stopping the recomputation early)."""
+    _VALUES_UNUSED[0] = True
+    try:
+        yield
+    finally:
+        _VALUES_UNUSED[0] = False
+
+
 class _NF4Matmul(torch.autograd.Function):
     """``x @ W0ᵀ (+ b)`` with W0 dequantised for the product and freed; backward dequantises again for
     ``grad @ W0``. The bias is added inside the product, as bitsandbytes' ``matmul_4bit`` does (one rounding)."""
@@ -42,6 +60,8 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight  # a module reference, not a saved activation
+        if _VALUES_UNUSED[0]:  # output_values_unused(): the node without the product
+            return x.new_empty(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 
     @staticmethod

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qtool.adapters.lora import LoRALinear
-from qtool.adapters.nf4_linear import NF4Linear
+from qtool.adapters.nf4_linear import NF4Linear, output_values_unused
 from qtool.adapters.prefix import prefix_attention
 from qtool.arch import Shape
 from qtool.train import fused
@@ -75,6 +75,9 @@ class DecoderLayer(nn.Module):
         self.register_buffer("k_norm", norms.get("self_attn.k_norm"), persistent=False)
         self.attn_adapter = None  # Houlsby adapters (qtool.adapters.houlsby) on the attention and MLP outputs
         self.mlp_adapter = None
+        # set by a recomputation that back-propagates from the output without reading it (qtool.train.offload):
+        # down_proj's base product is then not computed (its backward needs only grad @ W0)
+        self.output_unused = False
 
     def forward(self, x, cos, sin, prefix_kv=None, window_mask=None):
         """``prefix_kv``: this layer's prefix keys and values ``(2, n_kv, l, head_dim)`` (qtool.adapters.prefix);
@@ -95,7 +98,12 @@ class DecoderLayer(nn.Module):
             gate, up = p["gate_up_proj"](h).chunk(2, dim=-1)
         else:
             gate, up = p["gate_proj"](h), p["up_proj"](h)
-        m = p["down_proj"](fused.swiglu(gate, up))
+        z = fused.swiglu(gate, up)
+        if self.output_unused and self.mlp_adapter is None:  # x + m, never read: no dequantisation, no GEMM
+            with output_values_unused():
+                m = p["down_proj"](z)
+        else:
+            m = p["down_proj"](z)
         return x + (m if self.mlp_adapter is None else self.mlp_adapter(m))
 
     def attention_inputs(self, x, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -190,10 +190,19 @@ class _OffloadedLayer(torch.autograd.Function):
         args = [a.detach().requires_grad_(need) if torch.is_tensor(a) else a
                 for a, need in zip(ctx.saved_tensors, needs[1:1 + call.n_args])]
         params = [p for p in call.layer.parameters() if p.requires_grad]
+        # only y's graph is used, not its values: a layer that knows this skips its last product (as torch's own
+        # checkpoint stops its recomputation early; qtool.adapters.nf4_linear.output_values_unused)
+        skips = hasattr(call.layer, "output_unused")
         with torch.enable_grad(), torch.random.fork_rng(devices=_rng_devices(x.device), enabled=ctx.rng is not None):
             if ctx.rng is not None:
                 _set_rng_state(ctx.rng, x.device)
-            y = call.layer(x, *args)
+            if skips:
+                call.layer.output_unused = True
+            try:
+                y = call.layer(x, *args)
+            finally:
+                if skips:
+                    call.layer.output_unused = False
         inputs = [x, *args, *params]
         wanted = [i for i, (t, need) in enumerate(zip(inputs, needs)) if need and torch.is_tensor(t)]
         grads = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, allow_unused=True) if wanted else ()
