@@ -901,3 +901,12 @@ def test_records_of_the_trainer_that_captures_on_the_warm_up_stream_replay_withi
         # three of the old revision's five 32 MiB workspaces are gone from the peak
         old = plan(p.shape, p.settings, Process(EVAL_FIRST_TRAINER, random_weights=True))
         assert old.peak_allocated_bytes - p.peak_allocated_bytes == 3 * 32 * 2**20, r["id"]
+
+
+def test_a_record_of_an_unknown_trainer_revision_is_refused():
+    from qtool.plan.planner import record_process
+
+    record = json.loads((ROOT / "bench/results/issue11_rows_h200_2026-12-04b.jsonl").read_text().splitlines()[0])
+    assert record_process(record).trainer == record["trainer"]
+    with pytest.raises(UsageError, match="trainer revision '2099-01-01'"):
+        record_process({**record, "trainer": "2099-01-01"})

@@ -20,7 +20,7 @@ from qtool.arch import Shape, shape_from_config
 from qtool.errors import UsageError
 from qtool.plan import fsdp, methods, notes, offload, unsloth
 from qtool.plan import resident as items
-from qtool.plan.process import EVAL_FIRST_TRAINER, RECORDED_TRAINER, TRAINER, Process, replay
+from qtool.plan.process import EVAL_FIRST_TRAINER, RECORDED_TRAINER, TRAINER, TRAINERS, Process, replay
 from qtool.plan import transient as acts
 from qtool.plan import vocab
 from qtool.plan.rows import Row
@@ -523,6 +523,10 @@ def record_process(record: dict, earlier: list[dict] = ()) -> Process:
     configurations of ``earlier`` (the records before it from the same process, in order)."""
     trainer = record.get("trainer") or (RECORDED_TRAINER if record.get("date", "") <= RECORDED_TRAINER
                                         else EVAL_FIRST_TRAINER)
+    if trainer not in TRAINERS:
+        raise UsageError(f"record {record.get('id', '?')}: trainer revision {trainer!r} is not one the planner "
+                         f"replays ({', '.join(TRAINERS)})", hint="record it with the trainer of this qtool, or add "
+                                                                  "its revision to qtool.plan.process")
     return Process(trainer, random_weights=True, earlier=tuple(settings_from_record(r) for r in earlier))
 
 
