@@ -194,7 +194,7 @@ def speed_table(records):
 def _plan_errors(records) -> list[str]:
     """One line per measured record: the planner's peak allocated against the measured one (tests/test_plan.py's
     replay, for records not yet in data/memory/)."""
-    from qtool.plan.planner import carried_allocated_bytes, plan_for_record
+    from qtool.plan.records import carried_allocated_bytes, plan_for_record
 
     from qtool.plan.settings import PROFILES
 

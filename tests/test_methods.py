@@ -377,7 +377,7 @@ def test_plan_shows_the_method_and_its_inference_cost():
 
 def test_planner_seq_len_bound_leaves_the_prefix_its_positions():
     """The fit search stops at the longest --seq-len that qtool train accepts with the prefix before it."""
-    from qtool.plan.planner import knob_limit, largest_fitting
+    from qtool.plan.fit import knob_limit, largest_fitting
     from qtool.train.settings import _prefix_problems
 
     for name, want in (("smollm2-135m", 8192 - 16 - 1), ("mistral-7b", 4096 - 16)):  # positions; sliding window

@@ -14,9 +14,9 @@ from qtool.plan import transient as acts
 from qtool.plan import resident as items
 from qtool.arch import known_shape, resolve_model, shape_for_params, shape_from_config
 from qtool.errors import UsageError
-from qtool.plan.planner import (BLOCKSIZES, GPUS, PROFILES, Settings, capacity_bytes, carried_allocated_bytes,
-                                carried_reserved_bytes, fits, knob_limit, largest_fitting, plan, plan_for_record,
-                                record_process)
+from qtool.plan.planner import BLOCKSIZES, PROFILES, Settings, plan
+from qtool.plan.fit import GPUS, capacity_bytes, fits, knob_limit, largest_fitting
+from qtool.plan.records import carried_allocated_bytes, carried_reserved_bytes, plan_for_record, record_process
 from qtool.plan.allocator import CachingAllocator
 from qtool.plan.process import replay
 
@@ -904,7 +904,7 @@ def test_records_of_the_trainer_that_captures_on_the_warm_up_stream_replay_withi
 
 
 def test_a_record_of_an_unknown_trainer_revision_is_refused():
-    from qtool.plan.planner import record_process
+    from qtool.plan.records import record_process
 
     record = json.loads((ROOT / "bench/results/issue11_rows_h200_2026-12-04b.jsonl").read_text().splitlines()[0])
     assert record_process(record).trainer == record["trainer"]

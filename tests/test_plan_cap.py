@@ -17,7 +17,8 @@ from qtool.cli import main
 from qtool.errors import UsageError
 from qtool.plan import cap
 from qtool.plan import resident as items
-from qtool.plan.planner import GPUS, Settings, plan
+from qtool.plan.planner import Settings, plan
+from qtool.plan.fit import GPUS
 from qtool.train.measure import plan_settings
 from qtool.units import MiB
 

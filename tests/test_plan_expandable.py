@@ -16,7 +16,8 @@ from qtool.errors import UsageError
 from qtool.plan import cap
 from qtool.plan import resident as items
 from qtool.plan.allocator import CachingAllocator
-from qtool.plan.planner import Plan, Settings, plan, plan_for_record, settings_from_record
+from qtool.plan.planner import Plan, Settings, plan
+from qtool.plan.records import plan_for_record, settings_from_record
 from qtool.plan.process import TRAINER, Process, replay
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -268,7 +269,7 @@ def test_cap_and_fit_with_expandable_segments():
     unpaged, paged = cap.check_cap(shape, st, 1)
     moved = unpaged.device_optimizer_bytes
     assert abs(unpaged.peak_reserved_bytes - paged.peak_reserved_bytes - moved) < 20 * MiB
-    from qtool.plan.planner import largest_fitting
+    from qtool.plan.fit import largest_fitting
 
     shape = known_shape("llama-2-7b")
     on, off = (largest_fitting(shape, Settings(expandable_segments=e), 16 * 2**30) for e in (True, False))

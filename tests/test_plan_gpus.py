@@ -16,7 +16,8 @@ from qtool.cli import main
 from qtool.errors import UsageError
 from qtool.plan import fsdp
 from qtool.plan import resident as items
-from qtool.plan.planner import GPUS, Settings, fits, gpu_counts, largest_fitting, plan
+from qtool.plan.planner import Settings, plan
+from qtool.plan.fit import GPUS, fits, gpu_counts, largest_fitting
 from qtool.units import MiB
 
 # odd sizes, so that FSDP pads: 3 heads of 32, one kv head, vocab 101, intermediate 200

@@ -13,7 +13,8 @@ from qtool.arch import resolve_model
 from qtool.cli import main
 from qtool.errors import UsageError
 from qtool.plan import unsloth
-from qtool.plan.planner import Settings, plan, plan_for_record
+from qtool.plan.planner import Settings, plan
+from qtool.plan.records import plan_for_record
 from qtool.plan.resident import lora_tensors
 
 RECORDS = Path(__file__).resolve().parents[1] / "bench" / "results" / "unsloth_h200_2026-12-04.json"

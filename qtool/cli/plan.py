@@ -322,6 +322,7 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
         options["rank"] = 12 if init_rank is None else init_rank
     elif init_rank is not None:
         raise UsageError("--init-rank is an AdaLoRA setting; add --method adalora")
+    from qtool.plan import fit as fitting
     from qtool.plan import planner
 
     from click.core import ParameterSource
@@ -357,14 +358,14 @@ def plan_cmd(model_arg, model, params, no_double_quant, fit_to, solve, as_json, 
     from qtool.plan import methods
 
     inference = methods.inference_cost(shape, p.settings.spec, methods.load_records()).to_json()
-    gpus = planner.fit_table(shape, settings)
-    seq_limit = planner.knob_limit(shape, settings, "seq_len")
+    gpus = fitting.fit_table(shape, settings)
+    seq_limit = fitting.knob_limit(shape, settings, "seq_len")
     fit, fit_label = None, ""
     if fit_to:
-        fit_label, capacity = planner.capacity_bytes(fit_to)
-        fit = planner.largest_fitting(shape, settings, capacity, (solve or "seq-len").replace("-", "_"))
+        fit_label, capacity = fitting.capacity_bytes(fit_to)
+        fit = fitting.largest_fitting(shape, settings, capacity, (solve or "seq-len").replace("-", "_"))
     cap_checks = cap.check_cap(shape, settings, cap_bytes) if allocator_cap else None
-    counts = planner.gpu_counts(shape, settings) if fit_gpus else None
+    counts = fitting.gpu_counts(shape, settings) if fit_gpus else None
     if not as_json:
         click.echo(_render(p, gpus, seq_limit, fit, fit_label, inference, cap_checks, counts))
         return

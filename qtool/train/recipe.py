@@ -395,7 +395,8 @@ def save_own_modules(out, model, spec, *, base_dir, overwrite: bool = False, ext
 def oom_error(shape, st: TrainSettings, capacity: int, model_dir) -> QtoolError:
     """What ran out, by the plan: the largest line item at the peak, and the largest --seq-len and --batch-size
     that the planner says fit this GPU with the other settings unchanged."""
-    from qtool.plan.planner import largest_fitting, plan
+    from qtool.plan.planner import plan
+    from qtool.plan.fit import largest_fitting
 
     settings = plan_settings(st)
     p = plan(shape, settings)
