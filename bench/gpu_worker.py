@@ -290,7 +290,7 @@ def run_hf(shape, configs, steps, warmup, profile="hf"):
         rec["measured"]["paged_state_bytes"] = paged_state_bytes(opt)
         leaked += rec["measured"]["paged_state_bytes"]
         print(json.dumps(rec), flush=True)
-        if os.environ.get("QTOOL_PROFILE") and not err:
+        if os.environ.get("QTOOL_PROFILE") == "1" and not err:
             profile_step(lambda: peft_model(input_ids=ids, labels=ids).loss.backward(), f"{profile}-{shape.name}")
         del opt, params
         model = peft_model.unload()
@@ -467,7 +467,7 @@ KERNEL_KINDS = (  # (kind, substrings of the lower-cased kernel name); the first
 )
 
 
-WHOLE_GRAPH = "whole-graph record"
+STEP_SPAN = "profiler step span"  # torch.profiler's ProfilerStep#N annotation: the step's span, not a kernel
 
 
 def kernel_kind(name: str) -> str:
@@ -503,14 +503,12 @@ class ReplayProfiler:
         kinds, top = {}, []
         for e in self.events or []:
             ms = e.self_device_time_total / 1e3
-            # a record as long as a quarter of the step is the replayed graph as a whole (CUPTI's graph-level
-            # trace), not one kernel: kept apart so that it is not counted twice
-            kind = WHOLE_GRAPH if ms / max(e.count, 1) > wall_ms / 4 else kernel_kind(e.key)
+            kind = STEP_SPAN if e.key.startswith("ProfilerStep") else kernel_kind(e.key)
             launches, total = kinds.get(kind, (0, 0.0))
             kinds[kind] = (launches + e.count, total + ms)
             top.append((ms / n, e.count // n, kind, e.key[:90]))
         per_step = {k: {"ms": round(ms / n, 3), "launches": c // n} for k, (c, ms) in kinds.items()}
-        compute_ms = sum(v["ms"] for k, v in per_step.items() if k not in ("memcpy", WHOLE_GRAPH))
+        compute_ms = sum(v["ms"] for k, v in per_step.items() if k not in ("memcpy", STEP_SPAN))
         gemm_ms = per_step.get("gemm", {}).get("ms", 0.0)
         peak = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name()) if torch.cuda.is_available() else None
         gemm_flops = flops["linear"] + flops["head"] + flops["lora"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 import time
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.jsonl import emit  # noqa: E402
 from qtool.arch import known_shape  # noqa: E402
 from qtool.train.data import Blocks  # noqa: E402
 from qtool.train.load import random_decoder  # noqa: E402
@@ -119,10 +119,7 @@ def main():
             rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(rec)
-        print(json.dumps(rec), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+        emit(rec, args.out)
     print(f"\n{'model':<13} {'seq':>6} {'b':>2} {'r':>3} {'targets':<10} {'graph loss 0..3':<31} {'rel diff':>8} "
           f"{'tok/s':>8} {'peak GiB':>8} {'plan':>6} {'err%':>6}  ok")
     for r in results:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.jsonl import emit  # noqa: E402
 from qtool.arch import known_shape  # noqa: E402
 from qtool.train.data import Blocks  # noqa: E402
 from qtool.train.load import random_decoder  # noqa: E402
@@ -94,10 +94,7 @@ def main():
         rec.update(plain=runs[False], offload=runs[True], max_rel_diff=worst,
                    ok=worst <= RTOL and all(r["cuda_graph"] == "on" for r in runs.values()))
         rows.append(rec)
-        print(json.dumps(rec), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+        emit(rec, args.out)
     print(f"\n{'model':<12} {'seq':>5} {'b':>2} {'offload':<7} {'peak GiB':>8} {'plan GiB':>8} {'err%':>6} "
           f"{'tok/s':>8} {'host GiB':>8} {'D2H GB/s':>8} {'H2D GB/s':>8} {'loss diff':>9}")
     for r in rows:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.jsonl import emit  # noqa: E402
 from qtool.arch import known_shape  # noqa: E402
 from qtool.errors import QtoolError  # noqa: E402
 from qtool.plan import cap as caps  # noqa: E402
@@ -210,10 +211,7 @@ def main(argv=None) -> int:
         rec["as_predicted"] = None if args.dry_run else measured == check.verdict
         rec["seconds"] = round(time.perf_counter() - t0, 1)
         results.append(rec)
-        print(json.dumps(rec), flush=True)
-        if args.out:
-            with args.out.open("a") as f:
-                f.write(json.dumps(rec) + "\n")
+        emit(rec, args.out)
     print(f"\n{'optimizer':<18} {'plan alloc':>10} {'plan res':>8} {'cap':>6} {'predicted':<9} {'measured':<13} "
           f"{'steps':>5} {'peak alloc':>10} {'peak res':>8} {'NVML':>6} {'paged':>6}  (GiB)")
     for r in results:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.jsonl import emit  # noqa: E402
+
 ROWS = [
     ("llama-3-8b", 8192, 1, 8, "all-linear", "paged_adamw_32bit"),
     ("llama-3.2-1b", 128, 1, 512, "all-linear", "paged_adamw_32bit"),
@@ -189,10 +191,7 @@ def main():
         for alloc in allocs:
             rec = run(i, alloc, args)
             results.append(rec)
-            print(json.dumps(rec), flush=True)
-            if args.out:
-                with args.out.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
+            emit(rec, args.out)
     print("\n" + table(results))
     print("plan: qtool plan for a fresh process with random weights, with the run's allocator "
           "(--expandable-segments or not); R/N err: plan vs measured peak")

@@ -6,6 +6,7 @@ only the 4-bit copy stays resident). Adapters (:mod:`qtool.adapters.lora`) wrap 
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class NF4Weight(nn.Module):
         return f"shape={tuple(self.shape)}, blocksize={self.blocksize}, double_quant={self.nested_absmax is not None}"
 
 
-_VALUES_UNUSED = [False]
+_state = threading.local()  # the backward (where a recomputation runs) has its own thread on CUDA
 
 
 @contextlib.contextmanager
@@ -46,11 +47,11 @@ def output_values_unused():
     For a recomputation whose last product's output no backward reads (a checkpointed layer's ``x + down(z)``): the
     backward of the product needs only ``grad @ W0``, so its dequantisation and GEMM in the forward are wasted work
     (torch's own checkpoint skips them the same way, by stopping the recomputation early)."""
-    _VALUES_UNUSED[0] = True
+    _state.values_unused = True
     try:
         yield
     finally:
-        _VALUES_UNUSED[0] = False
+        _state.values_unused = False
 
 
 class _NF4Matmul(torch.autograd.Function):
@@ -60,7 +61,7 @@ class _NF4Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: NF4Weight, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.weight = weight  # a module reference, not a saved activation
-        if _VALUES_UNUSED[0]:  # output_values_unused(): the node without the product
+        if getattr(_state, "values_unused", False):  # output_values_unused(): the node without the product
             return x.new_empty(*x.shape[:-1], weight.shape[0])
         return F.linear(x, weight.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
 

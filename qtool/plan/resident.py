@@ -241,11 +241,11 @@ def _rounding(shape: Shape, code_tables: bool, block_size: int, double_quant: bo
     return booked(sizes) - sum(alloc(n) for n in sizes)
 
 
-def cublas_workspaces(st: Settings, trainer: str = "2026-12-04b") -> int:
+def cublas_workspaces(st: Settings, trainer: str | None = None) -> int:
     """cuBLAS workspaces the step creates: one per (thread, stream) that runs a matmul (see CUBLAS_WORKSPACE_BYTES).
     hf: the default stream, in the forward and in autograd's thread. qtool's CUDA-graph trainer (``trainer``, a
-    :data:`qtool.plan.process.TRAINERS` revision): the side stream of the eager warm-up in both threads, which the
-    capture reuses since 2026-12-04b; before, the capture's own stream added two more, and the held-out pass's
+    :data:`qtool.plan.process.TRAINERS` revision; None: the current one): the side stream of the eager warm-up in
+    both threads, which the capture reuses since 2026-12-04b; before, the capture's own stream added two more, and the held-out pass's
     default-stream workspace (from 2026-12-04 on, given back before training since 2026-12-04b) a fifth. Eager qtool
     under FSDP: the default stream in both threads (FSDP's own streams only copy and communicate). None on the CPU."""
     if st.device != "cuda":

@@ -9,8 +9,8 @@ not only wholly free segments. On the H200 this took peak reserved from 5.20 to 
 modes (qtool.plan.allocator).
 
 The setting must be made before the first CUDA allocation worth keeping (the weights): a segment made before it
-stays what it was. A ``PYTORCH_CUDA_ALLOC_CONF`` in the environment is the user's choice and is left alone; the
-run then reports the mode it found.
+stays what it was. A ``PYTORCH_ALLOC_CONF`` or ``PYTORCH_CUDA_ALLOC_CONF`` in the environment is the user's
+choice and is left alone; the run then reports the mode it found.
 """
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ import os
 import torch
 
 ENV = "PYTORCH_CUDA_ALLOC_CONF"
+ENVS = ("PYTORCH_ALLOC_CONF", ENV)  # torch >= 2.9 reads the first (device-neutral) before the older CUDA name
 
 
 def user_setting() -> bool | None:
-    """The expandable_segments value of ``PYTORCH_CUDA_ALLOC_CONF`` (None when the variable is unset; False when it
-    is set without the option, the allocator's default)."""
-    conf = os.environ.get(ENV)
+    """The expandable_segments value of the allocator configuration the user set (``PYTORCH_ALLOC_CONF``, else
+    ``PYTORCH_CUDA_ALLOC_CONF``): None when neither is set; False when it is set without the option, the
+    allocator's default."""
+    conf = next((os.environ[name] for name in ENVS if name in os.environ), None)
     if conf is None:
         return None
     for item in conf.replace(";", ",").split(","):
